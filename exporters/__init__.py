@@ -1,0 +1,1 @@
+"""Model exporters: Hugging Face -> ONNX, and deployable bundles. No Qt here."""

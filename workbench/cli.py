@@ -1,0 +1,283 @@
+"""The command line: `int4-workbench info|quantize|evaluate|report ...`.
+
+Human-readable output and progress bars go to stderr; `--json` prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from workbench import __version__
+from workbench.errors import JobCancelled, WorkbenchError
+from workbench.jobs import Progress
+from workbench.settings import DEFAULT_PRESET, METHODS, PRESETS, preset_settings
+
+log = logging.getLogger("workbench")
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool = True) -> Iterator[Progress]:
+    """A tqdm bar on stderr showing the current stage; a silent sink when disabled."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=1000, file=sys.stderr, disable=not enabled, bar_format="{l_bar}{bar}| {elapsed}", leave=False,
+        mininterval=0.5,
+    )
+
+    def report(fraction: float, message: str) -> None:
+        bar.set_description_str(message[:60], refresh=False)
+        bar.update(int(max(0.0, min(fraction, 1.0)) * 1000) - bar.n)  # update() rate-limits redraws
+
+    try:
+        yield report
+    finally:
+        bar.close()
+
+
+def emit(args: argparse.Namespace, data: dict, human: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(human)
+
+
+def _mb(value: int) -> str:
+    return f"{value / 1e6:,.0f} MB"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from workbench.memory import estimate_int4, original_sizes, ram_estimates
+    from workbench.sources import resolve
+
+    with progress_bar(not args.quiet) as progress:
+        model = resolve(args.model, trust_remote_code=args.trust_remote_code, progress=progress)
+    info = model.info
+    presets = {name: sum(estimate_int4(info, p.settings).values()) for name, p in PRESETS.items()}
+    ram = ram_estimates(info)
+    fp32_onnx = sum(original_sizes(info).values())
+    data = {
+        "name": info.name,
+        "kind": info.kind,
+        "path": info.path,
+        "architecture": info.architecture,
+        "model_type": info.model_type,
+        "parameters": info.parameters,
+        "layers": info.layers,
+        "hidden_size": info.hidden_size,
+        "vocab_size": info.vocab_size,
+        "context_length": info.context_length,
+        "tied_embeddings": info.tied_embeddings,
+        "size_bytes": {"fp32": info.fp32_bytes, "fp16": info.fp16_bytes},
+        "int4_bytes": presets,
+        "size_ratio": {name: round(fp32_onnx / size, 2) for name, size in presets.items()},
+        "ram_bytes": ram,
+    }
+    lines = [
+        f"{info.name} ({info.architecture}, {info.kind})",
+        f"  parameters      {info.parameters:,} in {info.layers} layers, hidden {info.hidden_size}, "
+        f"vocabulary {info.vocab_size:,}",
+        f"  context length  {info.context_length:,} tokens" if info.context_length else "  context length  unknown",
+        f"  tied embeddings {'yes' if info.tied_embeddings else 'no'}",
+        f"  size now        {_mb(info.fp32_bytes)} fp32, {_mb(info.fp16_bytes)} fp16",
+    ]
+    for name, size in presets.items():
+        lines.append(f"  INT4 {name:<10} {_mb(size)} ({fp32_onnx / size:.1f}x smaller)  {PRESETS[name].description}")
+    lines += [
+        f"  RAM to export   about {_mb(ram['export'])}; to run: original {_mb(ram['run_original'])}, "
+        f"INT4 {_mb(ram['run_int4'])}",
+        f"  this machine    {_mb(ram['machine_total'])} RAM, {_mb(ram['machine_available'])} free",
+    ]
+    emit(args, data, "\n".join(lines))
+    return 0
+
+
+def _settings_from(args: argparse.Namespace):
+    settings = preset_settings(args.preset)
+    changes = {}
+    for option, field in (("method", "method"), ("block_size", "block_size"), ("accuracy_level", "accuracy_level")):
+        if getattr(args, option) is not None:
+            changes[field] = getattr(args, option)
+    if args.symmetric is not None:
+        changes["symmetric"] = args.symmetric
+    if args.eight_bit is not None:
+        changes["eight_bit"] = tuple(args.eight_bit)
+    if args.exclude is not None:
+        changes["exclude"] = tuple(args.exclude)
+    if args.no_embeddings:
+        changes["quantize_embeddings"] = False
+    if args.no_lm_head:
+        changes["quantize_lm_head"] = False
+    if args.act_order:
+        changes["act_order"] = True
+    if args.calibration_samples is not None:
+        changes["calibration_samples"] = args.calibration_samples
+    return settings.replace(**changes) if changes else settings
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from workbench.pipeline import quantize_run
+
+    settings = _settings_from(args)
+    calibration = Path(args.calibration) if args.calibration else None
+    if calibration is not None:
+        from workbench.calibration import read_texts
+
+        read_texts(calibration)  # a bad file is refused before minutes of export
+    with progress_bar(not args.quiet) as progress:
+        record = quantize_run(
+            args.model,
+            Path(args.output),
+            settings,
+            calibration=calibration,
+            trust_remote_code=args.trust_remote_code,
+            preset=args.preset,
+            progress=progress,
+        )
+    data = {
+        "run_dir": record["run_dir"],
+        "original": {"bytes": record["original"]["bytes"], "peak_rss_bytes": record["original"]["peak_rss_bytes"]},
+        "int4": {"bytes": record["int4"]["bytes"], "peak_rss_bytes": record["int4"]["peak_rss_bytes"]},
+        "size_ratio": record["size_ratio"],
+        "ram_ratio": record["ram_ratio"],
+        "bits_per_weight": record["bits_per_weight"],
+        "ops": record["ops"],
+        "timings_s": record["timings_s"],
+        "settings": record["settings"],
+    }
+    human = (
+        f"{record['run_dir']}: {_mb(record['original']['bytes'])} -> {_mb(record['int4']['bytes'])} "
+        f"({record['size_ratio']:.2f}x smaller, {record['bits_per_weight']:.2f} bits/weight), "
+        f"RAM {record['ram_ratio']:.2f}x less; stages: "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items())
+    )
+    emit(args, data, human)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from workbench.evaluate import evaluate
+    from workbench.report import write_report
+    from workbench.runs import INT4, ORIGINAL, load_run, save_run
+
+    run_dir = Path(args.run_dir)
+    record = load_run(run_dir)
+    with progress_bar(not args.quiet) as progress:
+        result = evaluate(
+            run_dir / ORIGINAL,
+            run_dir / INT4,
+            Path(args.text),
+            window=args.window,
+            max_tokens=args.max_tokens,
+            provider=args.provider,
+            progress=progress,
+        )
+    entry = result.to_dict()
+    record["quality"] = [q for q in record["quality"] if q["text"] != entry["text"]] + [entry]
+    save_run(run_dir, record)
+    write_report(run_dir, record)
+    human = (
+        f"{result.text}, {result.tokens:,} tokens: perplexity {result.original_perplexity:.2f} -> "
+        f"{result.int4_perplexity:.2f} ({result.perplexity_increase_pct:+.1f} %), top-1 agreement "
+        f"{result.top1_agreement * 100:.1f} %, mean KL {result.mean_kl:.4f}"
+    )
+    emit(args, entry, human)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from workbench.report import REPORT_FILE, verdict, write_report
+    from workbench.runs import load_run
+
+    run_dir = Path(args.run_dir)
+    record = load_run(run_dir)
+    write_report(run_dir, record)
+    emit(args, {"report": str(run_dir / REPORT_FILE), "verdict": verdict(record)}, verdict(record))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="int4-workbench", description="Shrink a language model to INT4 ONNX and see what it cost."
+    )
+    parser.add_argument("--version", action="version", version=f"int4-workbench {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        sub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        return sub
+
+    info = command("info", "Describe a model: size now, size after INT4, RAM needed.")
+    info.add_argument("model", help="'demo', a Hugging Face folder, a .gguf file or a hub id (org/name)")
+    info.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model")
+    info.set_defaults(func=cmd_info)
+
+    quantize = command("quantize", "Export a model to ONNX and quantize it to INT4 in a new run folder.")
+    quantize.add_argument("model", help="'demo', a Hugging Face folder, a .gguf file or a hub id (org/name)")
+    quantize.add_argument("-o", "--output", required=True, help="run folder to create (must not exist)")
+    quantize.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
+                          help="; ".join(f"{n}: {p.description}" for n, p in PRESETS.items()))
+    quantize.add_argument("--method", choices=METHODS, help="rounding method (overrides the preset)")
+    quantize.add_argument("--block-size", type=int, help="weights per scale: 16-256, powers of two")
+    symmetry = quantize.add_mutually_exclusive_group()
+    symmetry.add_argument("--asymmetric", dest="symmetric", action="store_false", default=None,
+                          help="store a zero point per block")
+    symmetry.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                          help="no zero points")
+    quantize.add_argument("--accuracy-level", type=int, choices=range(5),
+                          help="MatMulNBits compute precision: 4 = int8 activations (fastest on CPU)")
+    quantize.add_argument("--calibration", help="calibration text: .txt, .jsonl, .csv or .json")
+    quantize.add_argument("--calibration-samples", type=int, help="number of calibration samples")
+    quantize.add_argument("--eight-bit", nargs="*", metavar="LAYER",
+                          help="layer name patterns kept at 8 bits, e.g. lm_head 'model.layers.0.*'")
+    quantize.add_argument("--exclude", nargs="*", metavar="LAYER", help="layer name patterns kept at fp32")
+    quantize.add_argument("--no-embeddings", action="store_true", help="keep the embeddings fp32")
+    quantize.add_argument("--no-lm-head", action="store_true", help="keep the lm_head fp32")
+    quantize.add_argument("--act-order", action="store_true", help="GPTQ: quantize important columns first")
+    quantize.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model")
+    quantize.set_defaults(func=cmd_quantize)
+
+    evaluate = command("evaluate", "Perplexity, top-1 agreement and KL of INT4 against the original on a text.")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--text", required=True, help="a text file (.txt, .jsonl, .csv, .json)")
+    evaluate.add_argument("--max-tokens", type=int, default=8192, help="tokens of the text to score")
+    evaluate.add_argument("--window", type=int, default=512, help="tokens per forward pass")
+    evaluate.add_argument("--provider", default="cpu", choices=("auto", "cpu", "cuda"))
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    report = command("report", "Regenerate report.md and memory.png of a run folder.")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("onnxruntime", "optimum", "transformers", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        return args.func(args)
+    except WorkbenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (JobCancelled, KeyboardInterrupt):
+        print("cancelled; nothing was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Quality of the INT4 model against the original on the user's text.
+
+Both models read the same windows of tokens; per position we compare the next-token
+distributions: perplexity of each, top-1 agreement, and KL(original || int4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from workbench.calibration import read_texts
+from workbench.errors import WorkbenchError
+from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
+from workbench.runtime import OnnxCausalLM
+
+DEFAULT_WINDOW = 512
+DEFAULT_MAX_TOKENS = 8192
+MIN_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class QualityResult:
+    text: str  # file name of the text
+    tokens: int  # scored positions
+    window: int
+    original_perplexity: float
+    int4_perplexity: float
+    perplexity_increase_pct: float
+    top1_agreement: float
+    mean_kl: float
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "tokens": self.tokens,
+            "window": self.window,
+            "original": {"perplexity": self.original_perplexity},
+            "int4": {"perplexity": self.int4_perplexity},
+            "perplexity_increase_pct": self.perplexity_increase_pct,
+            "top1_agreement": self.top1_agreement,
+            "mean_kl": self.mean_kl,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QualityResult:
+        flat = {k: v for k, v in data.items() if k not in ("original", "int4")}
+        return cls(
+            **flat,
+            original_perplexity=data["original"]["perplexity"],
+            int4_perplexity=data["int4"]["perplexity"],
+        )
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class _Totals:
+    positions: int = 0
+    original_nll: float = 0.0
+    int4_nll: float = 0.0
+    agree: int = 0
+    kl: float = 0.0
+
+    def add(self, original_logits: np.ndarray, int4_logits: np.ndarray, targets: np.ndarray) -> None:
+        """Logits (positions, vocab) predicting `targets` (positions,)."""
+        log_p = log_softmax(original_logits.astype(np.float64))
+        log_q = log_softmax(int4_logits.astype(np.float64))
+        rows = np.arange(len(targets))
+        self.positions += len(targets)
+        self.original_nll -= float(log_p[rows, targets].sum())
+        self.int4_nll -= float(log_q[rows, targets].sum())
+        self.agree += int((original_logits.argmax(-1) == int4_logits.argmax(-1)).sum())
+        self.kl += float((np.exp(log_p) * (log_p - log_q)).sum())
+
+
+def text_tokens(text_path: Path, tokenizer) -> np.ndarray:
+    """All tokens of a text file (any format the calibration reader takes)."""
+    text = "\n\n".join(read_texts(text_path))
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
+
+
+def evaluate(
+    original_dir: Path,
+    int4_dir: Path,
+    text_path: Path,
+    *,
+    window: int = DEFAULT_WINDOW,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    provider: str = "cpu",
+    progress: Progress = no_progress,
+    cancelled: Cancelled = never_cancelled,
+) -> QualityResult:
+    from transformers import AutoTokenizer
+
+    progress(0.0, "reading the text")
+    tokenizer = AutoTokenizer.from_pretrained(original_dir)
+    tokens = text_tokens(Path(text_path), tokenizer)[:max_tokens]
+    if len(tokens) < MIN_TOKENS:
+        raise WorkbenchError(
+            f"{Path(text_path).name} has only {len(tokens)} tokens; quality needs at least {MIN_TOKENS} "
+            "(a few paragraphs; a few thousand tokens give steadier figures)."
+        )
+    progress(0.02, "loading both models")
+    models = [OnnxCausalLM(original_dir, provider), OnnxCausalLM(int4_dir, provider)]
+    starts = range(0, len(tokens) - 1, window)
+    totals = _Totals()
+    for index, start in enumerate(starts):
+        check(cancelled)
+        chunk = tokens[start : start + window + 1]
+        if len(chunk) < 2:
+            break
+        inputs = chunk[:-1][None, :]
+        original_logits, _ = models[0].forward(inputs)
+        int4_logits, _ = models[1].forward(inputs)
+        totals.add(original_logits[0], int4_logits[0], chunk[1:])
+        progress(0.05 + 0.95 * (index + 1) / len(starts), f"window {index + 1}/{len(starts)}")
+    original_ppl = math.exp(totals.original_nll / totals.positions)
+    int4_ppl = math.exp(totals.int4_nll / totals.positions)
+    return QualityResult(
+        text=Path(text_path).name,
+        tokens=totals.positions,
+        window=window,
+        original_perplexity=round(original_ppl, 4),
+        int4_perplexity=round(int4_ppl, 4),
+        perplexity_increase_pct=round(100.0 * (int4_ppl / original_ppl - 1.0), 2),
+        top1_agreement=round(totals.agree / totals.positions, 4),
+        mean_kl=round(totals.kl / totals.positions, 5),
+    )
+

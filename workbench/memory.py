@@ -1,0 +1,191 @@
+"""Sizes on disk and in RAM: estimates from weight shapes, measurements from real files and sessions."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import psutil
+
+from exporters.onnx_export import MODEL_FILE
+from workbench.jobs import Cancelled, Progress, never_cancelled, no_progress
+from workbench.quantize import layer_plan, module_name, quantized_bytes, zero_point_kind
+from workbench.settings import PRESETS, QuantSettings
+from workbench.sources import ModelInfo
+
+log = logging.getLogger(__name__)
+COMPONENTS = ("layers", "embeddings", "lm_head", "other")
+# RAM rules of thumb, measured on the demo model here (see docs in the README): exporting holds
+# the PyTorch model and the traced graph at once; running holds the weights plus buffers.
+EXPORT_RAM_FACTOR = 3.0
+RUN_RAM_FACTOR = 1.2
+RUNTIME_OVERHEAD_BYTES = 300 * 2**20
+
+
+def estimate_int4(info: ModelInfo, settings: QuantSettings) -> dict[str, int]:
+    """Bytes per component the INT4 model will have with these settings, from the weight shapes."""
+    plan = layer_plan(info, settings)
+    sizes = dict.fromkeys(COMPONENTS, 0)
+    sizes["other"] = info.other_parameters * 4
+    pair = [w for w in info.weights if w.role in ("embeddings", "lm_head")]
+    shared = info.tied_embeddings and len({plan[w.name] for w in pair}) == 1
+    for weight in info.weights:
+        bits = plan[weight.name]
+        if bits is None:
+            fp32 = weight.rows * weight.cols * 4
+            sizes[weight.role] += 0 if shared and weight.role == "lm_head" else fp32
+            continue
+        gathered = weight.role == "embeddings" or (shared and weight.role == "lm_head")
+        zero_points = zero_point_kind(settings, for_gather=gathered)
+        if weight.role == "embeddings" and zero_points == "packed":
+            zero_points = "byte"
+        packed, overhead = quantized_bytes(weight.rows, weight.cols, bits, settings.block_size, zero_points)
+        # A tied lm_head reads the embeddings' packed values; only its scales are its own.
+        sizes[weight.role] += overhead + (0 if shared and weight.role == "lm_head" else packed)
+    return sizes
+
+
+def original_sizes(info: ModelInfo) -> dict[str, int]:
+    sizes = dict.fromkeys(COMPONENTS, 0)
+    sizes["other"] = info.other_parameters * 4
+    for weight in info.weights:
+        if weight.role == "lm_head" and info.tied_embeddings:
+            continue  # the same matrix as the embeddings
+        sizes[weight.role] += weight.rows * weight.cols * 4
+    return sizes
+
+
+def preset_estimates(info: ModelInfo) -> dict[str, int]:
+    return {name: sum(estimate_int4(info, preset.settings).values()) for name, preset in PRESETS.items()}
+
+
+def ram_estimates(info: ModelInfo) -> dict[str, int]:
+    int4 = sum(estimate_int4(info, PRESETS["balanced"].settings).values())
+    return {
+        "export": int(info.fp32_bytes * EXPORT_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES),
+        "run_original": int(info.fp32_bytes * RUN_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES),
+        "run_int4": int(int4 * RUN_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES),
+        "machine_total": psutil.virtual_memory().total,
+        "machine_available": psutil.virtual_memory().available,
+    }
+
+
+def graph_sizes(model_dir: Path, info: ModelInfo) -> dict[str, int]:
+    """Bytes per component of an ONNX model, read from its initializers' shapes and types.
+
+    An initializer belongs to the component of the first weight node reading it (directly or
+    through a Transpose), so a tensor shared by the embeddings and a tied lm_head counts once.
+    """
+    model = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
+    roles = {w.name: w.role for w in info.weights}
+    transposed = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Transpose"}
+    owner: dict[str, str] = {}
+    for node in model.graph.node:
+        role = roles.get(module_name(node.name))
+        for name in node.input:
+            if role:
+                owner.setdefault(transposed.get(name, name), role)
+    sizes = dict.fromkeys(COMPONENTS, 0)
+    for tensor in model.graph.initializer:
+        sizes[owner.get(tensor.name, "other")] += _tensor_bytes(tensor)
+    return sizes
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+@dataclass(frozen=True)
+class SessionMemory:
+    baseline_rss: int  # python + onnxruntime, no model
+    peak_rss: int  # after load, a prompt and a few generated tokens
+
+    @property
+    def model_rss(self) -> int:
+        return self.peak_rss - self.baseline_rss
+
+
+def measure_session_memory(
+    model_dir: Path, *, progress: Progress = no_progress, cancelled: Cancelled = never_cancelled
+) -> SessionMemory:
+    """Peak RSS of a fresh process that loads the model and generates a few tokens."""
+    from workbench.subprocess_job import run_in_subprocess
+
+    result = run_in_subprocess(
+        "workbench.memory:session_memory_in_process",
+        {"model_dir": str(model_dir)},
+        progress=progress,
+        cancelled=cancelled,
+        expected_seconds=10.0,
+        message="measuring RAM",
+    )
+    return SessionMemory(**result)
+
+
+def session_memory_in_process(model_dir: str, progress: Progress = no_progress) -> dict:
+    from workbench.runtime import OnnxCausalLM
+
+    baseline = _peak_rss()
+    model = OnnxCausalLM(Path(model_dir))
+    progress(0.5, "running a prompt")
+    logits, past = model.forward(np.ones((1, 64), np.int64))
+    for _ in range(8):
+        logits, past = model.forward(logits[:, -1:].argmax(-1), past)
+    return {"baseline_rss": baseline, "peak_rss": _peak_rss()}
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory.
+
+    On Linux ru_maxrss survives exec (a child would report its parent's peak), so read the
+    per-address-space high-water mark instead.
+    """
+    if sys.platform.startswith("linux"):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    if sys.platform == "win32":
+        return psutil.Process().memory_info().peak_wset
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+
+
+def ram_components(disk: dict[str, int], memory: SessionMemory) -> dict[str, int]:
+    """RAM per component: the weights as on disk, plus what the session needs beyond them."""
+    weights = sum(disk.values())
+    return {**disk, "runtime": max(memory.model_rss - weights, 0), "python + onnxruntime": memory.baseline_rss}
+
+
+def draw_memory_chart(path: Path, original: dict, int4: dict, title: str) -> None:
+    """Two panels (disk, RAM), each a stacked bar for original and INT4, one colour per component."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(9, 4.2), dpi=110)
+    colours = ["#4c72b0", "#dd8452", "#55a868", "#8172b3", "#937860", "#bbbbbb"]
+    for axis, key, label in ((axes[0], "disk", "On disk"), (axes[1], "ram", "In RAM (measured peak)")):
+        parts = list(dict.fromkeys([*original[key], *int4[key]]))
+        bottoms = np.zeros(2)
+        for colour, part in zip(colours, parts):
+            values = np.array([original[key].get(part, 0), int4[key].get(part, 0)]) / 2**20
+            if not values.any():
+                continue
+            axis.bar(["original", "INT4"], values, bottom=bottoms, color=colour, label=part, width=0.55)
+            bottoms += values
+        for x, total in enumerate(bottoms):
+            axis.text(x, total, f"{total:,.0f} MiB", ha="center", va="bottom", fontsize=9)
+        axis.set_title(label)
+        axis.set_ylabel("MiB")
+        axis.set_ylim(0, bottoms.max() * 1.15)
+        axis.legend(fontsize=8, loc="upper right")
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

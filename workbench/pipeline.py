@@ -1,0 +1,206 @@
+"""The headless journey: model -> fp32 ONNX -> INT4 ONNX -> a finished run folder.
+
+`quantize_run` is the one long step the CLI's `quantize`, the GUI's Quantize page and the tests
+all call. It writes into a temporary folder and renames it at the end (see runs.staged_dir).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import logging
+import platform
+from pathlib import Path
+
+import psutil
+
+from exporters.onnx_export import export_onnx
+from workbench.jobs import Cancelled, Progress, Stages, check, never_cancelled, no_progress
+from workbench.memory import graph_sizes, measure_session_memory, ram_components
+from workbench.quantize import layer_plan, quantize_onnx
+from workbench.report import write_report
+from workbench.runs import INT4, ORIGINAL, RUN_SCHEMA_VERSION, check_output_dir, save_run, staged_dir
+from workbench.settings import QuantSettings
+from workbench.sources import ResolvedModel, resolve
+
+log = logging.getLogger(__name__)
+VERSIONED_PACKAGES = ("int4-workbench", "onnxruntime-gpu", "onnxruntime", "onnx", "optimum-onnx", "transformers", "torch")
+
+
+def quantize_run(
+    spec: str | ResolvedModel,
+    run_dir: Path,
+    settings: QuantSettings,
+    *,
+    calibration: Path | None = None,
+    trust_remote_code: bool = False,
+    preset: str | None = None,
+    progress: Progress = no_progress,
+    cancelled: Cancelled = never_cancelled,
+) -> dict:
+    """Quantize a model into `run_dir`; return the run record (also saved as run.json)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists():  # before the (possibly long) model resolution
+        check_output_dir(run_dir, 0)
+    calibrated = settings.needs_calibration
+    stages = Stages(
+        progress,
+        [
+            ("model", 1),
+            ("export", 6),
+            ("calibration", 2 if calibrated else 0),
+            ("gptq", 8 if calibrated else 0),
+            ("int4", 2),
+            ("measure", 2),
+        ],
+    )
+    model = spec if isinstance(spec, ResolvedModel) else stages.run(
+        "model", lambda p: resolve(spec, trust_remote_code=trust_remote_code, progress=p, cancelled=cancelled)
+    )
+    info = model.info
+    check_output_dir(run_dir, needed_bytes=int(info.fp32_bytes * 1.4))
+    if calibration is not None and not calibrated:
+        log.warning("%s does not use calibration data; %s is ignored", settings.method, calibration)
+    with staged_dir(run_dir) as work:
+        original_dir, int4_dir = work / ORIGINAL, work / INT4
+        stages.run(
+            "export",
+            lambda p: export_onnx(
+                model.path, original_dir, parameters=info.parameters, trust_remote_code=trust_remote_code,
+                progress=p, cancelled=cancelled,
+            ),
+        )
+        precomputed = None
+        if calibrated:
+            torch_model, tokenizer = _load_torch_model(model.path, trust_remote_code)
+            samples = stages.run(
+                "calibration",
+                lambda p: _calibration_samples(calibration, torch_model, tokenizer, settings, p, cancelled),
+            )
+            precomputed = stages.run("gptq", lambda p: _gptq(torch_model, samples, info, settings, p, cancelled))
+            del torch_model
+        result = stages.run(
+            "int4",
+            lambda p: quantize_onnx(
+                original_dir, int4_dir, info, settings, precomputed=precomputed, progress=p, cancelled=cancelled
+            ),
+        )
+        record = stages.run(
+            "measure",
+            lambda p: _measure(original_dir, int4_dir, info, p, cancelled),
+        )
+        check(cancelled)
+        record = {
+            "schema_version": RUN_SCHEMA_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"spec": model.spec, "kind": info.kind, "name": info.name, "path": str(model.path)},
+            "model": info.to_dict(),
+            "preset": preset,
+            "settings": settings.to_dict(),
+            "calibration": _calibration_label(calibration, calibrated),
+            **record,
+            "int4_layers": result.layer_bits,
+            "shared_embeddings": result.shared_embeddings,
+            "ops": result.ops,
+            "timings_s": stages.timings,
+            "quality": [],
+            "machine": machine(),
+            "versions": versions(),
+        }
+        save_run(work, record)
+        write_report(work, record)
+    record["run_dir"] = str(run_dir.absolute())
+    return record
+
+
+def _load_torch_model(folder: Path, trust_remote_code: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def _calibration_samples(path, model, tokenizer, settings: QuantSettings, progress: Progress, cancelled: Cancelled):
+    from workbench.calibration import read_texts, self_written_samples, token_samples
+
+    if path is None:
+        return self_written_samples(
+            model, tokenizer, settings.calibration_samples, settings.calibration_tokens,
+            progress=progress, cancelled=cancelled,
+        )
+    progress(0.0, f"reading {Path(path).name}")
+    return token_samples(read_texts(Path(path)), tokenizer, settings.calibration_samples, settings.calibration_tokens)
+
+
+def _gptq(model, samples, info, settings: QuantSettings, progress: Progress, cancelled: Cancelled):
+    import torch
+
+    from workbench.gptq import gptq_quantize
+
+    plan = {name: bits for name, bits in layer_plan(info, settings).items() if bits}
+    embeddings = {w.name for w in info.weights if w.role == "embeddings"}
+    return gptq_quantize(
+        model,
+        torch.as_tensor(samples),
+        {name: bits for name, bits in plan.items() if name not in embeddings},
+        block_size=settings.block_size,
+        symmetric=settings.symmetric,
+        act_order=settings.act_order,
+        progress=progress,
+        cancelled=cancelled,
+    )
+
+
+def _measure(original_dir: Path, int4_dir: Path, info, progress: Progress, cancelled: Cancelled) -> dict:
+    """Sizes per component (disk) and measured peak RAM of a real session for both models."""
+    record = {}
+    for index, (key, folder) in enumerate(((ORIGINAL, original_dir), (INT4, int4_dir))):
+        disk = graph_sizes(folder, info)
+        memory = measure_session_memory(
+            folder,
+            progress=lambda f, m, i=index: progress((i + f) / 2, f"{key}: {m}"),
+            cancelled=cancelled,
+        )
+        record[key] = {
+            "bytes": _folder_model_bytes(folder),
+            "components": disk,
+            "ram_components": ram_components(disk, memory),
+            "peak_rss_bytes": memory.peak_rss,
+        }
+    original, int4 = record[ORIGINAL], record[INT4]
+    record["size_ratio"] = round(original["bytes"] / int4["bytes"], 3)
+    record["ram_ratio"] = round(original["peak_rss_bytes"] / int4["peak_rss_bytes"], 3)
+    record["bits_per_weight"] = round(8 * int4["bytes"] / info.parameters, 3)
+    return record
+
+
+def _folder_model_bytes(folder: Path) -> int:
+    """The model's own bytes (graph and weights), without tokenizer and configs."""
+    return sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+
+
+def _calibration_label(path: Path | None, calibrated: bool) -> str | None:
+    if not calibrated:
+        return None
+    return str(path) if path else "self-written (data-free)"
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": psutil.cpu_count(logical=True),
+        "ram_bytes": psutil.virtual_memory().total,
+    }
+
+
+def versions() -> dict:
+    found = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found

