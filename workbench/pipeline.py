@@ -40,8 +40,7 @@ def quantize_run(
 ) -> dict:
     """Quantize a model into `run_dir`; return the run record (also saved as run.json)."""
     run_dir = Path(run_dir)
-    if run_dir.exists():  # before the (possibly long) model resolution
-        check_output_dir(run_dir, 0)
+    check_output_dir(run_dir, 0)  # before the (possibly long) model resolution
     calibrated = settings.needs_calibration
     stages = Stages(
         progress,

@@ -25,8 +25,12 @@ def check_output_dir(path: Path, needed_bytes: int) -> None:
     if path.exists():
         raise WorkbenchError(f"{path} already exists. Choose a new folder name, or delete the old run first.")
     parent = _existing_parent(path)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise WorkbenchError(f"Cannot write in {parent} (read-only or no permission). Choose another output folder.")
+    try:  # a real attempt: permissions, read-only mounts and immutable folders all show here
+        Path(tempfile.mkdtemp(prefix=".write-test-", dir=parent)).rmdir()
+    except OSError as error:
+        raise WorkbenchError(
+            f"Cannot write in {parent} ({error.strerror}). Choose another output folder."
+        ) from error
     free = shutil.disk_usage(parent).free
     if free < needed_bytes:
         raise WorkbenchError(
