@@ -27,7 +27,7 @@ test: setup
 demo: setup
 	rm -rf $(RUN)
 	$(VENV)/bin/int4-workbench quantize demo -o $(RUN)
-	$(VENV)/bin/int4-workbench evaluate $(RUN) --text benchmarks/data/held_out.txt
+	$(VENV)/bin/int4-workbench evaluate $(RUN) --text benchmarks/data/sqlite_essays.txt
 	$(VENV)/bin/int4-workbench report $(RUN)
 	@echo "open $(RUN)/report.md"
 
