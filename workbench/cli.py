@@ -202,6 +202,113 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_config(args: argparse.Namespace):
+    from workbench.generation import GenerationConfig, GenerationError
+
+    try:
+        return GenerationConfig(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()), seed=args.seed,
+        )
+    except GenerationError as error:
+        raise WorkbenchError(str(error)) from error
+
+
+def _json_schema(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise WorkbenchError(f"Cannot read the JSON schema {path}: {error.strerror}.") from error
+    except json.JSONDecodeError as error:
+        raise WorkbenchError(f"{path} is not valid JSON ({error.msg}, line {error.lineno}).") from error
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from workbench.compare import CompareOptions, compare, read_prompts, write_table
+
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(Path(args.prompts))
+    options = CompareOptions(
+        config=_generation_config(args), provider=args.provider, system=args.system,
+        json_schema=_json_schema(args.json_schema), speculative=args.speculative, draft_tokens=args.draft_tokens,
+        batch_size=args.batch_size, truncate=args.truncate,
+    )
+    streaming = not args.json and len(prompts) == 1 and args.batch_size == 1
+    current = {}
+
+    def show(model: str, index: int, token: int, piece: str) -> None:
+        if current.get("model") != model:
+            current["model"] = model
+            sys.stdout.write(f"\n--- {model} ---\n")
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    with progress_bar(not args.quiet and not streaming) as progress:
+        result = compare(Path(args.run_dir), prompts, options, on_token=show if streaming else None, progress=progress)
+    if args.out:
+        write_table(result, Path(args.out))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    from workbench.compare import to_markdown
+
+    lines = [] if streaming else [to_markdown(result)]
+    for row in result.rows if streaming else []:
+        lines.append("")
+        for key in ("original", "int4"):
+            entry = row[key]
+            memory = f", peak RSS {entry['peak_rss_bytes'] / 2**20:,.0f} MiB" if entry["peak_rss_bytes"] else ""
+            lines.append(
+                f"{key:>8}: {entry['tokens']} tokens, TTFT {entry['ttft_s']:.3f} s, {entry['tokens_per_s']:.1f} tok/s, "
+                f"total {entry['total_s']:.2f} s{memory}"
+            )
+        agree = row["agreement"]
+        lines.append(
+            f"agreement: first divergence {agree['first_divergence']}, tokens {agree['token_agreement']:.0%}, "
+            f"chrF {agree['similarity']:.2f}"
+        )
+        if "speculative" in row:
+            spec = row["speculative"]
+            lines.append(
+                f"speculative (int4 drafts, original verifies): acceptance {spec['acceptance_rate']:.0%}, "
+                f"speed-up {spec['speedup']:.2f}x, identical to the original: {spec['identical_to_original']}"
+            )
+    if result.throughput:
+        lines.append(
+            "throughput: " + ", ".join(f"{k} {v['tokens_per_s']:.1f} tok/s" for k, v in result.throughput.items() if isinstance(v, dict))
+        )
+    lines.append(f"provider: {result.provider} ({result.provider_reason})")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from workbench.bench import bench_run
+
+    with progress_bar(not args.quiet) as progress:
+        data = bench_run(
+            Path(args.run_dir), provider=args.provider, rounds=args.rounds, threads=args.threads,
+            new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, progress=progress,
+        )
+    original, int4 = data["original"], data["int4"]
+    human = "\n".join(
+        [
+            f"{'':10}{'decode tok/s':>14}{'TTFT s':>10}{'RSS after load':>16}{'peak RSS':>12}",
+            *(
+                f"{key:10}{d['tokens_per_s']:>14.1f}{d['ttft_s']:>10.3f}{d['load_rss_bytes'] / 2**20:>12,.0f} MiB"
+                f"{d['peak_rss_bytes'] / 2**20:>8,.0f} MiB"
+                for key, d in (("original", original), ("int4", int4))
+            ),
+            f"INT4 decodes {data['speedup']:.2f}x as fast and needs {data['memory_ratio']:.2f}x less peak RAM "
+            f"({data['provider']}, median of {data['rounds']} alternating rounds, {data['new_tokens']} tokens "
+            f"after a {data['prompt_tokens']}-token prompt).",
+        ]
+    )
+    emit(args, data, human)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="int4-workbench", description="Shrink a language model to INT4 ONNX and see what it cost."
@@ -253,6 +360,38 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--window", type=int, default=512, help="tokens per forward pass")
     evaluate.add_argument("--provider", default="cpu", choices=("auto", "cpu", "cuda"))
     evaluate.set_defaults(func=cmd_evaluate)
+
+    compare_cmd = command("compare", "Both models answer the same prompts: text, speed, memory, agreement.")
+    compare_cmd.add_argument("run_dir")
+    source = compare_cmd.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt")
+    source.add_argument("--prompts", help="a prompt file: .txt (one per line) or .jsonl (\"prompt\" per line)")
+    compare_cmd.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda"))
+    compare_cmd.add_argument("--system", help="system prompt (models with a chat template)")
+    compare_cmd.add_argument("--max-new-tokens", type=int, default=128)
+    compare_cmd.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    compare_cmd.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    compare_cmd.add_argument("--top-p", type=float, default=1.0)
+    compare_cmd.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = none")
+    compare_cmd.add_argument("--stop", nargs="*", metavar="TEXT", help="stop when the answer contains one of these")
+    compare_cmd.add_argument("--seed", type=int, help="same seed, same text when sampling")
+    compare_cmd.add_argument("--json-schema", metavar="FILE", help="constrain answers to JSON matching this schema")
+    compare_cmd.add_argument("--speculative", action="store_true",
+                             help="also run the original with INT4 drafting (greedy only): acceptance and speed-up")
+    compare_cmd.add_argument("--draft-tokens", type=int, default=4, help="tokens INT4 proposes per step")
+    compare_cmd.add_argument("--batch-size", type=int, default=1, help="prompts per batch (throughput; no streaming)")
+    compare_cmd.add_argument("--truncate", action="store_true", help="keep the end of a prompt too long for the model")
+    compare_cmd.add_argument("--out", help="write the table to FILE.csv or FILE.md")
+    compare_cmd.set_defaults(func=cmd_compare)
+
+    bench = command("bench", "Decode speed, time to first token and peak RAM of both models, alternating.")
+    bench.add_argument("run_dir")
+    bench.add_argument("--provider", default="cpu", choices=("auto", "cpu", "cuda"))
+    bench.add_argument("--rounds", type=int, default=3, help="alternating measurements per model (median)")
+    bench.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    bench.add_argument("--new-tokens", type=int, default=128, help="greedy tokens timed for decode speed")
+    bench.add_argument("--prompt-tokens", type=int, default=256, help="prompt length timed for the first token")
+    bench.set_defaults(func=cmd_bench)
 
     report = command("report", "Regenerate report.md and memory.png of a run folder.")
     report.add_argument("run_dir")

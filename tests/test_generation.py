@@ -1,0 +1,216 @@
+"""The portable decoding engine on real ONNX Runtime sessions of the tiny exported models."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+from transformers import AutoConfig
+
+from exporters.optimize import fuse_attention, is_fused
+from workbench.generation import (
+    CausalLM,
+    GenerationConfig,
+    GenerationError,
+    Sampler,
+    generate,
+    generate_batch,
+    generate_speculative,
+)
+
+PROMPT = [5, 17, 42, 8, 99, 120, 33, 64, 7, 250, 31]
+CONTEXT = 256  # the tiny models' max_position_embeddings
+
+
+def load(folder: Path) -> CausalLM:
+    return CausalLM(str(folder / "model.onnx"), context_length=CONTEXT)
+
+
+def tokenizer_of(folder: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def fused_pair(tiny_pair, tmp_path_factory):
+    """(plain ONNX folder, the same with fused attention) for each tiny architecture."""
+    hf_dir, onnx_dir = tiny_pair
+    fused_dir = tmp_path_factory.mktemp("fused") / "model"
+    shutil.copytree(onnx_dir, fused_dir)
+    result = fuse_attention(fused_dir, AutoConfig.from_pretrained(hf_dir))
+    assert result.fused, result.reason
+    assert result.nodes_after < result.nodes_before / 2
+    return onnx_dir, fused_dir
+
+
+def greedy_by_forward(model: CausalLM, prompt: list[int], count: int) -> list[int]:
+    """Reference: the numpy forward pass, one argmax at a time."""
+    logits, past = model.forward(np.asarray([prompt], np.int64))
+    tokens = []
+    for _ in range(count):
+        tokens.append(int(logits[0, -1].argmax()))
+        logits, past = model.forward(np.asarray([[tokens[-1]]], np.int64), past)
+    return tokens
+
+
+def test_engine_greedy_matches_numpy_forward(tiny_pair):
+    model = load(tiny_pair[1])
+    result = generate(model, PROMPT, GenerationConfig(max_new_tokens=20))
+    assert result.tokens == greedy_by_forward(model, PROMPT, 20)
+    assert result.finish_reason == "length" and result.prompt_tokens == len(PROMPT)
+    assert 0 < result.ttft_s <= result.total_s
+
+
+def test_fused_attention_keeps_logits_and_text(fused_pair):
+    plain, fused = (load(folder) for folder in fused_pair)
+    assert is_fused(fused_pair[1] / "model.onnx") and not is_fused(fused_pair[0] / "model.onnx")
+    ids = np.asarray([PROMPT], np.int64)
+    plain_logits, plain_past = plain.forward(ids)
+    fused_logits, fused_past = fused.forward(ids)
+    np.testing.assert_allclose(fused_logits, plain_logits, atol=1e-4)
+    for name, value in plain_past.items():
+        np.testing.assert_allclose(fused_past[name], value, atol=1e-4)
+    config = GenerationConfig(max_new_tokens=24)
+    assert generate(fused, PROMPT, config).tokens == generate(plain, PROMPT, config).tokens
+
+
+def test_fusion_leaves_an_unknown_architecture_untouched(tiny_pair, tmp_path):
+    hf_dir, onnx_dir = tiny_pair
+    shutil.copytree(onnx_dir, tmp_path / "model")
+    config = AutoConfig.from_pretrained(hf_dir)
+    config.model_type = "gpt_neox"
+    before = (tmp_path / "model" / "model.onnx").read_bytes()
+    result = fuse_attention(tmp_path / "model", config)
+    assert not result.fused and "gpt_neox" in result.reason
+    assert (tmp_path / "model" / "model.onnx").read_bytes() == before
+
+
+def test_streaming_gives_every_token_in_order(tiny_pair):
+    folder = tiny_pair[1]
+    seen = []
+    result = generate(load(folder), PROMPT, GenerationConfig(max_new_tokens=16), tokenizer=tokenizer_of(folder),
+                      on_token=lambda token, piece: seen.append((token, piece)))
+    assert [token for token, _ in seen] == result.tokens
+    assert "".join(piece for _, piece in seen) == result.text
+    assert result.text == tokenizer_of(folder).decode(result.tokens)
+
+
+def test_stop_string_cuts_the_answer_and_is_never_streamed(tiny_pair):
+    folder = tiny_pair[1]
+    tokenizer = tokenizer_of(folder)
+    full = generate(load(folder), PROMPT, GenerationConfig(max_new_tokens=40), tokenizer=tokenizer).text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert len(stop) == 3 and full.find(stop) < len(full) - 3
+    pieces = []
+    result = generate(load(folder), PROMPT, GenerationConfig(max_new_tokens=40, stop=(stop,)), tokenizer=tokenizer,
+                      on_token=lambda token, piece: pieces.append(piece))
+    assert result.finish_reason == "stop"
+    assert result.text == full[: full.find(stop)]
+    assert "".join(pieces) == result.text
+
+
+def test_end_of_sequence_ends_the_answer(tiny_pair):
+    model = load(tiny_pair[1])
+    greedy = generate(model, PROMPT, GenerationConfig(max_new_tokens=10)).tokens
+    result = generate(model, PROMPT, GenerationConfig(max_new_tokens=10), eos_token_ids=[greedy[3]])
+    assert result.finish_reason == "eos"
+    assert result.tokens == greedy[: greedy.index(greedy[3])]
+
+
+def test_same_seed_same_text_other_seed_other_text(tiny_pair):
+    model = load(tiny_pair[1])
+
+    def sample(seed):
+        config = GenerationConfig(max_new_tokens=24, temperature=1.5, top_k=100, top_p=0.95, seed=seed)
+        return generate(model, PROMPT, config).tokens
+
+    assert sample(7) == sample(7)
+    assert any(sample(seed) != sample(7) for seed in (8, 9, 10))
+
+
+def test_cancel_between_tokens(tiny_pair):
+    asked = []
+
+    def cancelled():
+        asked.append(True)
+        return len(asked) >= 3
+
+    result = generate(load(tiny_pair[1]), PROMPT, GenerationConfig(max_new_tokens=50), cancelled=cancelled)
+    assert result.finish_reason == "cancelled"
+    assert len(result.tokens) == 3
+
+
+def test_speculative_output_is_the_greedy_output(tiny_llama_onnx, tiny_qwen_onnx):
+    """A different (uncorrelated) draft model: most proposals are wrong, the text must not change."""
+    target, draft = load(tiny_llama_onnx), load(tiny_qwen_onnx)
+    config = GenerationConfig(max_new_tokens=30)
+    greedy = generate(target, PROMPT, config)
+    for draft_model, rate in ((draft, None), (target, 1.0)):
+        result = generate_speculative(target, draft_model, PROMPT, config, draft_tokens=3)
+        assert result.tokens == greedy.tokens
+        assert result.draft["proposed"] > 0
+        if rate is not None:  # the model drafting for itself is always right
+            assert result.draft["acceptance_rate"] == rate
+
+
+def test_speculative_needs_greedy_settings(tiny_llama_onnx):
+    model = load(tiny_llama_onnx)
+    with pytest.raises(GenerationError, match="greedy"):
+        generate_speculative(model, model, PROMPT, GenerationConfig(temperature=0.7))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_batch_rows_equal_single_answers(fused_pair, fused):
+    """Left padding must not change any row's answer, on the plain and the fused graph."""
+    model = load(fused_pair[1] if fused else fused_pair[0])
+    prompts = [PROMPT, PROMPT[:4], PROMPT[3:] + PROMPT]
+    config = GenerationConfig(max_new_tokens=12)
+    batch = generate_batch(model, prompts, config)
+    assert [row.tokens for row in batch] == [generate(model, p, config).tokens for p in prompts]
+
+
+def test_prompt_longer_than_the_context_is_refused_or_truncated(tiny_llama_onnx):
+    model = load(tiny_llama_onnx)
+    long_prompt = (PROMPT * 40)[:300]
+    with pytest.raises(GenerationError, match="at most 256"):
+        generate(model, long_prompt, GenerationConfig(max_new_tokens=4))
+    result = generate(model, long_prompt, GenerationConfig(max_new_tokens=4), truncate=True)
+    assert result.truncated_prompt_tokens == 300 - result.prompt_tokens > 0
+    assert len(result.tokens) == 4
+
+
+def test_generation_stops_at_the_context_end(tiny_llama_onnx):
+    result = generate(load(tiny_llama_onnx), (PROMPT * 30)[:250], GenerationConfig(max_new_tokens=50))
+    assert result.finish_reason == "context"
+    assert 250 + len(result.tokens) == CONTEXT
+
+
+def test_sampler_pieces():
+    logits = np.array([1.0, 3.0, 2.0, -1.0], np.float32)
+    assert Sampler(GenerationConfig())(logits, []) == 1
+    assert Sampler(GenerationConfig(temperature=5.0, top_k=1, seed=0))(logits, []) == 1
+    assert Sampler(GenerationConfig(temperature=5.0, top_p=1e-6, seed=0))(logits, []) == 1
+    # a strong penalty on the favourite (seen before) hands the choice to the runner-up
+    assert Sampler(GenerationConfig(repetition_penalty=2.0))(logits, [1]) == 2
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2),
+                                 dict(repetition_penalty=0), dict(stop=("",))])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(GenerationError):
+        GenerationConfig(**bad)
+
+
+def test_engine_is_portable():
+    """The bundle ships generation.py alone: only numpy, onnxruntime and the standard library."""
+    source = (Path(__file__).resolve().parents[1] / "workbench" / "generation.py").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported <= {"__future__", "logging", "re", "time", "collections", "dataclasses", "numpy", "onnxruntime"}

@@ -1,0 +1,145 @@
+"""Speed and memory of both models of a run: decode tokens/s, time to first token, peak RSS.
+
+Every measurement is a fresh child process (one model each, so the peak RSS is that model's
+alone), warmed up before it is timed; the two models alternate, so a busy machine slows both alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
+from workbench.runs import INT4, ORIGINAL
+
+log = logging.getLogger(__name__)
+NEW_TOKENS = 128
+PROMPT_TOKENS = 256
+WARMUP_TOKENS = 8
+# Plain prose, repeated to any length: a fixed prompt keeps runs comparable.
+BENCH_TEXT = (
+    "The lighthouse stood on a rock a mile from the shore, and every evening the keeper climbed the "
+    "hundred and twelve steps to light the lamp. Ships passed in the dark, and none of them knew his name. "
+)
+
+
+def bench_prompt(tokenizer, length: int) -> list[int]:
+    """`length` token ids of plain prose (a `tokenizers.Tokenizer`)."""
+    ids: list[int] = []
+    while len(ids) < length:
+        ids += tokenizer.encode(BENCH_TEXT, add_special_tokens=False).ids
+    return ids[:length]
+
+
+def bench_run(
+    run_dir: Path,
+    *,
+    provider: str = "cpu",
+    rounds: int = 3,
+    threads: int | None = None,
+    new_tokens: int = NEW_TOKENS,
+    prompt_tokens: int = PROMPT_TOKENS,
+    progress: Progress = no_progress,
+    cancelled: Cancelled = never_cancelled,
+) -> dict:
+    """Median decode speed and TTFT over `rounds`, and the highest RSS seen, per model."""
+    from workbench.runtime import choose_provider
+    from workbench.subprocess_job import run_in_subprocess
+
+    if rounds < 1:
+        raise WorkbenchError(f"rounds must be at least 1, not {rounds}.")
+    choice = choose_provider(provider)
+    run_dir = Path(run_dir)
+    for key in (ORIGINAL, INT4):
+        if not (run_dir / key).is_dir():
+            raise WorkbenchError(f"{run_dir} has no {key}/ folder; is it a run folder made by `quantize`?")
+    samples: dict[str, list[dict]] = {ORIGINAL: [], INT4: []}
+    steps = rounds * 2
+    for index in range(steps):
+        check(cancelled)
+        key = (ORIGINAL, INT4)[index % 2]
+        samples[key].append(
+            run_in_subprocess(
+                "workbench.bench:measure_in_process",
+                {
+                    "model_dir": str(run_dir / key), "provider": choice.name, "threads": threads,
+                    "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
+                },
+                progress=lambda f, m, i=index, k=key: progress((i + f) / steps, f"{k} round {i // 2 + 1}/{rounds}: {m}"),
+                cancelled=cancelled,
+                expected_seconds=20.0,
+                message="measuring speed",
+            )
+        )
+    summary = {key: _summary(values) for key, values in samples.items()}
+    original, int4 = summary[ORIGINAL], summary[INT4]
+    return {
+        "provider": choice.name,
+        "provider_reason": choice.reason,
+        "rounds": rounds,
+        "new_tokens": new_tokens,
+        "prompt_tokens": prompt_tokens,
+        ORIGINAL: original,
+        INT4: int4,
+        "speedup": round(int4["tokens_per_s"] / original["tokens_per_s"], 3),
+        "memory_ratio": round(original["peak_rss_bytes"] / int4["peak_rss_bytes"], 3),
+    }
+
+
+def _summary(values: list[dict]) -> dict:
+    gpu = [v["gpu_bytes"] for v in values if v["gpu_bytes"] is not None]
+    return {
+        "tokens_per_s": round(statistics.median(v["tokens_per_s"] for v in values), 2),
+        "ttft_s": round(statistics.median(v["ttft_s"] for v in values), 4),
+        "load_rss_bytes": max(v["load_rss_bytes"] for v in values),
+        "peak_rss_bytes": max(v["peak_rss_bytes"] for v in values),
+        "baseline_rss_bytes": min(v["baseline_rss_bytes"] for v in values),
+        "gpu_bytes": max(gpu) if gpu else None,
+        "rounds": [{"tokens_per_s": round(v["tokens_per_s"], 2), "ttft_s": round(v["ttft_s"], 4)} for v in values],
+    }
+
+
+def measure_in_process(
+    model_dir: str,
+    provider: str,
+    threads: int | None,
+    new_tokens: int,
+    prompt_tokens: int,
+    prompt_ids: list[int] | None = None,
+    progress: Progress = no_progress,
+) -> dict:
+    """In a fresh process: load, warm up, time a prompt and `new_tokens` greedy tokens, read RSS."""
+    from workbench.generation import GenerationConfig, generate
+    from workbench.memory import _peak_rss
+    from workbench.runtime import OnnxCausalLM, gpu_memory_bytes, user_errors
+
+    baseline = _peak_rss()
+    progress(0.1, "loading")
+    model = OnnxCausalLM(Path(model_dir), provider, threads)
+    load_rss = _peak_rss()
+    if model.context_length is not None and prompt_tokens + new_tokens + 1 > model.context_length:
+        raise WorkbenchError(
+            f"{prompt_tokens} prompt and {new_tokens} new tokens do not fit this model's context of "
+            f"{model.context_length}; measure with fewer."
+        )
+    if prompt_ids is None:
+        from tokenizers import Tokenizer
+
+        prompt_ids = bench_prompt(Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")), prompt_tokens)
+    progress(0.3, "warming up")
+    with user_errors():
+        generate(model, prompt_ids[:16], GenerationConfig(max_new_tokens=WARMUP_TOKENS))
+        progress(0.5, "generating")
+        # No end-of-sequence ids: exactly new_tokens after the first, whatever the model says.
+        result = generate(model, prompt_ids, GenerationConfig(max_new_tokens=new_tokens + 1))
+    return {
+        "tokens_per_s": result.decode_tokens_per_s,
+        "ttft_s": result.ttft_s,
+        "baseline_rss_bytes": baseline,
+        "load_rss_bytes": load_rss,
+        "peak_rss_bytes": _peak_rss(),
+        "gpu_bytes": gpu_memory_bytes() if model.device == "cuda" else None,
+        "device": model.device,
+    }

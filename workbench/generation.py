@@ -1,0 +1,525 @@
+"""A portable decoding engine for ONNX causal LMs exported by optimum (text-generation-with-past).
+
+This file depends only on numpy, onnxruntime and, for text, `tokenizers`: the deployable bundle
+ships it unchanged as the engine of its runner. It works on token ids; chat templates are
+rendered by the caller.
+
+The graph's interface: inputs input_ids, attention_mask, [position_ids], past_key_values.N.key /
+.value (batch, kv_heads, past, head_dim); outputs logits, present.N.key / .value. The KV cache
+stays in ONNX Runtime values between steps (IO binding), on the GPU when the session runs there,
+so no per-token copies go through numpy; logits are written straight into a numpy buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PAST_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+# (token ids generated so far, logits over the vocabulary) -> None; edits the logits in place.
+LogitsProcessor = Callable[[Sequence[int], np.ndarray], None]
+# (token id, text that became final with it; may be empty) -> None
+TokenCallback = Callable[[int, str], None]
+
+
+class GenerationError(ValueError):
+    """Bad settings or input; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to pick tokens. temperature 0 is greedy decoding (top_k/top_p/seed then do nothing)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be 0 (greedy) or more, not {self.temperature}.")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be 0 (no limit) or more, not {self.top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise GenerationError(f"top_p must be in (0, 1], not {self.top_p}.")
+        if self.repetition_penalty <= 0:
+            raise GenerationError(f"repetition_penalty must be positive (1 = none), not {self.repetition_penalty}.")
+        if any(not s for s in self.stop):
+            raise GenerationError("Stop strings must not be empty.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # generated ids, end-of-sequence excluded
+    text: str  # the streamed pieces joined; cut before a stop string
+    finish_reason: str  # length | eos | stop | context | cancelled
+    prompt_tokens: int
+    ttft_s: float  # prompt in -> first token out
+    total_s: float
+    truncated_prompt_tokens: int = 0  # dropped from the prompt's start to fit the context
+    draft: dict = field(default_factory=dict)  # speculative decoding: proposed, accepted, acceptance_rate
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first, per second of decoding (the prompt's cost is in ttft_s)."""
+        decode = self.total_s - self.ttft_s
+        return (len(self.tokens) - 1) / decode if len(self.tokens) > 1 and decode > 0 else 0.0
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+class KVCache:
+    """One sequence batch's past keys and values, as ONNX Runtime values, plus its attention mask."""
+
+    def __init__(self, values: list[ort.OrtValue], mask: np.ndarray):
+        self.values = values
+        self.mask = mask  # (batch, length) int64: 1 for real tokens, 0 for left padding
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+
+class CausalLM:
+    """An exported decoder in an ONNX Runtime session; one step = one forward pass with the cache."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        providers: Sequence[str] = (CPU,),
+        threads: int | None = None,
+        context_length: int | None = None,
+    ):
+        self.session = ort.InferenceSession(str(path), session_options(threads), providers=list(providers))
+        self.device = "cuda" if CUDA in self.session.get_providers() else "cpu"
+        self.context_length = context_length
+        inputs = self.session.get_inputs()
+        self.input_names = {i.name for i in inputs}
+        self.past_inputs = [i for i in inputs if PAST_INPUT.match(i.name)]
+        self.past_names = [i.name for i in self.past_inputs]
+        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
+        first = self.past_inputs[0] if self.past_inputs else None
+        self.kv_heads = first.shape[1] if first is not None else 0
+        self.head_dim = first.shape[3] if first is not None else 0
+        self.kv_dtype = ORT_TYPES.get(first.type, np.float32) if first is not None else np.float32
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        self.vocab_size = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
+
+    # -- numpy interface (whole-text scoring) -------------------------------------------------
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        return {name: np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype) for name in self.past_names}
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        past: dict[str, np.ndarray] | None = None,
+        attention_mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits for `input_ids` (batch, seq) after `past`; returns logits and the new past."""
+        batch, length = input_ids.shape
+        past = past if past is not None else self.empty_past(batch)
+        past_length = next(iter(past.values())).shape[2] if past else 0
+        if attention_mask is None:
+            attention_mask = np.ones((batch, past_length + length), np.int64)
+        feeds = {**self._token_feeds(np.asarray(input_ids, np.int64), attention_mask), **past}
+        outputs = self.session.run(None, feeds)
+        names = [o.name for o in self.session.get_outputs()]
+        present = {
+            name.replace("present", "past_key_values"): value
+            for name, value in zip(names, outputs)
+            if name.startswith("present")
+        }
+        return outputs[names.index("logits")], present
+
+    # -- cached stepping (generation) ---------------------------------------------------------
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        shape = [batch, self.kv_heads, 0, self.head_dim]
+        values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0) for _ in self.past_names]
+        return KVCache(values, np.zeros((batch, 0), np.int64))
+
+    def step(self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray | None = None) -> np.ndarray:
+        """Run `input_ids` (batch, seq) after the cache, extend the cache; logits (batch, seq, vocab).
+
+        `new_mask` (batch, seq) marks left padding in a batch's first step; default all ones.
+        """
+        input_ids = np.ascontiguousarray(input_ids, np.int64)
+        batch, length = input_ids.shape
+        if new_mask is None:
+            new_mask = np.ones((batch, length), np.int64)
+        mask = np.concatenate([cache.mask, new_mask.astype(np.int64)], axis=1)
+        binding = self.session.io_binding()
+        for name, value in self._token_feeds(input_ids, mask).items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, value in zip(self.past_names, cache.values):
+            binding.bind_ortvalue_input(name, value)
+        vocab = self.vocab_size or self._probe_vocab()
+        logits = np.empty((batch, length, vocab), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        cache.values = binding.get_outputs()[1:]
+        cache.mask = mask
+        return logits
+
+    def truncate(self, cache: KVCache, length: int) -> None:
+        """Forget everything after the first `length` positions (rejected speculative tokens)."""
+        if length == cache.length:
+            return
+        kept = []
+        for value in cache.values:
+            array = np.ascontiguousarray(value.numpy()[:, :, :length])
+            kept.append(ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
+        cache.values = kept
+        cache.mask = cache.mask[:, :length]
+
+    def _token_feeds(self, input_ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        if "position_ids" in self.input_names:
+            positions = np.cumsum(mask, axis=1)[:, -input_ids.shape[1]:] - 1
+            feeds["position_ids"] = np.maximum(positions, 0).astype(np.int64)
+        return feeds
+
+    def _probe_vocab(self) -> int:
+        logits, _ = self.forward(np.zeros((1, 1), np.int64))
+        self.vocab_size = logits.shape[-1]
+        return self.vocab_size
+
+
+# -- picking tokens -------------------------------------------------------------------------------
+
+
+class Sampler:
+    """Repetition penalty, then greedy or temperature / top-k / top-p sampling with a seeded generator."""
+
+    def __init__(self, config: GenerationConfig):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        config = self.config
+        logits = logits.astype(np.float64)
+        if config.repetition_penalty != 1.0 and len(history):
+            seen = np.unique(np.asarray(history))
+            values = logits[seen]
+            logits[seen] = np.where(values > 0, values / config.repetition_penalty, values * config.repetition_penalty)
+        if config.greedy:
+            return int(np.argmax(logits))
+        logits = logits / config.temperature
+        if config.top_k and config.top_k < logits.size:
+            threshold = np.partition(logits, -config.top_k)[-config.top_k]
+            logits[logits < threshold] = -np.inf
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if config.top_p < 1.0:
+            order = np.argsort(-probs)
+            cumulative = np.cumsum(probs[order])
+            keep = order[: int(np.searchsorted(cumulative, config.top_p)) + 1]
+            filtered = np.zeros_like(probs)
+            filtered[keep] = probs[keep]
+            probs = filtered / filtered.sum()
+        return int(self.rng.choice(probs.size, p=probs))
+
+
+class TextStream:
+    """Decodes generated ids incrementally; holds back text that may still become a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        if stop and tokenizer is None:
+            raise GenerationError("Stop strings need the model's tokenizer to read the text.")
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.emitted = ""
+        self.stopped = False
+
+    def push(self, tokens: Sequence[int], final: bool) -> str:
+        """The new final text after `tokens` (all generated so far); sets `stopped` on a stop string."""
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            text, final = text[:cut], True
+        if not final:
+            if text.endswith("\ufffd"):  # a multi-byte character split across tokens
+                text = text.rstrip("\ufffd")
+            text = text[: len(text) - self._held(text)]
+        if not text.startswith(self.emitted):  # a token changed earlier text (rare with byte-level BPE)
+            return ""
+        piece = text[len(self.emitted):]
+        self.emitted = text
+        return piece
+
+    def _held(self, text: str) -> int:
+        """Length of the longest end of `text` that begins some stop string."""
+        return max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+# -- the loops ------------------------------------------------------------------------------------
+
+
+def _fit_prompt(model: CausalLM, prompt: Sequence[int], truncate: bool) -> tuple[list[int], int]:
+    prompt = list(prompt)
+    if not prompt:
+        raise GenerationError("The prompt is empty.")
+    limit = model.context_length
+    if limit is None or len(prompt) < limit:
+        return prompt, 0
+    if not truncate:
+        raise GenerationError(
+            f"The prompt has {len(prompt)} tokens; this model reads at most {limit}. Shorten the prompt, "
+            "or allow truncation to keep only its end."
+        )
+    keep = max(limit // 2, 1)  # room to answer
+    log.warning("prompt of %d tokens truncated to its last %d (context %d)", len(prompt), keep, limit)
+    return prompt[-keep:], len(prompt) - keep
+
+
+def generate(
+    model: CausalLM,
+    prompt: Sequence[int],
+    config: GenerationConfig = GenerationConfig(),
+    *,
+    tokenizer=None,
+    eos_token_ids: Sequence[int] = (),
+    on_token: TokenCallback | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    logits_processor: LogitsProcessor | None = None,
+    truncate: bool = False,
+) -> GenerationResult:
+    """Generate after `prompt` (token ids), one token at a time.
+
+    `tokenizer` (a tokenizers.Tokenizer) turns ids into text for streaming and stop strings.
+    `cancelled` is asked after every token; a True ends the generation with what was made.
+    """
+    began = time.perf_counter()
+    prompt, dropped = _fit_prompt(model, prompt, truncate)
+    sampler = Sampler(config)
+    stream = TextStream(tokenizer, config.stop)
+    eos = set(eos_token_ids)
+    cache = model.new_cache(1)
+    tokens: list[int] = []
+    pieces: list[str] = []
+    ttft = 0.0
+    feed = np.asarray([prompt], np.int64)
+    finish = "length"
+    while True:
+        logits = model.step(cache, feed)[0, -1]
+        if logits_processor is not None:
+            logits_processor(tokens, logits)
+        token = sampler(logits, prompt + tokens)
+        if not tokens:
+            ttft = time.perf_counter() - began
+        ended = token in eos
+        if not ended:
+            tokens.append(token)
+        finish, done = _finish(ended, len(tokens), config, cache.length + 1, model.context_length, cancelled)
+        piece = stream.push(tokens, final=done)
+        if stream.stopped:
+            finish, done = "stop", True
+        pieces.append(piece)
+        if on_token is not None:
+            on_token(token, piece)
+        if done:
+            break
+        feed = np.asarray([[token]], np.int64)
+    return GenerationResult(
+        tokens=tokens, text="".join(pieces), finish_reason=finish, prompt_tokens=len(prompt), ttft_s=ttft,
+        total_s=time.perf_counter() - began, truncated_prompt_tokens=dropped,
+    )
+
+
+def _finish(ended: bool, count: int, config: GenerationConfig, next_length: int, context: int | None, cancelled):
+    if ended:
+        return "eos", True
+    if count >= config.max_new_tokens:
+        return "length", True
+    if context is not None and next_length >= context:
+        return "context", True
+    if cancelled is not None and cancelled():
+        return "cancelled", True
+    return "length", False
+
+
+def generate_batch(
+    model: CausalLM,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig = GenerationConfig(),
+    *,
+    tokenizer=None,
+    eos_token_ids: Sequence[int] = (),
+    cancelled: Callable[[], bool] | None = None,
+    truncate: bool = False,
+) -> list[GenerationResult]:
+    """Several prompts at once, left-padded into one batch; each row stops on its own.
+
+    Rows that finished keep stepping (their tokens are ignored) until all are done: a batch is
+    one tensor. Timings are the batch's: every row reports the batch's first-token and total time.
+    """
+    began = time.perf_counter()
+    fitted = [_fit_prompt(model, p, truncate) for p in prompts]
+    rows = [p for p, _ in fitted]
+    width = max(len(p) for p in rows)
+    pad = next(iter(eos_token_ids), 0)
+    ids = np.full((len(rows), width), pad, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    samplers = [Sampler(config) for _ in rows]
+    streams = [TextStream(tokenizer, config.stop) for _ in rows]
+    eos = set(eos_token_ids)
+    cache = model.new_cache(len(rows))
+    generated: list[list[int]] = [[] for _ in rows]
+    finish: list[str | None] = [None] * len(rows)
+    texts = [""] * len(rows)
+    ttft = 0.0
+    feed, feed_mask = ids, mask
+    while True:
+        logits = model.step(cache, feed, feed_mask)[:, -1]
+        if not ttft:
+            ttft = time.perf_counter() - began
+        next_ids = np.full((len(rows), 1), pad, np.int64)
+        for i in range(len(rows)):
+            if finish[i] is not None:
+                continue
+            token = samplers[i](logits[i], rows[i] + generated[i])
+            ended = token in eos
+            if not ended:
+                generated[i].append(token)
+            reason, done = _finish(ended, len(generated[i]), config, cache.length + 1, model.context_length, cancelled)
+            texts[i] += streams[i].push(generated[i], final=done)
+            if streams[i].stopped:
+                reason, done = "stop", True
+            if done:
+                finish[i] = reason
+            next_ids[i, 0] = token
+        if all(f is not None for f in finish):
+            break
+        feed, feed_mask = next_ids, None
+    total = time.perf_counter() - began
+    return [
+        GenerationResult(
+            tokens=generated[i], text=texts[i], finish_reason=finish[i], prompt_tokens=len(rows[i]), ttft_s=ttft,
+            total_s=total, truncated_prompt_tokens=fitted[i][1],
+        )
+        for i in range(len(rows))
+    ]
+
+
+def generate_speculative(
+    target: CausalLM,
+    draft: CausalLM,
+    prompt: Sequence[int],
+    config: GenerationConfig = GenerationConfig(),
+    *,
+    draft_tokens: int = 4,
+    tokenizer=None,
+    eos_token_ids: Sequence[int] = (),
+    on_token: TokenCallback | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    truncate: bool = False,
+) -> GenerationResult:
+    """Greedy decoding of `target`, sped up by `draft` proposing `draft_tokens` tokens at a time.
+
+    The target checks all proposals in one forward pass and keeps the longest prefix it agrees
+    with, plus its own next token: the text is the target's greedy text (up to ties in floating
+    point between a one-token and a several-token pass).
+    """
+    if not config.greedy or config.repetition_penalty != 1.0:
+        raise GenerationError("Speculative decoding reproduces greedy decoding: use temperature 0 and no repetition penalty.")
+    if draft_tokens < 1:
+        raise GenerationError(f"draft_tokens must be at least 1, not {draft_tokens}.")
+    began = time.perf_counter()
+    prompt, dropped = _fit_prompt(target, prompt, truncate)
+    stream = TextStream(tokenizer, config.stop)
+    eos = set(eos_token_ids)
+    target_cache, draft_cache = target.new_cache(1), draft.new_cache(1)
+    sequence = list(prompt)  # prompt and accepted tokens; the last one is not in either cache yet
+    tokens: list[int] = []
+    pieces: list[str] = []
+    proposed = accepted = 0
+    first = int(np.argmax(target.step(target_cache, np.asarray([prompt], np.int64))[0, -1]))
+    ttft = time.perf_counter() - began
+    pending = [first]
+    finish = "length"
+    while True:
+        done = False
+        for token in pending:
+            ended = token in eos
+            if not ended:
+                tokens.append(token)
+                sequence.append(token)
+            finish, done = _finish(ended, len(tokens), config, len(sequence), target.context_length, cancelled)
+            piece = stream.push(tokens, final=done)
+            if stream.stopped:
+                finish, done = "stop", True
+            pieces.append(piece)
+            if on_token is not None:
+                on_token(token, piece)
+            if done:
+                break
+        if done:
+            break
+        room = config.max_new_tokens - len(tokens)
+        if target.context_length is not None:
+            room = min(room, target.context_length - len(sequence) - 1)
+        k = max(min(draft_tokens, room), 0)
+        proposal = _propose(draft, draft_cache, sequence, k)
+        proposed += len(proposal)
+        # The target's cache holds all but the last token of `sequence`: check [last, *proposal] at once.
+        base = target_cache.length
+        choices = np.argmax(target.step(target_cache, np.asarray([sequence[-1:] + proposal], np.int64))[0], axis=-1)
+        agree = 0
+        while agree < len(proposal) and proposal[agree] == int(choices[agree]):
+            agree += 1
+        accepted += agree
+        pending = proposal[:agree] + [int(choices[agree])]
+        target.truncate(target_cache, base + 1 + agree)
+        draft.truncate(draft_cache, min(draft_cache.length, len(sequence) + agree))
+    return GenerationResult(
+        tokens=tokens, text="".join(pieces), finish_reason=finish, prompt_tokens=len(prompt), ttft_s=ttft,
+        total_s=time.perf_counter() - began, truncated_prompt_tokens=dropped,
+        draft={"proposed": proposed, "accepted": accepted, "acceptance_rate": accepted / proposed if proposed else 0.0},
+    )
+
+
+def _propose(draft: CausalLM, cache: KVCache, sequence: list[int], count: int) -> list[int]:
+    """`count` greedy tokens of the draft after `sequence`, feeding it what its cache lacks."""
+    proposal: list[int] = []
+    feed = sequence[cache.length:]
+    for _ in range(count):
+        token = int(np.argmax(draft.step(cache, np.asarray([feed], np.int64))[0, -1]))
+        proposal.append(token)
+        feed = [token]
+    return proposal
