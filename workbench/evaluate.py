@@ -109,6 +109,9 @@ def evaluate(
         )
     progress(0.02, "loading both models")
     models = [OnnxCausalLM(original_dir, provider), OnnxCausalLM(int4_dir, provider)]
+    context = models[0].context_length
+    if context and window > context:  # fused attention refuses inputs longer than its rotary tables
+        window = context
     starts = range(0, len(tokens) - 1, window)
     totals = _Totals()
     for index, start in enumerate(starts):
