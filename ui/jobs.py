@@ -1,0 +1,96 @@
+"""The one background job class of the app: a core step run on QThreadPool, reporting by Qt signals.
+
+A core step is a plain function taking `progress(fraction, message)` and `cancelled()` keyword
+arguments (workbench.jobs). `Job` calls it on a pool thread; its signals arrive in the GUI thread.
+Cancel sets a flag the step reads through `cancelled()` and stops at its next check.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable
+
+from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+
+from workbench.errors import JobCancelled, WorkbenchError
+
+# Progress faster than this is dropped (the core may report per node or per token), except a
+# report from a new stage, so every stage's start reaches the screen.
+PROGRESS_INTERVAL_S = 0.05
+
+# Jobs stay referenced until their last signal was delivered: a QRunnable is deleted by the
+# pool when it returns, and its Python side (the signals object) must outlive pending signals.
+_running: set[Job] = set()
+
+
+class JobSignals(QObject):
+    progress = Signal(float, str)
+    partial = Signal(object)  # a piece of the result while it is being made: the streaming callback's arguments
+    finished = Signal(object)
+    failed = Signal(str, str)  # message for the user, details (a traceback; empty for a WorkbenchError)
+    cancelled = Signal()
+    ended = Signal()  # after finished, failed or cancelled
+
+
+class Job(QRunnable):
+    """`step(*args, **kwargs, progress=..., cancelled=...)` in the background.
+
+    `partial` names a keyword argument of `step` that takes a streaming callback (generation's
+    `on_token`); each call's arguments arrive, as one tuple, through `signals.partial`.
+    """
+
+    def __init__(self, step: Callable, /, *args, partial: str | None = None, **kwargs):
+        super().__init__()
+        self.signals = JobSignals()
+        self._step, self._args, self._kwargs = step, args, kwargs
+        if partial:
+            self._kwargs[partial] = lambda *values: self.signals.partial.emit(values)
+        self._cancel = threading.Event()
+        self._last_report = (0.0, "")
+        self.signals.ended.connect(lambda: _running.discard(self))
+
+    def start(self) -> Job:
+        _running.add(self)
+        QThreadPool.globalInstance().start(self)
+        return self
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def run(self) -> None:
+        try:
+            result = self._step(
+                *self._args, **self._kwargs, progress=self._progress, cancelled=self._cancel.is_set
+            )
+        except JobCancelled:
+            self.signals.cancelled.emit()
+        except WorkbenchError as error:
+            self.signals.failed.emit(str(error), "")
+        except Exception as error:  # noqa: BLE001 (any bug must reach the user as a dialog, not kill the thread)
+            self.signals.failed.emit(
+                f"Something unexpected went wrong ({type(error).__name__}: {error}). Try again; if it "
+                "happens again, please report it with the details below.",
+                traceback.format_exc(),
+            )
+        else:
+            self.signals.finished.emit(result)
+        finally:
+            self.signals.ended.emit()
+
+    def _progress(self, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        last_time, last_message = self._last_report
+        new_stage = message.partition(":")[0] != last_message.partition(":")[0]
+        if new_stage or now - last_time >= PROGRESS_INTERVAL_S or fraction >= 1.0:
+            self._last_report = (now, message)
+            self.signals.progress.emit(fraction, message)
+
+
+def running() -> list[Job]:
+    return list(_running)

@@ -1,0 +1,209 @@
+"""Step 3, Calibration: example text from a file (with a preview), or written by the model itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QButtonGroup,
+    QFileDialog,
+    QFrame,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QRadioButton,
+    QVBoxLayout,
+)
+
+from ui.jobs import Job
+from ui.pages import Page
+from ui.widgets import InlineMessage, JobPanel, show_error, with_tip
+from workbench.calibration import SUPPORTED_EXTENSIONS, CalibrationPreview, preview
+
+FILE_FILTER = f"Text files ({' '.join('*' + e for e in SUPPORTED_EXTENSIONS)});;All files (*)"
+
+
+def preview_file(path: Path, model_dir: Path, *, progress, cancelled) -> CalibrationPreview:
+    """The core's preview of a calibration file, tokens counted with the model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    progress(0.0, "loading the tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    progress(0.3, f"reading {path.name}")
+    return preview(path, tokenizer)
+
+
+class CalibrationPage(Page):
+    title = "Calibration"
+    purpose = (
+        "GPTQ and AWQ learn from example text: give them text like what you will use the model for, or "
+        "let the model write its own."
+    )
+    needs = "model"
+    sets_inputs = True
+
+    def __init__(self, session, parent=None):
+        super().__init__(session, parent)
+        self._job: Job | None = None
+        self.not_used = InlineMessage()
+        self.body.addWidget(self.not_used)
+
+        self.choice = QGroupBox("Example text")
+        self.self_written = QRadioButton("Let the model write its own (no file needed; adds a few minutes)")
+        with_tip(self.self_written, "data-free")
+        self.from_file = QRadioButton("Use text from a file (.txt, .jsonl, .csv or .json)")
+        with_tip(self.from_file, "calibration")
+        group = QButtonGroup(self)
+        group.addButton(self.self_written)
+        group.addButton(self.from_file)
+        self.path = QLineEdit(placeholderText="a file with text like yours: documents, chats, questions…")
+        self.browse = QPushButton("Choose file…")
+        file_row = QHBoxLayout()
+        file_row.setContentsMargins(28, 0, 0, 0)
+        file_row.addWidget(self.path, 1)
+        file_row.addWidget(self.browse)
+        self.problem = InlineMessage()
+        problem_row = QHBoxLayout()
+        problem_row.setContentsMargins(28, 0, 0, 0)  # under the field it is about
+        problem_row.addWidget(self.problem)
+        self.panel = JobPanel()
+        box = QVBoxLayout(self.choice)
+        box.setSpacing(10)
+        box.addWidget(self.self_written)
+        box.addWidget(self.from_file)
+        box.addLayout(file_row)
+        box.addLayout(problem_row)
+        box.addWidget(self.panel)
+        self.body.addWidget(self.choice)
+
+        self.preview_box = QGroupBox("What was found")
+        self.summary = QLabel()
+        self.summary.setWordWrap(True)
+        self.samples = QVBoxLayout()
+        self.samples.setSpacing(6)
+        preview_layout = QVBoxLayout(self.preview_box)
+        preview_layout.addWidget(self.summary)
+        preview_layout.addLayout(self.samples)
+        self.preview_box.hide()
+        self.body.addWidget(self.preview_box)
+        self.body.addStretch(1)
+
+        self.self_written.setChecked(True)
+        self.self_written.toggled.connect(self._mode_changed)
+        self.browse.clicked.connect(self._pick)
+        self.path.editingFinished.connect(lambda: self.use_file(Path(self.path.text())) if self.path.text() else None)
+        session.settings_changed.connect(self._settings_changed)
+        session.model_changed.connect(self._model_changed)
+        self._mode_changed()
+        self._settings_changed()
+
+    def blocker(self) -> str | None:
+        if not self.session.settings.needs_calibration:
+            return None
+        if self._job is not None:
+            return "Wait until the file has been read."
+        return self.session.calibration_problem
+
+    def use_file(self, path: Path) -> Job | None:
+        """Preview `path` in the background; it becomes the calibration text if it can be read."""
+        self.from_file.setChecked(True)
+        self.path.setText(str(path))
+        self._drop_job()
+        self.problem.clear()
+        self.preview_box.hide()
+        if self.session.model is None:
+            self._refuse("Choose a model first: the preview counts tokens with its tokenizer.")
+            return None
+        job = Job(preview_file, path, self.session.model.path)
+        self._job = job
+        job.signals.finished.connect(lambda result: self._previewed(job, result))
+        job.signals.failed.connect(lambda message, details: self._failed(job, message, details))
+        job.signals.ended.connect(lambda: self._ended(job))
+        self.panel.follow(job, f"Reading {path.name}…")
+        self.session.set_calibration(None, "Wait until the file has been read.")
+        self.changed.emit()
+        return job.start()
+
+    def use_self_written(self) -> None:
+        self.self_written.setChecked(True)
+
+    def _pick(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose example text", "", FILE_FILTER)
+        if path:
+            self.use_file(Path(path))
+
+    def _mode_changed(self) -> None:
+        writes_own = self.self_written.isChecked()
+        self.path.setEnabled(not writes_own)
+        self.browse.setEnabled(not writes_own)
+        if writes_own:
+            self._drop_job()
+            self.problem.clear()
+            self.preview_box.hide()
+            self.session.set_calibration(None)
+        elif not self.path.text():
+            self.session.set_calibration(None, "Choose a file with example text, or let the model write its own.")
+        self.changed.emit()
+
+    def _settings_changed(self) -> None:
+        method = self.session.settings.method
+        if self.session.settings.needs_calibration:
+            self.not_used.clear()
+        else:
+            self.not_used.note(
+                f"The chosen method ({method.upper()}) does not read example text, so there is nothing to do "
+                "here: go on to Quantize. (GPTQ, the presets' method, and AWQ use it.)"
+            )
+        self.choice.setEnabled(self.session.settings.needs_calibration)
+        self.preview_box.setEnabled(self.session.settings.needs_calibration)
+        self.changed.emit()
+
+    def _model_changed(self) -> None:
+        if self.from_file.isChecked() and self.path.text():
+            self.use_file(Path(self.path.text()))  # token counts depend on the model's tokenizer
+
+    def _previewed(self, job: Job, result: CalibrationPreview) -> None:
+        if job is not self._job:
+            return
+        tokens = f"{result.tokens:,} tokens" if result.tokens is not None else "tokens not counted"
+        self.summary.setText(
+            f"<b>{result.samples:,} samples</b>, {tokens}, {result.characters:,} characters "
+            f"({result.format.upper()} file). The first samples:"
+        )
+        while self.samples.count():
+            self.samples.takeAt(0).widget().deleteLater()
+        for text in result.first_samples:
+            sample = QLabel(text)
+            sample.setObjectName("sample")
+            sample.setWordWrap(True)
+            sample.setFrameShape(QFrame.Shape.StyledPanel)
+            sample.setTextFormat(Qt.TextFormat.PlainText)
+            self.samples.addWidget(sample)
+        self.preview_box.show()
+        self.session.set_calibration(result.path)
+
+    def _failed(self, job: Job, message: str, details: str) -> None:
+        if job is not self._job:
+            return
+        self._refuse(message)
+        if details:
+            show_error(self, "The file could not be read", message, details)
+
+    def _refuse(self, message: str) -> None:
+        self.problem.problem(message)
+        self.session.set_calibration(None, f"The example text cannot be used: {message}")
+        self.changed.emit()
+
+    def _drop_job(self) -> None:
+        """Stop reading a file the user no longer wants; its result, if it still comes, is ignored."""
+        if self._job is not None:
+            self.panel.cancel()
+            self._job = None
+
+    def _ended(self, job: Job) -> None:
+        if job is self._job:
+            self._job = None
+            self.changed.emit()

@@ -1,0 +1,213 @@
+"""Step 1, Model: the demo model, a folder, a GGUF file or a hub id; what it is and whether it fits."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QVBoxLayout,
+)
+
+from ui.jobs import Job
+from ui.pages import Page
+from ui.session import ModelFacts
+from ui.widgets import (
+    FitLabel,
+    InlineMessage,
+    JobPanel,
+    human_bytes,
+    human_count,
+    show_error,
+    term_label,
+)
+from workbench.memory import original_sizes, preset_estimates, ram_estimates
+from workbench.settings import PRESETS
+from workbench.sources import DEMO, DEMO_NAME, ResolvedModel, resolve
+
+KINDS = {
+    "demo": "the demo model",
+    "folder": "a Hugging Face folder",
+    "gguf": "a GGUF file, converted to 32-bit",
+    "hub": "from the Hugging Face hub",
+}
+
+
+def open_model(spec: str, trust_remote_code: bool, *, progress, cancelled) -> tuple[ResolvedModel, ModelFacts]:
+    """The model and the core's size and RAM figures for it (a background job)."""
+    model = resolve(spec, trust_remote_code=trust_remote_code, progress=progress, cancelled=cancelled)
+    progress(1.0, "estimating sizes")
+    facts = ModelFacts(
+        original_bytes=sum(original_sizes(model.info).values()),
+        preset_bytes=preset_estimates(model.info),
+        ram=ram_estimates(model.info),
+    )
+    return model, facts
+
+
+class ModelPage(Page):
+    title = "Model"
+    purpose = (
+        "Choose the language model to shrink; you will see how big it is now, after INT4, and whether it "
+        "fits this computer."
+    )
+    sets_inputs = True
+
+    def __init__(self, session, parent=None):
+        super().__init__(session, parent)
+        self._job: Job | None = None
+
+        sources = QGroupBox("Which model?")
+        self.demo_button = QPushButton(f"Use the demo model ({DEMO_NAME})")
+        self.demo_button.setObjectName("primary")
+        self.demo_button.setToolTip(
+            "A small chat model (135 million parameters) that ships with the workbench: no download needed."
+        )
+        self.folder_button = QPushButton("Open folder…")
+        self.folder_button.setToolTip("A Hugging Face model folder: config.json, tokenizer and *.safetensors weights.")
+        self.gguf_button = QPushButton("Open GGUF file…")
+        self.gguf_button.setToolTip("A .gguf file (llama.cpp format); it is converted to 32-bit once and cached.")
+        buttons = QHBoxLayout()
+        for button in (self.demo_button, self.folder_button, self.gguf_button):
+            buttons.addWidget(button)
+        buttons.addStretch(1)
+        self.hub_id = QLineEdit(placeholderText="organisation/model, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+        self.hub_id.setToolTip(
+            "The name of a model on huggingface.co, the public model library: its configuration, "
+            "tokenizer and weights are downloaded once (needs the internet)."
+        )
+        self.hub_button = QPushButton("Download")
+        hub_row = QHBoxLayout()
+        hub_row.addWidget(QLabel("Or a Hugging Face hub id:"))
+        hub_row.addWidget(self.hub_id, 1)
+        hub_row.addWidget(self.hub_button)
+        self.trust = QCheckBox("Allow code shipped with the model (trust remote code)")
+        self.trust.setToolTip(
+            "Some models need Python code from their own folder to load. That code can do anything on "
+            "this computer: allow it only for models from authors you trust."
+        )
+        self.problem = InlineMessage()
+        self.panel = JobPanel()
+        box = QVBoxLayout(sources)
+        box.setSpacing(12)
+        box.addLayout(buttons)
+        box.addLayout(hub_row)
+        box.addWidget(self.trust)
+        box.addWidget(self.problem)
+        box.addWidget(self.panel)
+        self.body.addWidget(sources)
+
+        self.facts_box = QGroupBox("About this model")
+        form = QFormLayout(self.facts_box)
+        form.setHorizontalSpacing(24)
+        form.setVerticalSpacing(10)
+        self.name = QLabel()
+        self.kind = QLabel()
+        self.parameters = QLabel()
+        self.context = QLabel()
+        self.size_now = QLabel()
+        self.presets = QLabel()
+        self.machine = QLabel()
+        self.fit_export, self.fit_original, self.fit_int4 = FitLabel(), FitLabel(), FitLabel()
+        for label in (self.name, self.kind, self.parameters, self.context, self.size_now, self.presets, self.machine):
+            label.setWordWrap(True)
+            label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        form.addRow("Model", self.name)
+        form.addRow(term_label("Type", "architecture"), self.kind)
+        form.addRow(term_label("Parameters", "parameters"), self.parameters)
+        form.addRow(term_label("Context length", "context length"), self.context)
+        form.addRow(term_label("Size now", "fp32"), self.size_now)
+        form.addRow(term_label("Size after INT4", "INT4"), self.presets)
+        form.addRow(term_label("This computer", "RAM"), self.machine)
+        form.addRow("To shrink it", self.fit_export)
+        form.addRow("To run the original", self.fit_original)
+        form.addRow("To run the INT4 model", self.fit_int4)
+        self.facts_box.hide()
+        self.body.addWidget(self.facts_box)
+        self.body.addStretch(1)
+
+        self.demo_button.clicked.connect(lambda: self.load(DEMO))
+        self.folder_button.clicked.connect(self._pick_folder)
+        self.gguf_button.clicked.connect(self._pick_gguf)
+        self.hub_button.clicked.connect(lambda: self.load(self.hub_id.text()))
+        self.hub_id.returnPressed.connect(lambda: self.load(self.hub_id.text()))
+
+    def blocker(self) -> str | None:
+        if self._job is not None:
+            return "Wait until the model is open."
+        return None if self.session.model else "Choose a model first."
+
+    def load(self, spec: str) -> Job | None:
+        """Open `spec` ('demo', a folder, a .gguf file or a hub id) in the background."""
+        if not spec.strip():
+            self.problem.problem("Type a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, or pick a folder or file.")
+            return None
+        if self._job is not None:
+            self._job.cancel()
+        self.problem.clear()
+        trust = self.trust.isChecked()
+        job = Job(open_model, spec, trust)
+        self._job = job
+        job.signals.finished.connect(lambda result: self._opened(job, result, trust))
+        job.signals.failed.connect(lambda message, details: self._failed(job, message, details))
+        job.signals.ended.connect(lambda: self._ended(job))
+        self.panel.follow(job, "Reading the model…" if spec != DEMO else "Preparing the demo model…")
+        self.changed.emit()
+        return job.start()
+
+    def _pick_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Open a Hugging Face model folder")
+        if folder:
+            self.load(folder)
+
+    def _pick_gguf(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open a GGUF file", "", "GGUF files (*.gguf);;All files (*)")
+        if path:
+            self.load(path)
+
+    def _opened(self, job: Job, result: tuple[ResolvedModel, ModelFacts], trust_remote_code: bool) -> None:
+        if job is not self._job:
+            return
+        model, facts = result
+        self._show(model, facts)
+        self.session.set_model(model, facts, trust_remote_code)
+
+    def _failed(self, job: Job, message: str, details: str) -> None:
+        if job is not self._job:
+            return
+        self.problem.problem(message)
+        if details:
+            show_error(self, "The model could not be opened", message, details)
+
+    def _ended(self, job: Job) -> None:
+        if job is self._job:
+            self._job = None
+            self.changed.emit()
+
+    def _show(self, model: ResolvedModel, facts: ModelFacts) -> None:
+        info = model.info
+        self.name.setText(f"<b>{info.name}</b>")
+        self.kind.setText(f"{info.architecture}, {info.layers} layers; {KINDS.get(info.kind, info.kind)}")
+        self.parameters.setText(human_count(info.parameters))
+        self.context.setText(f"{info.context_length:,} tokens" if info.context_length else "not stated")
+        self.size_now.setText(f"{human_bytes(info.fp32_bytes)} (32-bit weights)")
+        self.presets.setText(
+            "<br>".join(
+                f"{PRESETS[name].title}: <b>{human_bytes(size)}</b> ({facts.original_bytes / size:.1f}x smaller)"
+                for name, size in facts.preset_bytes.items()
+            )
+        )
+        ram = facts.ram
+        self.machine.setText(
+            f"{human_bytes(ram['machine_total'])} of RAM, {human_bytes(ram['machine_available'])} free now"
+        )
+        self.fit_export.set_fit(ram["export"], ram["machine_available"])
+        self.fit_original.set_fit(ram["run_original"], ram["machine_available"])
+        self.fit_int4.set_fit(ram["run_int4"], ram["machine_available"])
+        self.facts_box.show()

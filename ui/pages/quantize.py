@@ -1,0 +1,398 @@
+"""Step 4, Quantize: the core's `quantize_run` in the background, stage by stage, with Cancel."""
+
+from __future__ import annotations
+
+import datetime
+import re
+import time
+from pathlib import Path
+
+from PySide6.QtCore import QTimer
+from PySide6.QtGui import QFontDatabase
+from PySide6.QtWidgets import (
+    QFileDialog,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+)
+
+from ui.glossary import METHOD_TERMS, tip
+from ui.jobs import Job
+from ui.pages import Page
+from ui.widgets import (
+    Collapsible,
+    InlineMessage,
+    human_bytes,
+    human_duration,
+    show_error,
+    with_tip,
+)
+from workbench.errors import WorkbenchError
+from workbench.pipeline import quantize_run
+from workbench.runs import check_output_dir
+from workbench.settings import PRESETS, preset_settings
+
+# The pipeline's stages ("stage: message" in its progress) in plain words. Which of them a run
+# goes through is the pipeline's business: a row appears when its stage starts.
+STAGES = {
+    "model": ("Open the model", None),
+    "export": ("Export to ONNX", "ONNX"),
+    "calibration": ("Prepare the example text", "calibration"),
+    "gptq": ("GPTQ rounding", "GPTQ"),
+    "awq": ("AWQ scaling and rounding", "AWQ"),
+    "int4": ("Write the INT4 weights", "INT4"),
+    "fuse": ("Speed up attention", "fused attention"),
+    "measure": ("Measure size and RAM", "RAM"),
+}
+SECONDS_SUFFIX = re.compile(r" \(\d+ s\)$")  # the core's elapsed-time counter in long messages
+MIN_FRACTION_FOR_ESTIMATE = 0.03
+RUNNING, DONE, STOPPED = "running", "done", "stopped"
+STATE_MARKS = {RUNNING: "◐", DONE: "✓", STOPPED: "✕"}
+
+
+def default_run_name(runs_dir: Path, model_name: str, preset: str) -> str:
+    """'model-preset-date-time', numbered when a run of the same minute exists."""
+    plain = re.sub(r"[^\w.-]+", "-", model_name).strip("-.") or "model"
+    base = f"{plain}-{preset}-{datetime.datetime.now():%Y%m%d-%H%M}"
+    name, number = base, 2
+    while (runs_dir / name).exists():
+        name, number = f"{base}-{number}", number + 1
+    return name
+
+
+class StageRow:
+    """One stage: a mark, its name, a bar (busy while it runs) and what it is doing or took."""
+
+    def __init__(self, grid: QGridLayout, name: str):
+        title, term = STAGES.get(name, (name, None))
+        self.mark = QLabel()
+        self.mark.setObjectName("stageMark")
+        self.title = QLabel(title)
+        if term:
+            with_tip(self.title, term)
+        self.bar = QProgressBar()
+        self.bar.setTextVisible(False)
+        self.bar.setMaximumWidth(220)
+        self.detail = QLabel()
+        self.detail.setObjectName("stageDetail")
+        row = grid.rowCount()
+        for column, widget in enumerate((self.mark, self.title, self.bar, self.detail)):
+            grid.addWidget(widget, row, column)
+        self.started = 0.0
+        self.set_state(RUNNING)
+
+    def set_state(self, state: str, detail: str = "") -> None:
+        self.state = state
+        self.mark.setText(STATE_MARKS[state])
+        self.mark.setProperty("state", state)
+        self.mark.style().unpolish(self.mark)
+        self.mark.style().polish(self.mark)
+        self.bar.setRange(0, 0 if state == RUNNING else 1)  # a busy bar while running
+        self.bar.setValue(1 if state == DONE else 0)
+        if state == RUNNING:
+            self.started = time.monotonic()
+        self.detail.setText(detail)
+
+
+class QuantizePage(Page):
+    title = "Quantize"
+    purpose = "Make the INT4 copy of the model. This takes a few minutes; you can keep using the window meanwhile."
+    needs = "model"
+
+    def __init__(self, session, parent=None):
+        super().__init__(session, parent)
+        self._job: Job | None = None
+        self._began = 0.0
+        self._fraction = 0.0
+        self._name_edited = False
+        self._last_logged = ""
+
+        plan = QGroupBox("What will happen")
+        form = QFormLayout(plan)
+        form.setVerticalSpacing(10)
+        form.setHorizontalSpacing(24)
+        self.model_label = QLabel()
+        self.settings_label = QLabel()
+        self.calibration_label = QLabel()
+        for label in (self.model_label, self.settings_label, self.calibration_label):
+            label.setWordWrap(True)
+        self.name = QLineEdit()
+        self.name.setToolTip("The name of the new folder that will hold both models, the figures and the report.")
+        self.folder_label = QLabel()
+        self.folder_label.setWordWrap(True)
+        self.folder_button = QPushButton("Change…")
+        folder_row = QHBoxLayout()
+        folder_row.addWidget(self.folder_label, 1)
+        folder_row.addWidget(self.folder_button)
+        self.name_problem = InlineMessage()
+        form.addRow("Model", self.model_label)
+        form.addRow("Settings", self.settings_label)
+        form.addRow("Example text", self.calibration_label)
+        form.addRow("Save as", self.name)
+        form.addRow("In", folder_row)
+        form.addRow("", self.name_problem)
+        self.start_button = QPushButton("Start quantizing")
+        self.start_button.setObjectName("primary")
+        start_row = QHBoxLayout()
+        start_row.addWidget(self.start_button)
+        start_row.addStretch(1)
+        form.addRow("", start_row)
+        self.body.addWidget(plan)
+
+        progress = QGroupBox("Progress")
+        layout = QVBoxLayout(progress)
+        layout.setSpacing(12)
+        self.overall = QProgressBar()
+        self.overall.setRange(0, 1000)
+        self.overall.setFormat("%p %")
+        self.times = QLabel("Not started. The steps appear here as they begin.")
+        self.stage_grid = QGridLayout()
+        self.stage_grid.setHorizontalSpacing(14)
+        self.stage_grid.setVerticalSpacing(8)
+        self.stage_grid.setColumnStretch(3, 1)
+        self.rows: dict[str, StageRow] = {}
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop quantizing; nothing half-written is kept.")
+        self.cancel_button.setEnabled(False)
+        top = QHBoxLayout()
+        top.addWidget(self.overall, 1)
+        top.addWidget(self.cancel_button)
+        self.result = InlineMessage()
+        self.log = QPlainTextEdit(readOnly=True)
+        self.log.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
+        self.log.setMinimumHeight(140)
+        self.log.setMaximumBlockCount(2000)
+        layout.addLayout(top)
+        layout.addWidget(self.times)
+        layout.addLayout(self.stage_grid)
+        layout.addWidget(self.result)
+        self.log_section = Collapsible("Log", self.log)
+        layout.addWidget(self.log_section)
+        self.body.addWidget(progress)
+        self.body.addStretch(1)
+
+        self._clock = QTimer(self, interval=1000)
+        self._clock.timeout.connect(self._show_times)
+        self.start_button.clicked.connect(self.start)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.folder_button.clicked.connect(self._pick_folder)
+        self.name.textEdited.connect(self._name_typed)
+        self.name.textChanged.connect(self._check_name)
+        for signal in (session.model_changed, session.settings_changed, session.calibration_changed,
+                       session.runs_dir_changed):
+            signal.connect(self._refresh_plan)
+        self._refresh_plan()
+
+    # The plan ---------------------------------------------------------------------------------
+
+    def blocker(self) -> str | None:
+        return "Wait until quantizing finishes (or cancel it)." if self._job else None
+
+    def _start_blocker(self) -> str | None:
+        session = self.session
+        if session.model is None:
+            return "Choose a model first (step Model)."
+        if session.settings.needs_calibration and session.calibration_problem:
+            return f"{session.calibration_problem} (step Calibration)"
+        return self._name_problem()
+
+    def _name_problem(self) -> str | None:
+        name = self.name.text().strip()
+        if not name:
+            return "Give the new run folder a name."
+        if name != Path(name).name or name.startswith("."):
+            return "Use a plain folder name, without slashes and not starting with a dot."
+        try:
+            check_output_dir(self.session.runs_dir / name, 0)
+        except WorkbenchError as error:
+            return str(error)
+        return None
+
+    def entered(self) -> None:
+        self._refresh_plan()
+
+    def _refresh_plan(self) -> None:
+        session = self.session
+        self.folder_label.setText(str(session.runs_dir))
+        if session.model is None:
+            self.model_label.setText("none yet")
+        else:
+            info = session.model.info
+            self.model_label.setText(f"{info.name} ({human_bytes(info.fp32_bytes)} now)")
+            if not self._name_edited and self._job is None:
+                self.name.setText(default_run_name(session.runs_dir, info.name, session.preset))
+        settings = session.settings
+        changed = " (changed)" if settings != preset_settings(session.preset) else ""
+        eight_bit = f", kept at 8 bits: {', '.join(settings.eight_bit)}" if settings.eight_bit else ""
+        self.settings_label.setToolTip(
+            "\n\n".join(tip(term) for term in (METHOD_TERMS[settings.method], "block size", "symmetric"))
+        )
+        self.settings_label.setText(
+            f"{PRESETS[session.preset].title}{changed}: {settings.method.upper()}, blocks of {settings.block_size}, "
+            f"{'symmetric' if settings.symmetric else 'asymmetric'}{eight_bit}"
+        )
+        if not settings.needs_calibration:
+            self.calibration_label.setText(f"not used by {settings.method.upper()}")
+        elif session.calibration is not None:
+            self.calibration_label.setText(session.calibration.name)
+        else:
+            self.calibration_label.setText(session.calibration_problem or "written by the model itself")
+        self._check_name()
+
+    def _name_typed(self) -> None:
+        self._name_edited = True
+
+    def _check_name(self) -> None:
+        problem = self._name_problem()
+        if problem and self.name.text().strip():
+            self.name_problem.problem(problem)
+        else:
+            self.name_problem.clear()
+        blocker = self._start_blocker()
+        self.start_button.setEnabled(self._job is None and blocker is None)
+        self.start_button.setToolTip(blocker or "Export, shrink and measure the model.")
+
+    def _pick_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Where to keep the runs", str(self.session.runs_dir))
+        if folder:
+            self.session.set_runs_dir(Path(folder))
+
+    # The job ----------------------------------------------------------------------------------
+
+    def start(self) -> Job | None:
+        blocker = self._start_blocker()
+        if blocker or self._job is not None:
+            self.result.problem(blocker or "Already quantizing.")
+            return None
+        session = self.session
+        job = Job(
+            quantize_run,
+            session.model,
+            session.runs_dir / self.name.text().strip(),
+            session.settings,
+            calibration=session.calibration if session.settings.needs_calibration else None,
+            trust_remote_code=session.trust_remote_code,
+            preset=session.preset,
+        )
+        self._job = job
+        job.signals.progress.connect(self._progress)
+        job.signals.finished.connect(self._finished)
+        job.signals.failed.connect(self._failed)
+        job.signals.cancelled.connect(self._cancelled)
+        job.signals.ended.connect(self._ended)
+        self._reset_rows()
+        self.log.clear()
+        self._last_logged = ""
+        self.result.clear()
+        self._began, self._fraction = time.monotonic(), 0.0
+        self.overall.setValue(0)
+        self._clock.start()
+        self._show_times()
+        self.start_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.name.setEnabled(False)
+        self.folder_button.setEnabled(False)
+        session.set_busy(True)
+        self.changed.emit()
+        return job.start()
+
+    def cancel(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.cancel_button.setEnabled(False)
+            self.times.setText("Stopping… the current step ends its piece of work first.")
+
+    def _reset_rows(self) -> None:
+        while self.stage_grid.count():
+            self.stage_grid.takeAt(0).widget().deleteLater()
+        self.rows = {}
+
+    def _progress(self, fraction: float, message: str) -> None:
+        stage, separator, detail = message.partition(": ")
+        if not separator:
+            return
+        if stage not in self.rows:  # a new stage: the ones before it are over
+            for earlier in self.rows.values():
+                self._finish_row(earlier)
+            self.rows[stage] = StageRow(self.stage_grid, stage)
+        row = self.rows[stage]
+        if detail == "done":
+            self._finish_row(row)
+        elif row.state == RUNNING:
+            row.detail.setText(detail)
+        self._fraction = fraction
+        self.overall.setValue(round(fraction * 1000))
+        self.status.emit(f"Quantizing: {fraction:.0%}, {STAGES.get(stage, (stage,))[0].lower()}")
+        self._log(message)
+
+    def _finish_row(self, row: StageRow) -> None:
+        if row.state != DONE:
+            row.set_state(DONE, human_duration(time.monotonic() - row.started))
+
+    def _log(self, message: str) -> None:
+        steady = SECONDS_SUFFIX.sub("", message)
+        if steady != self._last_logged:
+            self._last_logged = steady
+            self.log.appendPlainText(f"{human_duration(time.monotonic() - self._began):>10}  {steady}")
+
+    def _show_times(self) -> None:
+        elapsed = time.monotonic() - self._began
+        text = f"Elapsed {human_duration(elapsed)}"
+        if self._fraction >= MIN_FRACTION_FOR_ESTIMATE:
+            remaining = elapsed * (1 - self._fraction) / self._fraction
+            text += f" · about {human_duration(remaining)} left"
+        self.times.setText(text)
+
+    def _finished(self, record: dict) -> None:
+        for name, row in self.rows.items():
+            row.set_state(DONE, human_duration(record["timings_s"].get(name, 0.0)))
+        self.overall.setValue(1000)
+        self.times.setText(f"Finished in {human_duration(time.monotonic() - self._began)}.")
+        self.result.note(
+            f"Done: {human_bytes(record['original']['bytes'])} → {human_bytes(record['int4']['bytes'])} on disk "
+            f"({record['size_ratio']:.1f}x smaller), {record['ram_ratio']:.1f}x less RAM. "
+            f"Saved in {record['run_dir']}. Next: compare the two models' answers."
+        )
+        self._name_edited = False
+        self.session.set_run(Path(record["run_dir"]), record)
+
+    def _failed(self, message: str, details: str) -> None:
+        self._stop_rows()
+        self.times.setText("Stopped by a problem; nothing was kept.")
+        self.result.problem(message)
+        show_error(self, "Quantizing stopped", message, details)
+
+    def _cancelled(self) -> None:
+        self._stop_rows()
+        self.times.setText("Cancelled; nothing was kept.")
+        self.result.note("Cancelled. Nothing was written; start again whenever you like.")
+
+    def _stop_rows(self) -> None:
+        for row in self.rows.values():
+            if row.state == RUNNING:
+                row.set_state(STOPPED, "stopped")
+
+    def _ended(self) -> None:
+        self._job = None
+        self._clock.stop()
+        self.cancel_button.setEnabled(False)
+        self.name.setEnabled(True)
+        self.folder_button.setEnabled(True)
+        self.session.set_busy(False)
+        self.status.emit(self.times.text())
+        self._refresh_plan_after_run()
+        self.changed.emit()
+
+    def _refresh_plan_after_run(self) -> None:
+        """A new default name (the old folder now exists), the rows kept as the run left them."""
+        session = self.session
+        if session.model is not None and not self._name_edited:
+            self.name.setText(default_run_name(session.runs_dir, session.model.info.name, session.preset))
+        self._check_name()

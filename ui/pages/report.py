@@ -1,0 +1,288 @@
+"""Step 6, Report: what was saved (disk, RAM), what it cost (quality on the user's text), a verdict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QFileDialog,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ui.glossary import tip
+from ui.jobs import Job
+from ui.pages import Page
+from ui.pages.calibration import FILE_FILTER
+from ui.widgets import (
+    ChartView,
+    InlineMessage,
+    JobPanel,
+    human_bytes,
+    open_path,
+    show_error,
+    term_label,
+)
+from workbench.bench import NEW_TOKENS, bench_run
+from workbench.evaluate import evaluate
+from workbench.report import CHART_FILE, REPORT_FILE, verdict, write_report
+from workbench.runs import INT4, ORIGINAL, load_run, save_run
+
+QUALITY_COLUMNS = (
+    ("Text", None),
+    ("Tokens", "tokens"),
+    ("Perplexity, original → INT4", "perplexity"),
+    ("Change", "perplexity"),
+    ("Same next word", "top-1 agreement"),
+    ("KL", "KL"),
+)
+
+
+def measure_quality(run_dir: Path, text: Path, *, progress, cancelled) -> dict:
+    """Quality of a run on a text, stored in its run.json and report as `int4-workbench evaluate` does."""
+    result = evaluate(run_dir / ORIGINAL, run_dir / INT4, text, progress=progress, cancelled=cancelled)
+    record = load_run(run_dir)
+    entry = result.to_dict()
+    record["quality"] = [q for q in record["quality"] if q["text"] != entry["text"]] + [entry]
+    save_run(run_dir, record)
+    write_report(run_dir, record)
+    return record
+
+
+def figure_grid(rows) -> tuple[QGridLayout, dict[str, tuple[QLabel, QLabel, QLabel]]]:
+    """A small table: a row per (key, title, term), columns original, INT4 and how they differ."""
+    grid = QGridLayout()
+    grid.setHorizontalSpacing(28)
+    grid.setVerticalSpacing(6)
+    for column, heading in enumerate(("", "Original", "INT4", "")):
+        grid.addWidget(QLabel(f"<b>{heading}</b>"), 0, column)
+    cells = {}
+    for row, (key, title, term) in enumerate(rows, start=1):
+        grid.addWidget(term_label(title, term) if term else QLabel(title), row, 0)
+        cells[key] = (QLabel(), QLabel(), QLabel())
+        for column, cell in enumerate(cells[key], start=1):
+            grid.addWidget(cell, row, column)
+    grid.setColumnStretch(3, 1)
+    return grid, cells
+
+
+def fill(cells: dict[str, tuple[QLabel, ...]], rows: dict[str, tuple[str, ...]]) -> None:
+    for key, texts in rows.items():
+        for cell, text in zip(cells[key], texts, strict=True):
+            cell.setText(text)
+
+
+class ReportPage(Page):
+    title = "Report"
+    purpose = "See what the INT4 model saves and what it costs, measured on a text of your own."
+    needs = "run"
+
+    def __init__(self, session, parent=None):
+        super().__init__(session, parent)
+        self._job: Job | None = None
+        self.verdict = QLabel()
+        self.verdict.setObjectName("verdict")
+        self.verdict.setWordWrap(True)
+        self.verdict.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.verdict.setToolTip("\n\n".join(tip(term) for term in ("perplexity", "top-1 agreement")))
+        self.body.addWidget(self.verdict)
+
+        self.measure_button = QPushButton("Measure quality on a text…")
+        self.measure_button.setObjectName("primary")
+        self.measure_button.setToolTip(
+            "Both models read the same text; the workbench compares how well each predicts it. "
+            "A few pages of text like yours is enough."
+        )
+        self.open_report = QPushButton("Open the written report")
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.measure_button)
+        buttons.addWidget(self.open_report)
+        buttons.addStretch(1)
+        self.body.addLayout(buttons)
+        self.problem = InlineMessage()
+        self.panel = JobPanel()
+        self.body.addWidget(self.problem)
+        self.body.addWidget(self.panel)
+
+        memory = QGroupBox("Memory")
+        memory_layout = QVBoxLayout(memory)
+        self.chart = ChartView()
+        self.chart.setToolTip("Disk and RAM of each part of the model, original (left bar) and INT4 (right bar).")
+        memory_layout.addWidget(self.chart)
+        figures, self.figures = figure_grid(
+            (("disk", "Model on disk", None), ("ram", "Peak RAM, measured", "peak memory"),
+             ("bits", "Bits per weight", "bits per weight"))
+        )
+        memory_layout.addLayout(figures)
+
+        quality = QGroupBox("Quality")
+        quality_layout = QVBoxLayout(quality)
+        self.quality_note = QLabel()
+        self.quality_note.setWordWrap(True)
+        self.quality = QTableWidget(0, len(QUALITY_COLUMNS))
+        self.quality.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.quality.verticalHeader().hide()
+        self.quality.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.quality.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for column, (title, term) in enumerate(QUALITY_COLUMNS):
+            item = QTableWidgetItem(title)
+            if term:
+                item.setToolTip(tip(term))
+            self.quality.setHorizontalHeaderItem(column, item)
+        quality_layout.addWidget(self.quality_note)
+        quality_layout.addWidget(self.quality)
+        self.body.addWidget(quality)
+
+        speed = QGroupBox("Speed")
+        speed_layout = QVBoxLayout(speed)
+        self.speed_note = QLabel()
+        self.speed_note.setWordWrap(True)
+        self.speed_button = QPushButton("Measure speed")
+        self.speed_button.setToolTip(
+            f"Each model writes {NEW_TOKENS} tokens of the same prose, in turn, three times; the middle "
+            "result counts. About a minute for a small model."
+        )
+        speed_grid, self.speed_figures = figure_grid(
+            (("tokens_per_s", "Writing speed", "tok/s"), ("ttft_s", "First token after", "TTFT"),
+             ("peak_rss_bytes", "Peak RAM", "peak memory"))
+        )
+        self.speed_table = QWidget()
+        self.speed_table.setLayout(speed_grid)
+        speed_layout.addWidget(self.speed_note)
+        speed_layout.addWidget(self.speed_table)
+        speed_layout.addWidget(self.speed_button, alignment=Qt.AlignmentFlag.AlignLeft)
+        self.body.addWidget(speed)
+        self.body.addWidget(memory)  # last: the chart is the tallest part
+        self.body.addStretch(1)
+
+        self.measure_button.clicked.connect(self._pick_text)
+        self.speed_button.clicked.connect(self.measure_speed)
+        self.open_report.clicked.connect(lambda: open_path(self.session.run_dir / REPORT_FILE))
+        session.run_changed.connect(self._show_run)
+        session.run_changed.connect(lambda: self._show_speed(self.session.run_dir, None))
+
+    def blocker(self) -> str | None:
+        return "Wait until the quality has been measured." if self._job else None
+
+    def measure(self, text: Path) -> Job | None:
+        """Measure quality on `text` in the background; the figures land in run.json and here."""
+        run_dir = self.session.run_dir
+        job = self._start(Job(measure_quality, run_dir, Path(text)), f"Reading {Path(text).name} with both models…")
+        if job is not None:
+            job.signals.finished.connect(lambda record: self._measured(run_dir, record))
+        return job
+
+    def measure_speed(self) -> Job | None:
+        """The core's speed bench (as `int4-workbench bench` runs it) in the background."""
+        run_dir = self.session.run_dir
+        job = self._start(Job(bench_run, run_dir), "Timing both models…")
+        if job is not None:
+            job.signals.finished.connect(lambda speed: self._show_speed(run_dir, speed))
+        return job
+
+    def _start(self, job: Job, message: str) -> Job | None:
+        """One measurement at a time; the page shows its progress and, on failure, why."""
+        if self.session.run_dir is None or self._job is not None:
+            return None
+        self.problem.clear()
+        self._job = job
+        job.signals.failed.connect(self._failed)
+        job.signals.ended.connect(self._ended)
+        self.panel.follow(job, message)
+        self.measure_button.setEnabled(False)
+        self.speed_button.setEnabled(False)
+        self.changed.emit()
+        return job.start()
+
+    def _show_speed(self, run_dir: Path, speed: dict | None) -> None:
+        if speed is None or run_dir != self.session.run_dir:
+            self.speed_table.hide()
+            self.speed_note.setText(
+                "Not measured yet. The Compare step also shows each model's speed on your own prompts."
+            )
+            self.speed_button.setText("Measure speed")
+            return
+        original, int4 = speed[ORIGINAL], speed[INT4]
+        rows = {
+            "tokens_per_s": (f"{original['tokens_per_s']:.1f} tokens/s", f"{int4['tokens_per_s']:.1f} tokens/s",
+                             f"{speed['speedup']:.1f}x as fast"),
+            "ttft_s": (f"{original['ttft_s']:.2f} s", f"{int4['ttft_s']:.2f} s", ""),
+            "peak_rss_bytes": (human_bytes(original["peak_rss_bytes"]), human_bytes(int4["peak_rss_bytes"]),
+                               f"{speed['memory_ratio']:.1f}x less"),
+        }
+        fill(self.speed_figures, rows)
+        self.speed_table.show()
+        self.speed_note.setText(
+            f"After a {speed['prompt_tokens']}-token prompt, {speed['new_tokens']} new tokens, on "
+            f"{speed['provider'].upper()} ({speed['provider_reason']}); the middle of {speed['rounds']} rounds."
+        )
+        self.speed_button.setText("Measure again")
+
+    def _pick_text(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a text to measure quality on", "", FILE_FILTER)
+        if path:
+            self.measure(Path(path))
+
+    def _measured(self, run_dir: Path, record: dict) -> None:
+        if self.session.run_dir == run_dir:  # the user may have opened another run meanwhile
+            self.session.set_run(run_dir, record)
+
+    def _failed(self, message: str, details: str) -> None:
+        self.problem.problem(message)
+        if details:
+            show_error(self, "Quality could not be measured", message, details)
+
+    def _ended(self) -> None:
+        self._job = None
+        self.measure_button.setEnabled(True)
+        self.speed_button.setEnabled(True)
+        self.changed.emit()
+
+    def _show_run(self) -> None:
+        record = self.session.record
+        self.verdict.setText(verdict(record))
+        self.chart.load(self.session.run_dir / CHART_FILE)
+        original, int4 = record[ORIGINAL], record[INT4]
+        rows = {
+            "disk": (human_bytes(original["bytes"]), human_bytes(int4["bytes"]),
+                     f"{record['size_ratio']:.1f}x smaller"),
+            "ram": (human_bytes(original["peak_rss_bytes"]), human_bytes(int4["peak_rss_bytes"]),
+                    f"{record['ram_ratio']:.1f}x less"),
+            "bits": ("32", f"{record['bits_per_weight']:.1f}", ""),
+        }
+        fill(self.figures, rows)
+        qualities = record["quality"]
+        self.quality.setVisible(bool(qualities))
+        self.quality_note.setText(
+            "Lower perplexity is better; a few per cent more after INT4 is normal."
+            if qualities else
+            "Not measured yet. Choose “Measure quality on a text…” and pick a few pages of text like yours."
+        )
+        self.quality.setRowCount(len(qualities))
+        for row, q in enumerate(qualities):
+            cells = (
+                q["text"],
+                f"{q['tokens']:,}",
+                f"{q['original']['perplexity']:.2f} → {q['int4']['perplexity']:.2f}",
+                f"{q['perplexity_increase_pct']:+.1f} %",
+                f"{q['top1_agreement'] * 100:.1f} %",
+                f"{q['mean_kl']:.4f}",
+            )
+            for column, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if column:
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                self.quality.setItem(row, column, item)
+        self.quality.setFixedHeight(
+            self.quality.horizontalHeader().height() + sum(self.quality.rowHeight(r) for r in range(len(qualities))) + 4
+        )
