@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 import subprocess
 import sys
 
@@ -21,19 +20,16 @@ from workbench.compare import (
 )
 from workbench.errors import JobCancelled, WorkbenchError
 from workbench.generation import GenerationConfig
-from workbench.quantize import quantize_onnx
+from workbench.pipeline import quantize_run
 from workbench.settings import QuantSettings
-from workbench.sources import inspect_folder
 
 PROMPTS = ["Hello, who are you?", "Write one word.", "Count to three."]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_llama, tiny_llama_onnx, tmp_path_factory):
+def tiny_run(tiny_llama, tmp_path_factory):
     run = tmp_path_factory.mktemp("run") / "run"
-    shutil.copytree(tiny_llama_onnx, run / "original")
-    settings = QuantSettings(method="rtn", block_size=16, symmetric=False)
-    quantize_onnx(tiny_llama_onnx, run / "int4", inspect_folder(tiny_llama), settings)
+    quantize_run(str(tiny_llama), run, QuantSettings(method="rtn", block_size=16, symmetric=False))
     return run
 
 

@@ -17,7 +17,7 @@ from ui import jobs
 from ui.app import create_app
 from ui.glossary import METHOD_TERMS, tip
 from ui.jobs import Job
-from ui.main_window import STEP_PAGES, MainWindow, find_runs
+from ui.main_window import STEP_PAGES, MainWindow
 from ui.pages.calibration import CalibrationPage
 from ui.pages.compare import ComparePage
 from ui.pages.export import ExportPage
@@ -25,13 +25,14 @@ from ui.pages.model import ModelPage
 from ui.pages.quantize import DONE, STAGES, QuantizePage
 from ui.pages.report import ReportPage
 from ui.pages.settings import METHOD_TITLES, SettingsPage
-from ui.widgets import FITS, NO_FIT, TIGHT, fit_verdict
+from workbench.memory import FITS, NO_FIT, TIGHT, fit_verdict
+from workbench.runs import list_runs
 from workbench.bench import bench_run
 from workbench.errors import WorkbenchError
 from workbench.jobs import check
 from workbench.pipeline import quantize_run
 from workbench.runs import load_run
-from workbench.settings import METHODS, QuantSettings
+from workbench.settings import METHODS, PRESETS, QuantSettings
 
 PROSE = "\n\n".join(
     f"Paragraph {i}. The workbench turns a large language model into a small one. It keeps the weights "
@@ -148,7 +149,7 @@ def test_the_whole_wizard_from_model_to_report(window, qtbot, tiny_llama, prose,
     settings.choose("smallest")
     assert window.session.preset == "smallest" and settings.estimate.text() != balanced
     use_rtn(window)
-    assert window.session.settings.method == "rtn" and window.session.settings.block_size == 128
+    assert window.session.settings.method == "rtn" and window.session.settings.block_size == PRESETS["smallest"].settings.block_size
     assert "Changed in Advanced" in settings.custom_note.text()
 
     window.go(window.current + 1)
@@ -345,7 +346,7 @@ def test_work_in_progress_is_not_listed(tmp_path):
     (tmp_path / ".run.partial-x" / "run.json").write_text("{}")
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "run.json").write_text("{}")
-    assert find_runs(tmp_path) == [tmp_path / "done"]
+    assert list_runs(tmp_path) == [tmp_path / "done"]
 
 
 def counting(n, *, progress, cancelled):

@@ -33,7 +33,7 @@ from ui.pages.settings import SettingsPage
 from ui.session import Session
 from ui.widgets import show_error
 from workbench.errors import WorkbenchError
-from workbench.runs import RUN_FILE, load_run
+from workbench.runs import list_runs, load_run
 
 STEP_PAGES = (ModelPage, SettingsPage, CalibrationPage, QuantizePage, ComparePage, ReportPage, ExportPage)
 NEEDS = {
@@ -41,14 +41,6 @@ NEEDS = {
     "run": ("run_dir", "Quantize a model first, or open one of the earlier runs listed on the left."),
 }
 BUSY_REASON = "Quantizing is running: wait until it finishes, or cancel it."
-
-
-def find_runs(runs_dir: Path) -> list[Path]:
-    """Finished run folders (those with a run.json; work in progress is hidden), newest first."""
-    if not runs_dir.is_dir():
-        return []
-    runs = [p.parent for p in runs_dir.glob(f"*/{RUN_FILE}") if not p.parent.name.startswith(".")]
-    return sorted(runs, key=lambda p: (p / RUN_FILE).stat().st_mtime, reverse=True)
 
 
 class MainWindow(QMainWindow):
@@ -205,7 +197,7 @@ class MainWindow(QMainWindow):
 
     def refresh_runs(self) -> None:
         self.runs.clear()
-        for run_dir in find_runs(self.session.runs_dir):
+        for run_dir in list_runs(self.session.runs_dir):
             item = QListWidgetItem(run_dir.name)
             item.setData(Qt.ItemDataRole.UserRole, str(run_dir))
             item.setToolTip(str(run_dir))

@@ -20,13 +20,8 @@ from PySide6.QtWidgets import (
 
 from ui.glossary import tip
 from ui.jobs import Job
+from workbench.memory import FITS, NO_FIT, TIGHT, fit_verdict
 
-# Fit verdict: the share of the currently available memory a step needs. Under half leaves room
-# for the rest of the machine (browser, office apps, the OS cache); above nine tenths the system
-# starts swapping or the step is killed.
-COMFORTABLE_SHARE = 0.5
-TIGHT_SHARE = 0.9
-FITS, TIGHT, NO_FIT = "fits comfortably", "tight", "will not fit"
 FIT_COLOURS = {FITS: "#2e7d32", TIGHT: "#b26a00", NO_FIT: "#c62828"}
 
 
@@ -51,13 +46,6 @@ def human_duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
-def fit_verdict(needed: int, available: int) -> str:
-    share = needed / available if available > 0 else float("inf")
-    if share < COMFORTABLE_SHARE:
-        return FITS
-    return TIGHT if share < TIGHT_SHARE else NO_FIT
 
 
 def with_tip(widget: QWidget, term: str) -> QWidget:

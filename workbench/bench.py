@@ -12,7 +12,8 @@ from pathlib import Path
 
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
-from workbench.runs import INT4, ORIGINAL
+from workbench.report import update_run
+from workbench.runs import INT4, ORIGINAL, machine
 
 log = logging.getLogger(__name__)
 NEW_TOKENS = 128
@@ -44,7 +45,11 @@ def bench_run(
     progress: Progress = no_progress,
     cancelled: Cancelled = never_cancelled,
 ) -> dict:
-    """Median decode speed and TTFT over `rounds`, and the highest RSS seen, per model."""
+    """Median decode speed and TTFT over `rounds`, and the highest RSS seen, per model.
+
+    The result is also kept in the run's record (`speed`) with the machine it was measured on,
+    so the report and a bundle's manifest can quote it.
+    """
     from workbench.runtime import choose_provider
     from workbench.subprocess_job import run_in_subprocess
 
@@ -75,7 +80,7 @@ def bench_run(
         )
     summary = {key: _summary(values) for key, values in samples.items()}
     original, int4 = summary[ORIGINAL], summary[INT4]
-    return {
+    speed = {
         "provider": choice.name,
         "provider_reason": choice.reason,
         "rounds": rounds,
@@ -85,7 +90,10 @@ def bench_run(
         INT4: int4,
         "speedup": round(int4["tokens_per_s"] / original["tokens_per_s"], 3),
         "memory_ratio": round(original["peak_rss_bytes"] / int4["peak_rss_bytes"], 3),
+        "machine": machine(),
     }
+    update_run(run_dir, lambda record: record.update(speed=speed))
+    return speed
 
 
 def _summary(values: list[dict]) -> dict:

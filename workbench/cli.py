@@ -53,7 +53,7 @@ def _mb(value: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from workbench.memory import estimate_int4, original_sizes, ram_estimates
+    from workbench.memory import estimate_int4, fit_verdict, original_sizes, ram_estimates
     from workbench.sources import resolve
 
     with progress_bar(not args.quiet) as progress:
@@ -89,11 +89,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     for name, size in presets.items():
         lines.append(f"  INT4 {name:<10} {_mb(size)} ({fp32_onnx / size:.1f}x smaller)  {PRESETS[name].description}")
+    free = ram["machine_available"]
+    data["fit"] = {step: fit_verdict(ram[step], free) for step in ("export", "run_original", "run_int4")}
     lines += [
-        f"  RAM to export   about {_mb(ram['export'])}; to run: original {_mb(ram['run_original'])}, "
-        f"INT4 {_mb(ram['run_int4'])}",
-        f"  this machine    {_mb(ram['machine_total'])} RAM, {_mb(ram['machine_available'])} free",
+        f"  this machine    {_mb(ram['machine_total'])} RAM, {_mb(free)} free",
+        f"  to export       about {_mb(ram['export'])}: {data['fit']['export']}",
+        f"  to run          original about {_mb(ram['run_original'])}: {data['fit']['run_original']}; "
+        f"INT4 about {_mb(ram['run_int4'])}: {data['fit']['run_int4']}",
     ]
+    if ram["gpu_free"] is not None:
+        data["fit"]["run_int4_gpu"] = fit_verdict(ram["run_int4"], ram["gpu_free"])
+        lines.append(f"  GPU             {_mb(ram['gpu_free'])} free: INT4 {data['fit']['run_int4_gpu']}")
     emit(args, data, "\n".join(lines))
     return 0
 
@@ -162,32 +168,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from workbench.evaluate import evaluate
-    from workbench.report import write_report
-    from workbench.runs import INT4, ORIGINAL, load_run, save_run
+    from workbench.evaluate import evaluate_run
 
-    run_dir = Path(args.run_dir)
-    record = load_run(run_dir)
     with progress_bar(not args.quiet) as progress:
-        result = evaluate(
-            run_dir / ORIGINAL,
-            run_dir / INT4,
-            Path(args.text),
-            window=args.window,
-            max_tokens=args.max_tokens,
-            provider=args.provider,
-            progress=progress,
+        result = evaluate_run(
+            Path(args.run_dir), Path(args.text), window=args.window, max_tokens=args.max_tokens,
+            provider=args.provider, progress=progress,
         )
-    entry = result.to_dict()
-    record["quality"] = [q for q in record["quality"] if q["text"] != entry["text"]] + [entry]
-    save_run(run_dir, record)
-    write_report(run_dir, record)
     human = (
         f"{result.text}, {result.tokens:,} tokens: perplexity {result.original_perplexity:.2f} -> "
         f"{result.int4_perplexity:.2f} ({result.perplexity_increase_pct:+.1f} %), top-1 agreement "
         f"{result.top1_agreement * 100:.1f} %, mean KL {result.mean_kl:.4f}"
     )
-    emit(args, entry, human)
+    emit(args, result.to_dict(), human)
     return 0
 
 

@@ -137,3 +137,31 @@ def evaluate(
         mean_kl=round(totals.kl / totals.positions, 5),
     )
 
+
+def evaluate_run(
+    run_dir: Path,
+    text_path: Path,
+    *,
+    window: int = DEFAULT_WINDOW,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    provider: str = "cpu",
+    progress: Progress = no_progress,
+    cancelled: Cancelled = never_cancelled,
+) -> QualityResult:
+    """Evaluate a run folder's two models and keep the result (one entry per text) in run.json and the report."""
+    from workbench.report import update_run
+    from workbench.runs import INT4, ORIGINAL, load_run
+
+    run_dir = Path(run_dir)
+    load_run(run_dir)  # refuse a folder that is not a run before minutes of work
+    result = evaluate(
+        run_dir / ORIGINAL, run_dir / INT4, text_path, window=window, max_tokens=max_tokens, provider=provider,
+        progress=progress, cancelled=cancelled,
+    )
+    entry = result.to_dict()
+
+    def keep(record: dict) -> None:
+        record["quality"] = [q for q in record["quality"] if q["text"] != entry["text"]] + [entry]
+
+    update_run(run_dir, keep)
+    return result

@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 COMPONENTS = ("layers", "embeddings", "lm_head", "other")
 # RAM rules of thumb, measured on the demo model here (see docs in the README): exporting holds
 # the PyTorch model and the traced graph at once; running holds the weights plus buffers.
+# Fit verdict: the share of the currently available memory a step needs. Under half leaves room
+# for the rest of the machine (browser, office apps, the OS cache); above nine tenths the system
+# starts swapping or the step is killed.
+COMFORTABLE_SHARE = 0.5
+TIGHT_SHARE = 0.9
+FITS, TIGHT, NO_FIT = "fits comfortably", "tight", "will not fit"
 EXPORT_RAM_FACTOR = 3.0
 RUN_RAM_FACTOR = 1.2
 RUNTIME_OVERHEAD_BYTES = 300 * 2**20
@@ -64,15 +70,29 @@ def preset_estimates(info: ModelInfo) -> dict[str, int]:
     return {name: sum(estimate_int4(info, preset.settings).values()) for name, preset in PRESETS.items()}
 
 
-def ram_estimates(info: ModelInfo) -> dict[str, int]:
+def ram_estimates(info: ModelInfo) -> dict[str, int | None]:
+    """Memory each step needs, next to what this machine has (GPU figures are None without a GPU)."""
+    from workbench.runtime import gpu_memory
+
     int4 = sum(estimate_int4(info, PRESETS["balanced"].settings).values())
+    gpu = gpu_memory()
     return {
         "export": int(info.fp32_bytes * EXPORT_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES),
         "run_original": int(info.fp32_bytes * RUN_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES),
         "run_int4": int(int4 * RUN_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES),
         "machine_total": psutil.virtual_memory().total,
         "machine_available": psutil.virtual_memory().available,
+        "gpu_total": gpu[0] if gpu else None,
+        "gpu_free": gpu[1] if gpu else None,
     }
+
+
+def fit_verdict(needed: int, available: int) -> str:
+    """"fits comfortably", "tight" or "will not fit" for `needed` bytes out of `available`."""
+    share = needed / available if available > 0 else float("inf")
+    if share < COMFORTABLE_SHARE:
+        return FITS
+    return TIGHT if share < TIGHT_SHARE else NO_FIT
 
 
 def graph_sizes(model_dir: Path, info: ModelInfo) -> dict[str, int]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from collections.abc import Callable
+
 from workbench.memory import draw_memory_chart
-from workbench.runs import INT4, ORIGINAL
+from workbench.runs import INT4, ORIGINAL, load_run, save_run
 
 REPORT_FILE = "report.md"
 CHART_FILE = "memory.png"
@@ -22,6 +24,15 @@ def write_report(run_dir: Path, record: dict) -> None:
     (run_dir / REPORT_FILE).write_text(render_report(record), encoding="utf-8")
 
 
+def update_run(run_dir: Path, change: Callable[[dict], None]) -> dict:
+    """Apply `change` to a run's record, save run.json and regenerate the report; return the record."""
+    record = load_run(run_dir)
+    change(record)
+    save_run(run_dir, record)
+    write_report(run_dir, record)
+    return record
+
+
 def _mib(value: int) -> str:
     return f"{value / 2**20:,.1f} MiB"
 
@@ -29,8 +40,11 @@ def _mib(value: int) -> str:
 def verdict(record: dict) -> str:
     """One plain sentence on what was saved and what it cost."""
     saved = f"The INT4 model is {record['size_ratio']:.1f}x smaller on disk and needs {record['ram_ratio']:.1f}x less RAM"
+    speed = record.get("speed")
+    if speed:
+        saved += f", and writes {speed['speedup']:.1f}x as fast"
     if not record["quality"]:
-        return saved + "; its quality is not measured yet (run `int4-workbench evaluate` with a text of yours)."
+        return saved + "; its quality is not measured yet: measure it on a text of yours."
     quality = record["quality"][-1]
     increase = quality["perplexity_increase_pct"]
     agreement = quality["top1_agreement"] * 100
@@ -106,6 +120,23 @@ def render_report(record: dict) -> str:
             )
     else:
         lines.append("Not measured yet: `int4-workbench evaluate RUN_DIR --text FILE`.")
+    lines += ["", "## Speed", ""]
+    speed = record.get("speed")
+    if speed:
+        lines += [
+            f"On {speed['provider']}, {speed['new_tokens']} new tokens after a {speed['prompt_tokens']}-token "
+            f"prompt, median of {speed['rounds']} alternating rounds:",
+            "",
+            "| | original | INT4 |",
+            "|---|---:|---:|",
+            f"| decode tokens/s | {speed[ORIGINAL]['tokens_per_s']:.1f} | {speed[INT4]['tokens_per_s']:.1f} |",
+            f"| time to first token | {speed[ORIGINAL]['ttft_s']:.2f} s | {speed[INT4]['ttft_s']:.2f} s |",
+            f"| peak RAM | {_mib(speed[ORIGINAL]['peak_rss_bytes'])} | {_mib(speed[INT4]['peak_rss_bytes'])} |",
+            "",
+            f"INT4 decodes {speed['speedup']:.2f}x as fast with {speed['memory_ratio']:.2f}x less peak RAM.",
+        ]
+    else:
+        lines.append("Not measured yet: `int4-workbench bench RUN_DIR`.")
     lines += ["", "## Timings", ""]
     lines += [f"- {stage}: {seconds:.1f} s" for stage, seconds in record["timings_s"].items()]
     lines += ["", "## INT4 graph operators", ""]

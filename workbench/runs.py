@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.metadata
 import json
 import os
+import platform
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import psutil
 
 from workbench.errors import WorkbenchError
 
@@ -18,6 +22,7 @@ RUN_FILE = "run.json"
 ORIGINAL = "original"
 INT4 = "int4"
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+VERSIONED_PACKAGES = ("int4-workbench", "onnxruntime-gpu", "onnxruntime", "onnx", "optimum-onnx", "transformers", "torch")
 
 
 def check_output_dir(path: Path, needed_bytes: int) -> None:
@@ -114,3 +119,32 @@ def load_run(run_dir: Path) -> dict:
 
 def save_run(run_dir: Path, record: dict) -> None:
     write_json(Path(run_dir) / RUN_FILE, record)
+
+
+def list_runs(runs_dir: Path) -> list[Path]:
+    """Finished run folders under `runs_dir` (work in progress is hidden), newest first."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    runs = [p.parent for p in runs_dir.glob(f"*/{RUN_FILE}") if not p.parent.name.startswith(".")]
+    return sorted(runs, key=lambda p: (p / RUN_FILE).stat().st_mtime, reverse=True)
+
+
+def machine() -> dict:
+    """Where figures were measured, for run.json and bundle manifests."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": psutil.cpu_count(logical=True),
+        "ram_bytes": psutil.virtual_memory().total,
+    }
+
+
+def versions() -> dict:
+    found = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found

@@ -271,27 +271,47 @@ class JsonSchemaConstraint:
             logits[self.closing_ids[self.closing_ids < logits.size]] += CLOSING_BIAS
 
 
+@contextlib.contextmanager
+def _nvml():
+    """NVML initialised for the block, or None where NVML or a GPU is missing."""
+    try:
+        import pynvml
+    except ImportError:
+        yield None
+        return
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as error:
+        log.debug("NVML unavailable: %s", error)
+        yield None
+        return
+    try:
+        yield pynvml
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def gpu_memory_bytes() -> int | None:
     """GPU memory this process holds now (NVML), or None where NVML or a GPU is missing.
 
     ONNX Runtime's CUDA arena keeps what it once took, so a reading after generation is the peak.
     """
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as error:
-        log.debug("NVML unavailable: %s", error)
-        return None
-    try:
+    with _nvml() as nvml:
+        if nvml is None:
+            return None
         used = 0
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 if process.pid == os.getpid() and process.usedGpuMemory:
                     used += process.usedGpuMemory
         return used
-    finally:
-        pynvml.nvmlShutdown()
+
+
+def gpu_memory() -> tuple[int, int] | None:
+    """(total, free) bytes of the first GPU, or None without one: the Model step's fit verdict."""
+    with _nvml() as nvml:
+        if nvml is None or nvml.nvmlDeviceGetCount() == 0:
+            return None
+        info = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(0))
+        return int(info.total), int(info.free)

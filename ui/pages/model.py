@@ -104,7 +104,7 @@ class ModelPage(Page):
         self.body.addWidget(sources)
 
         self.facts_box = QGroupBox("About this model")
-        form = QFormLayout(self.facts_box)
+        self.form = form = QFormLayout(self.facts_box)
         form.setHorizontalSpacing(24)
         form.setVerticalSpacing(10)
         self.name = QLabel()
@@ -115,6 +115,7 @@ class ModelPage(Page):
         self.presets = QLabel()
         self.machine = QLabel()
         self.fit_export, self.fit_original, self.fit_int4 = FitLabel(), FitLabel(), FitLabel()
+        self.fit_gpu = FitLabel()
         for label in (self.name, self.kind, self.parameters, self.context, self.size_now, self.presets, self.machine):
             label.setWordWrap(True)
             label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -128,6 +129,8 @@ class ModelPage(Page):
         form.addRow("To shrink it", self.fit_export)
         form.addRow("To run the original", self.fit_original)
         form.addRow("To run the INT4 model", self.fit_int4)
+        form.addRow("INT4 on the GPU", self.fit_gpu)
+        self.gpu_row = form.rowCount() - 1
         self.facts_box.hide()
         self.body.addWidget(self.facts_box)
         self.body.addStretch(1)
@@ -210,4 +213,8 @@ class ModelPage(Page):
         self.fit_export.set_fit(ram["export"], ram["machine_available"])
         self.fit_original.set_fit(ram["run_original"], ram["machine_available"])
         self.fit_int4.set_fit(ram["run_int4"], ram["machine_available"])
+        has_gpu = ram["gpu_free"] is not None
+        self.form.setRowVisible(self.gpu_row, has_gpu)
+        if has_gpu:  # the INT4 weights and buffers live in GPU memory when CUDA runs them
+            self.fit_gpu.set_fit(ram["run_int4"], ram["gpu_free"])
         self.facts_box.show()

@@ -34,9 +34,9 @@ from ui.widgets import (
     term_label,
 )
 from workbench.bench import NEW_TOKENS, bench_run
-from workbench.evaluate import evaluate
-from workbench.report import CHART_FILE, REPORT_FILE, verdict, write_report
-from workbench.runs import INT4, ORIGINAL, load_run, save_run
+from workbench.evaluate import evaluate_run
+from workbench.report import CHART_FILE, REPORT_FILE, verdict
+from workbench.runs import INT4, ORIGINAL, load_run
 
 QUALITY_COLUMNS = (
     ("Text", None),
@@ -46,17 +46,6 @@ QUALITY_COLUMNS = (
     ("Same next word", "top-1 agreement"),
     ("KL", "KL"),
 )
-
-
-def measure_quality(run_dir: Path, text: Path, *, progress, cancelled) -> dict:
-    """Quality of a run on a text, stored in its run.json and report as `int4-workbench evaluate` does."""
-    result = evaluate(run_dir / ORIGINAL, run_dir / INT4, text, progress=progress, cancelled=cancelled)
-    record = load_run(run_dir)
-    entry = result.to_dict()
-    record["quality"] = [q for q in record["quality"] if q["text"] != entry["text"]] + [entry]
-    save_run(run_dir, record)
-    write_report(run_dir, record)
-    return record
 
 
 def figure_grid(rows) -> tuple[QGridLayout, dict[str, tuple[QLabel, QLabel, QLabel]]]:
@@ -169,7 +158,6 @@ class ReportPage(Page):
         self.speed_button.clicked.connect(self.measure_speed)
         self.open_report.clicked.connect(lambda: open_path(self.session.run_dir / REPORT_FILE))
         session.run_changed.connect(self._show_run)
-        session.run_changed.connect(lambda: self._show_speed(self.session.run_dir, None))
 
     def blocker(self) -> str | None:
         return "Wait until the quality has been measured." if self._job else None
@@ -177,9 +165,9 @@ class ReportPage(Page):
     def measure(self, text: Path) -> Job | None:
         """Measure quality on `text` in the background; the figures land in run.json and here."""
         run_dir = self.session.run_dir
-        job = self._start(Job(measure_quality, run_dir, Path(text)), f"Reading {Path(text).name} with both models…")
+        job = self._start(Job(evaluate_run, run_dir, Path(text)), f"Reading {Path(text).name} with both models…")
         if job is not None:
-            job.signals.finished.connect(lambda record: self._measured(run_dir, record))
+            job.signals.finished.connect(lambda _result: self._reload(run_dir))
         return job
 
     def measure_speed(self) -> Job | None:
@@ -187,7 +175,7 @@ class ReportPage(Page):
         run_dir = self.session.run_dir
         job = self._start(Job(bench_run, run_dir), "Timing both models…")
         if job is not None:
-            job.signals.finished.connect(lambda speed: self._show_speed(run_dir, speed))
+            job.signals.finished.connect(lambda _speed: self._reload(run_dir))
         return job
 
     def _start(self, job: Job, message: str) -> Job | None:
@@ -204,8 +192,8 @@ class ReportPage(Page):
         self.changed.emit()
         return job.start()
 
-    def _show_speed(self, run_dir: Path, speed: dict | None) -> None:
-        if speed is None or run_dir != self.session.run_dir:
+    def _show_speed(self, speed: dict | None) -> None:
+        if speed is None:
             self.speed_table.hide()
             self.speed_note.setText(
                 "Not measured yet. The Compare step also shows each model's speed on your own prompts."
@@ -233,9 +221,10 @@ class ReportPage(Page):
         if path:
             self.measure(Path(path))
 
-    def _measured(self, run_dir: Path, record: dict) -> None:
-        if self.session.run_dir == run_dir:  # the user may have opened another run meanwhile
-            self.session.set_run(run_dir, record)
+    def _reload(self, run_dir: Path) -> None:
+        """The core stored the new figures in run.json; show them unless another run was opened."""
+        if self.session.run_dir == run_dir:
+            self.session.set_run(run_dir, load_run(run_dir))
 
     def _failed(self, message: str, details: str) -> None:
         self.problem.problem(message)
@@ -251,6 +240,7 @@ class ReportPage(Page):
     def _show_run(self) -> None:
         record = self.session.record
         self.verdict.setText(verdict(record))
+        self._show_speed(record.get("speed"))
         self.chart.load(self.session.run_dir / CHART_FILE)
         original, int4 = record[ORIGINAL], record[INT4]
         rows = {
