@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: setup run test demo bench clean-venv
+.PHONY: setup run test demo bench package clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/quality.py
+
+# The desktop app as one folder, dist/int4-workbench-app/ (packaging/README.md: size, time, other systems).
+package: setup
+	$(PY) -m pip install -q -e '.[package]'
+	$(VENV)/bin/pyinstaller --noconfirm --clean --distpath dist --workpath build/pyinstaller packaging/int4-workbench.spec
+	QT_QPA_PLATFORM=offscreen dist/int4-workbench-app/int4-workbench-app --version
 
 clean-venv:
 	rm -rf $(VENV)

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from models import build_model
 from workbench.blockquant import grid_params, rtn_quantize
 from workbench.errors import JobCancelled, WorkbenchError
-from workbench.gptq import _capture, _layer_output, _round_to_grid, gptq_quantize, gptq_solve
+from workbench.gptq import _round_to_grid, gptq_quantize, gptq_solve
+from workbench.layerwise import capture, layer_output
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -228,24 +229,27 @@ def test_model_weights_are_restored_after_a_cancel_from_progress(model):
     assert_same_state(model, before)
 
 
+def assert_untouched_by_a_cancel_at_any_point(model, quantize) -> int:
+    """Run `quantize(cancelled)` once to count its cancel checks, then cancel at each one in turn."""
+    before = state(model)
+    calls = []
+    quantize(lambda: bool(calls.append(1)))
+    assert_same_state(model, before)
+    for point in range(1, len(calls) + 1):
+        seen = []
+        with pytest.raises(JobCancelled):
+            quantize(lambda point=point, seen=seen: seen.append(1) or len(seen) >= point)
+        assert_same_state(model, before)
+    return len(calls)
+
+
 def test_model_weights_are_restored_after_a_cancel_at_any_point(model):
     ids = calibration_ids(model, samples=2, tokens=16)
     plan = full_plan(model)
-    calls = []
-    gptq_quantize(model, ids, plan, block_size=32, symmetric=False, cancelled=lambda: bool(calls.append(1)))
-    total = len(calls)
-    assert total > 10  # checked per chunk, per linear group and per layer
-    before = state(model)
-    for point in range(1, total + 1):
-        calls.clear()
-
-        def cancelled(point=point):
-            calls.append(1)
-            return len(calls) >= point
-
-        with pytest.raises(JobCancelled):
-            gptq_quantize(model, ids, plan, block_size=32, symmetric=False, cancelled=cancelled)
-        assert_same_state(model, before)
+    checks = assert_untouched_by_a_cancel_at_any_point(
+        model, lambda cancelled: gptq_quantize(model, ids, plan, block_size=32, symmetric=False, cancelled=cancelled)
+    )
+    assert checks > 10  # checked per chunk, per linear group and per layer
 
 
 def loss_with(model, ids, weights):
@@ -342,11 +346,11 @@ def test_capture_keeps_each_layers_own_arguments(tmp_path):
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     layers = model.model.layers
     with torch.no_grad():
-        captured = _capture(model, layers, [ids], lambda: False)
+        captured = capture(model, layers, [ids], lambda: False)
         hidden = captured.hidden[0]
         for index in captured.order:
             args, kwargs, _ = captured.calls[index][0]
-            hidden = _layer_output(layers[index](hidden, *args, **kwargs))
+            hidden = layer_output(layers[index](hidden, *args, **kwargs))
         expected = model.model(ids, use_cache=False).last_hidden_state
     assert captured.order == [0, 1]
     torch.testing.assert_close(model.model.norm(hidden), expected)

@@ -330,6 +330,45 @@ def test_an_earlier_run_reopens_at_its_report_and_measures_speed(qtbot, finished
     window.close()
 
 
+def test_export_builds_a_checked_bundle_and_opens_its_folder(qtbot, finished_run, tmp_path, monkeypatch):
+    window = MainWindow(finished_run.parent)
+    qtbot.addWidget(window)
+    window.show()
+    window.open_run(finished_run)
+    window.go(STEP_PAGES.index(ExportPage))
+    page = window.page(ExportPage)
+    assert str(finished_run) in page.folder.text() and not page.open_bundle_button.isVisible()
+    opened = []
+    monkeypatch.setattr("ui.pages.export.open_path", opened.append)
+
+    page.zip.setChecked(True)
+    job = page.build(tmp_path)
+    assert job is not None and page.panel.isVisible() and page.blocker()
+    assert page.build(tmp_path) is None  # one bundle at a time
+    wait_for_jobs(qtbot)
+    assert not page.problem.isVisible(), page.problem.text()
+    zipped = tmp_path / f"{finished_run.name}-bundle.zip"
+    assert zipped.is_file() and str(zipped) in page.result.text() and "python run.py" in page.result.text()
+    qtbot.mouseClick(page.open_bundle_button, Qt.MouseButton.LeftButton)
+    assert opened == [tmp_path]
+
+    page.zip.setChecked(False)
+    page.target.setCurrentIndex(page.target.findData("triton"))
+    page.build(tmp_path)
+    wait_for_jobs(qtbot)
+    repository = tmp_path / f"{finished_run.name}-triton"
+    assert (repository / "manifest.json").is_file() and "tritonserver" in page.result.text()
+    qtbot.mouseClick(page.open_bundle_button, Qt.MouseButton.LeftButton)
+    assert opened[-1] == repository
+
+    (tmp_path / "a-file").write_text("not a folder")
+    page.build(tmp_path / "a-file")
+    wait_for_jobs(qtbot)
+    assert page.problem.isVisible() and "Cannot write" in page.problem.text()
+    assert not page.open_bundle_button.isVisible() and page.blocker() is None
+    window.close()
+
+
 def test_a_damaged_run_is_refused_with_a_message(window, runs_dir):
     damaged = runs_dir / "damaged"
     damaged.mkdir(parents=True)

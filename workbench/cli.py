@@ -1,4 +1,4 @@
-"""The command line: `int4-workbench info|quantize|evaluate|report ...`.
+"""The command line: `int4-workbench info|quantize|evaluate|compare|bench|report|bundle|verify ...`.
 
 Human-readable output and progress bars go to stderr; `--json` prints one JSON object on stdout.
 """
@@ -302,6 +302,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from exporters.bundle import build_bundle
+
+    with progress_bar(not args.quiet) as progress:
+        result = build_bundle(
+            Path(args.run_dir), Path(args.output), target=args.target, zip_file=args.zip, name=args.name,
+            progress=progress,
+        )
+    genai = "with genai_config.json" if result.genai["written"] else f"no genai_config.json: {result.genai['reason']}"
+    human = f"{result.path}: {result.target} bundle, {result.files} files, {_mb(result.bytes)}"
+    if result.target == "runner":
+        human += f"; {genai}"
+    emit(args, result.to_dict(), human)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from exporters.bundle import verify_bundle
+
+    with progress_bar(not args.quiet) as progress:
+        result = verify_bundle(Path(args.bundle), provider=args.provider, progress=progress)
+    human = "\n".join(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}" for c in result.checks)
+    emit(args, result.to_dict(), human)
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="int4-workbench", description="Shrink a language model to INT4 ONNX and see what it cost."
@@ -385,6 +411,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=128, help="greedy tokens timed for decode speed")
     bench.add_argument("--prompt-tokens", type=int, default=256, help="prompt length timed for the first token")
     bench.set_defaults(func=cmd_bench)
+
+    bundle = command("bundle", "Write a deployable bundle of a run's INT4 model: model, tokenizer, manifest, runner.")
+    bundle.add_argument("run_dir")
+    bundle.add_argument("-o", "--output", required=True, help="bundle folder to create (must not exist)")
+    bundle.add_argument("--target", choices=("runner", "triton"), default="runner",
+                        help="runner: `python run.py` with onnxruntime; triton: a Triton Inference Server model repository")
+    bundle.add_argument("--zip", action="store_true", help="write OUTPUT.zip instead of a folder")
+    bundle.add_argument("--name", help="model name (Triton's model folder); default: the source's name + -int4")
+    bundle.set_defaults(func=cmd_bundle)
+
+    verify = command("verify", "Check a bundle (folder or zip): every checksum, and the model's recorded answer.")
+    verify.add_argument("bundle")
+    verify.add_argument("--provider", default="cpu", choices=("auto", "cpu", "cuda"))
+    verify.set_defaults(func=cmd_verify)
 
     report = command("report", "Regenerate report.md and memory.png of a run folder.")
     report.add_argument("run_dir")

@@ -4,7 +4,8 @@ The decoder layers are quantized one after another: the inputs of each layer are
 of the layers before it with their weights already quantized, so later layers see (and
 compensate) the error of earlier ones. For each layer, one forward pass over the calibration
 batch gathers H = 2 X^T X for the inputs of every planned linear; linears fed by the same tensor
-(q/k/v, gate/up) share one Hessian and are solved together, their rows stacked. Groups are the
+(q/k/v, gate/up) share one Hessian and are solved together, their rows stacked (the capture and
+the layer-by-layer walk are `workbench.layerwise`, shared with AWQ). Groups are the
 `block_size` blocks along K; their scale and zero point follow ONNX Runtime's rules
 (`blockquant.grid_params`), so the result is a plain `QuantizedWeight` per linear.
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,52 +27,58 @@ from torch import nn
 from workbench.blockquant import QuantizedWeight, grid_params
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
+from workbench.layerwise import (
+    InputGroup,
+    LayerStep,
+    Plan,
+    collect_inputs,
+    final_norm,
+    resolve_plan,
+    run_layer,
+    run_layers,
+    validate_block_size,
+    validate_calibration,
+)
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_BITS = (4, 8)
+METHOD = "GPTQ"
 LAZY_COLUMNS = 128  # columns per lazy batch update (the paper's B)
-CHUNK_TOKENS = 2048  # calibration tokens per forward chunk
 HESSIAN_SPLIT = 512  # X^T X of wider inputs is accumulated as upper blocks of about this size
 SUB_COLUMNS = 16  # columns per sub-block inside a lazy batch (divides every block size)
 # Rows solved at a time. A sub-block's rank-1 update then stays under torch's parallel grain
 # (32768 elements) and runs on one thread: cheap even when other processes hold the cores.
 ROW_CHUNK = 2048
-FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f")
-CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 _ROUNDING = 1.5 * 2.0**23  # adding and subtracting it rounds a small float32 to an integer
 
 
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass once the inputs are captured."""
+class _Hessian:
+    """X^T X of one input tensor; only the upper block triangle for wide inputs."""
 
+    def __init__(self) -> None:
+        self.matrix: torch.Tensor | None = None
+        self.tokens = 0
+        self.upper_only = False
 
-@dataclass
-class _Captured:
-    """What the model hands each decoder layer, per calibration chunk."""
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        k = x.shape[1]
+        if self.matrix is None:
+            self.matrix = torch.zeros(k, k, dtype=torch.float32, device=x.device)
+        parts = max(1, k // HESSIAN_SPLIT)
+        bounds = [k * p // parts for p in range(parts + 1)]
+        for a, b in itertools.pairwise(bounds):
+            self.matrix[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
+        self.tokens += x.shape[0]
+        self.upper_only = parts > 1
 
-    hidden: list[torch.Tensor]  # layer 0's input hidden states, one per chunk
-    calls: dict[int, list[tuple[tuple, dict, bool]]]  # layer -> per chunk (args after hidden, kwargs, hidden as kw)
-    order: list[int]  # layer indices in the order the model runs them
-
-
-@dataclass
-class _Group:
-    """Planned linears that read the same input tensor: one Hessian, rows solved together."""
-
-    names: list[str]
-    modules: list[nn.Linear]
-    bits: list[int]
-    hessian: torch.Tensor | None = None
-    tokens: int = 0
-    upper_only: bool = False
-
-
-@dataclass
-class _Plan:
-    layers: nn.ModuleList
-    per_layer: dict[int, dict[str, tuple[nn.Linear, int]]] = field(default_factory=dict)
-    head: tuple[str, nn.Linear, int] | None = None
+    def finished(self) -> torch.Tensor:
+        """2 X^T X / tokens, mirrored when only the upper block triangle was accumulated."""
+        h = self.matrix
+        if self.upper_only:
+            h = torch.triu(h)
+            h = h + torch.triu(h, 1).T
+        return h * (2.0 / max(self.tokens, 1))
 
 
 def gptq_quantize(
@@ -93,8 +99,11 @@ def gptq_quantize(
     planned module, in PyTorch's (out, in) layout, which is MatMulNBits' (N, K). The model's
     weights are the same afterwards as before.
     """
-    _validate(calibration, block_size, damp)
-    resolved = _resolve_plan(model, plan)
+    validate_calibration(calibration, METHOD)
+    validate_block_size(block_size)
+    if not 0 < damp < 1:
+        raise WorkbenchError(f"GPTQ dampening must be between 0 and 1 (usually 0.01), not {damp}.")
+    resolved = resolve_plan(model, plan, METHOD)
     results: dict[str, QuantizedWeight] = {}
     was_training = model.training
     model.eval()
@@ -107,299 +116,52 @@ def gptq_quantize(
     return results
 
 
-# --- plan and model structure ---------------------------------------------------------------
-
-
-def _validate(calibration: torch.Tensor, block_size: int, damp: float) -> None:
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.numel() == 0:
-        raise WorkbenchError("GPTQ needs calibration token ids as a (samples, tokens) tensor with at least one token.")
-    if calibration.dtype not in (torch.int64, torch.int32):
-        raise WorkbenchError(f"Calibration must hold integer token ids, not {calibration.dtype}.")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise WorkbenchError(f"Block size {block_size} is not supported; use a power of two of at least 16.")
-    if not 0 < damp < 1:
-        raise WorkbenchError(f"GPTQ dampening must be between 0 and 1 (usually 0.01), not {damp}.")
-
-
-def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's decoder layers: the ModuleList holding the most parameters."""
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module):
-            size = sum(p.numel() for p in module.parameters())
-            if best is None or size > best[0]:
-                best = (size, name, module)
-    if best is None:
-        raise WorkbenchError(f"Could not find the decoder layers of {type(model).__name__}; GPTQ cannot run on it.")
-    return best[1], best[2]
-
-
-def _resolve_plan(model: nn.Module, plan: dict[str, int]) -> _Plan:
-    layers_name, layers = _decoder_layers(model)
-    modules = dict(model.named_modules())
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    resolved = _Plan(layers=layers)
-    for name, bits in plan.items():
-        module = modules.get(name)
-        if not isinstance(module, nn.Linear):
-            raise WorkbenchError(
-                f"{name!r} is not a linear layer of this model; GPTQ quantizes nn.Linear modules only."
-            )
-        if bits not in SUPPORTED_BITS:
-            raise WorkbenchError(f"{name}: {bits} bits is not supported; use 4 or 8.")
-        if module is head:
-            resolved.head = (name, module, bits)
-            continue
-        prefix = f"{layers_name}."
-        index = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
-        if not index.isdigit():
-            raise WorkbenchError(
-                f"{name!r} is neither inside a decoder layer ({layers_name}.N) nor the lm_head; "
-                "GPTQ cannot quantize it. Use round-to-nearest for it."
-            )
-        resolved.per_layer.setdefault(int(index), {})[name] = (module, bits)
-    return resolved
-
-
-def _final_norm(model: nn.Module, layers: nn.ModuleList) -> nn.Module:
-    """The norm applied between the last decoder layer and the lm_head."""
-    for owner in model.modules():
-        if any(child is layers for child in owner.children()):
-            for attribute in FINAL_NORM_NAMES:
-                norm = getattr(owner, attribute, None)
-                if isinstance(norm, nn.Module):
-                    return norm
-    raise WorkbenchError(
-        f"Could not find the final norm of {type(model).__name__}, so its lm_head cannot be quantized with "
-        "GPTQ; leave the lm_head out of GPTQ (round-to-nearest or fp32)."
-    )
-
-
-# --- the layer-by-layer driver ----------------------------------------------------------------
-
-
-def _run(model, calibration, plan: _Plan, results, block_size, symmetric, act_order, damp,
+def _run(model, calibration, plan: Plan, results, block_size, symmetric, act_order, damp,
          progress: Progress, cancelled: Cancelled) -> None:
-    if not plan.per_layer and plan.head is None:
-        return
-    device = next(model.parameters()).device
-    chunk = max(1, CHUNK_TOKENS // calibration.shape[1])
-    batches = [calibration[i:i + chunk].to(device=device, dtype=torch.long) for i in range(0, len(calibration), chunk)]
-    progress(0.0, "capturing the first layer's inputs")
-    captured = _capture(model, plan.layers, batches, cancelled)
-    order = captured.order
-    skipped = sorted(set(plan.per_layer) - set(order))
-    if skipped:
-        raise WorkbenchError(f"Decoder layer(s) {skipped} never ran during calibration, so GPTQ cannot quantize them.")
-    needed = len(order) if plan.head is not None else 1 + max(order.index(i) for i in plan.per_layer)
-    units = needed + (1 if plan.head is not None else 0)
-    hidden = captured.hidden
-    for step, index in enumerate(order[:needed]):
-        check(cancelled)
-        progress(step / units, f"layer {step + 1}/{len(order)}")
-        layer = plan.layers[index]
-        targets = plan.per_layer.get(index, {})
-        calls = captured.calls[index]
+    """Sequential GPTQ: each layer's outputs come from its quantized weights, written in only
+    for that pass."""
+    solve = {"block_size": block_size, "symmetric": symmetric, "act_order": act_order, "damp": damp}
+
+    def process_layer(step: LayerStep) -> list[torch.Tensor] | None:
         writes: list[tuple[nn.Linear, torch.Tensor]] = []
-        if targets:
-            groups = _collect_hessians(layer, targets, hidden, calls, cancelled)
+        if step.targets:
+            groups, _ = collect_inputs(step, _Hessian, cancelled, keep_outputs=False, method=METHOD)
             errors = []
             for group in groups:
                 check(cancelled)
-                errors.append(_quantize_group(group, results, writes, block_size, symmetric, act_order, damp))
+                errors.append(_quantize_group(group, results, writes, **solve))
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("layer %d/%d: mean squared output error %.3e (relative %.3e)", step + 1, len(order),
-                          np.mean([e[0] for e in errors]), np.mean([e[1] for e in errors]))
-        if step + 1 < needed or plan.head is not None:
-            originals = [(module, module.weight.detach().clone()) for module, _ in writes]
-            try:
-                for module, weight in writes:
-                    module.weight.copy_(weight.to(module.weight.dtype))
-                outputs = []
-                for h, (args, kwargs, hidden_kw) in zip(hidden, calls):
-                    check(cancelled)
-                    outputs.append(_layer_output(layer(h, *args, **kwargs) if not hidden_kw
-                                                 else layer(*args, hidden_states=h, **kwargs)))
-                hidden = outputs
-            finally:
-                for module, weight in originals:
-                    module.weight.copy_(weight)
-    if plan.head is not None:
-        check(cancelled)
-        progress(needed / units, "lm_head")
+                log.debug("layer %d/%d: mean squared output error %.3e (relative %.3e)", step.position + 1,
+                          step.count, np.mean([e[0] for e in errors]), np.mean([e[1] for e in errors]))
+        if not step.needs_output:
+            return None
+        originals = [(module, module.weight.detach().clone()) for module, _ in writes]
+        try:
+            for module, weight in writes:
+                module.weight.copy_(weight.to(module.weight.dtype))
+            return run_layer(step.layer, step.hidden, step.calls, cancelled)
+        finally:
+            for module, weight in originals:
+                module.weight.copy_(weight)
+
+    def process_head(hidden: list[torch.Tensor]) -> None:
         name, module, bits = plan.head
-        norm = _final_norm(model, plan.layers)
-        group = _Group(names=[name], modules=[module], bits=[bits])
+        _, norm = final_norm(model, plan.layers, METHOD)
+        group = InputGroup(names=[name], modules=[module], bits=[bits], stats=_Hessian())
         for h in hidden:
-            _accumulate(group, norm(h))
-        error = _quantize_group(group, results, [], block_size, symmetric, act_order, damp)
+            group.stats.add(norm(h))
+        error = _quantize_group(group, results, [], **solve)
         log.debug("lm_head: mean squared output error %.3e (relative %.3e)", *error)
 
-
-def _layer_output(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _capture(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], cancelled: Cancelled) -> _Captured:
-    """Record what the model passes each decoder layer, without running the layers.
-
-    Every layer's forward is swapped for the identity while a forward pre-hook records its
-    arguments; the pass stops at the last layer (or, as a backstop, at the lm_head). Layers can
-    get different arguments (sliding-window masks, local rotary embeddings), so each is kept.
-    """
-    captured = _Captured(hidden=[], calls={}, order=[])
-    current: dict[int, tuple[tuple, dict, bool]] = {}
-    first: list[torch.Tensor] = []
-
-    def make_hook(index: int):
-        def hook(module, args, kwargs):
-            hidden_kw = not args
-            hidden = kwargs["hidden_states"] if hidden_kw else args[0]
-            rest = dict(kwargs)
-            rest.pop("hidden_states", None)
-            for key in CACHE_KWARGS:
-                if key in rest:
-                    rest[key] = None
-            if "use_cache" in rest:
-                rest["use_cache"] = False
-            if not current:
-                first.append(hidden)
-            current[index] = (tuple(args[1:]), rest, hidden_kw)
-            if index == len(layers) - 1:
-                raise _Stop
-
-        return hook
-
-    def stop(module, args):
-        raise _Stop
-
-    def identity(*args, **kwargs):
-        return args[0] if args else kwargs["hidden_states"]
-
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, nn.Module):
-        handles.append(head.register_forward_pre_hook(stop))
-    saved = [layer.__dict__.get("forward") for layer in layers]
-    try:
-        for layer in layers:
-            layer.forward = identity
-        for batch in batches:
-            check(cancelled)
-            current.clear()
-            first.clear()
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _Stop:
-                pass
-            if not first:
-                raise WorkbenchError(f"{type(model).__name__} did not run its decoder layers; GPTQ cannot run on it.")
-            order = list(current)
-            if captured.order and order != captured.order:
-                raise WorkbenchError("The model ran its decoder layers differently for two calibration batches.")
-            captured.order = order
-            captured.hidden.append(first[0])
-            for index, call in current.items():
-                captured.calls.setdefault(index, []).append(call)
-    finally:
-        for layer, forward in zip(layers, saved):
-            if forward is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = forward
-        for handle in handles:
-            handle.remove()
-    return captured
+    run_layers(model, calibration, plan, method=METHOD, process_layer=process_layer, process_head=process_head,
+               progress=progress, cancelled=cancelled)
 
 
-def _collect_hessians(layer: nn.Module, targets: dict[str, tuple[nn.Linear, int]], hidden, calls,
-                      cancelled: Cancelled) -> list[_Group]:
-    """One forward pass of `layer` over all chunks, accumulating X^T X per distinct input tensor.
-
-    The pass of a chunk stops as soon as every planned linear has seen its input: the rest of
-    the layer (typically down_proj and the residual) is not needed here.
-    """
-    leader: dict[str, str] = {}
-    groups: dict[str, _Group] = {}
-    seen: list[tuple[torch.Tensor, str]] = []
-    reached: set[str] = set()
-
-    def make_hook(name: str, module: nn.Linear, bits: int):
-        def hook(mod, args):
-            x = args[0]
-            reached.add(name)
-            for tensor, lead in seen:
-                if tensor is x:
-                    if leader.setdefault(name, lead) != lead:
-                        raise RuntimeError(f"{name} changed which tensor it shares its input with")
-                    if name not in groups[lead].names:
-                        groups[lead].names.append(name)
-                        groups[lead].modules.append(module)
-                        groups[lead].bits.append(bits)
-                    break
-            else:
-                if leader.setdefault(name, name) != name:
-                    raise RuntimeError(f"{name} changed which tensor it shares its input with")
-                group = groups.setdefault(name, _Group(names=[name], modules=[module], bits=[bits]))
-                seen.append((x, name))
-                _accumulate(group, x)
-            if len(reached) == len(targets):
-                raise _Stop
-
-        return hook
-
-    handles = [module.register_forward_pre_hook(make_hook(name, module, bits))
-               for name, (module, bits) in targets.items()]
-    try:
-        for h, (args, kwargs, hidden_kw) in zip(hidden, calls):
-            check(cancelled)
-            seen.clear()
-            reached.clear()
-            try:
-                if hidden_kw:
-                    layer(*args, hidden_states=h, **kwargs)
-                else:
-                    layer(h, *args, **kwargs)
-            except _Stop:
-                pass
-    finally:
-        seen.clear()
-        for handle in handles:
-            handle.remove()
-    missing = [name for name in targets if name not in leader]
-    if missing:
-        raise WorkbenchError(f"{', '.join(missing)} never ran during calibration, so GPTQ cannot quantize it.")
-    return list(groups.values())
-
-
-def _accumulate(group: _Group, x: torch.Tensor) -> None:
-    """Add x^T x to the group's Hessian; only the upper block triangle for wide inputs."""
-    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-    k = x.shape[1]
-    if group.hessian is None:
-        group.hessian = torch.zeros(k, k, dtype=torch.float32, device=x.device)
-    parts = max(1, k // HESSIAN_SPLIT)
-    bounds = [k * p // parts for p in range(parts + 1)]
-    for a, b in itertools.pairwise(bounds):
-        group.hessian[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
-    group.tokens += x.shape[0]
-    group.upper_only = parts > 1
-
-
-def _finished_hessian(group: _Group) -> torch.Tensor:
-    """2 X^T X / tokens, mirrored when only the upper block triangle was accumulated."""
-    h = group.hessian
-    if group.upper_only:
-        h = torch.triu(h)
-        h = h + torch.triu(h, 1).T
-    return h * (2.0 / max(group.tokens, 1))
-
-
-def _quantize_group(group: _Group, results, writes, block_size, symmetric, act_order, damp) -> tuple[float, float]:
+def _quantize_group(group: InputGroup, results, writes, block_size, symmetric, act_order, damp) -> tuple[float, float]:
     """GPTQ on the stacked rows of a group: results get a QuantizedWeight per module, `writes`
     (module, dequantized weight) pairs. Returns the mean squared and relative output error
     (only computed when debug logging is on)."""
-    hessian = _finished_hessian(group)
+    hessian = group.stats.finished()
     weights = [m.weight.detach() for m in group.modules]
     stacked = torch.cat([w.to(torch.float32) for w in weights]) if len(weights) > 1 else weights[0].to(torch.float32)
     row_bits = np.concatenate([np.full(w.shape[0], b, np.int64) for w, b in zip(weights, group.bits)])

@@ -7,24 +7,19 @@ all call. It writes into a temporary folder and renames it at the end (see runs.
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import logging
-import platform
 from pathlib import Path
-
-import psutil
 
 from exporters.onnx_export import export_onnx
 from workbench.jobs import Cancelled, Progress, Stages, check, never_cancelled, no_progress
 from workbench.memory import graph_sizes, measure_session_memory, ram_components
 from workbench.quantize import layer_plan, quantize_onnx
 from workbench.report import write_report
-from workbench.runs import INT4, ORIGINAL, RUN_SCHEMA_VERSION, check_output_dir, save_run, staged_dir
+from workbench.runs import INT4, ORIGINAL, RUN_SCHEMA_VERSION, check_output_dir, machine, save_run, staged_dir, versions
 from workbench.settings import QuantSettings
 from workbench.sources import ResolvedModel, resolve
 
 log = logging.getLogger(__name__)
-VERSIONED_PACKAGES = ("int4-workbench", "onnxruntime-gpu", "onnxruntime", "onnx", "optimum-onnx", "transformers", "torch")
 
 
 def quantize_run(
@@ -48,8 +43,10 @@ def quantize_run(
             ("model", 1),
             ("export", 6),
             ("calibration", 2 if calibrated else 0),
-            ("gptq", 8 if calibrated else 0),
+            ("gptq", 8 if settings.method == "gptq" else 0),
+            ("awq", 4 if settings.method == "awq" else 0),
             ("int4", 2),
+            ("fuse", 1),
             ("measure", 2),
         ],
     )
@@ -69,21 +66,28 @@ def quantize_run(
                 progress=p, cancelled=cancelled,
             ),
         )
-        precomputed = None
+        precomputed = overrides = None
         if calibrated:
             torch_model, tokenizer = _load_torch_model(model.path, trust_remote_code)
             samples = stages.run(
                 "calibration",
                 lambda p: _calibration_samples(calibration, torch_model, tokenizer, settings, p, cancelled),
             )
-            precomputed = stages.run("gptq", lambda p: _gptq(torch_model, samples, info, settings, p, cancelled))
+            if settings.method == "awq":
+                awq = stages.run("awq", lambda p: _awq(torch_model, samples, info, settings, p, cancelled))
+                precomputed, overrides = awq.precomputed, awq.overrides
+            else:
+                precomputed = stages.run("gptq", lambda p: _gptq(torch_model, samples, info, settings, p, cancelled))
             del torch_model
         result = stages.run(
             "int4",
             lambda p: quantize_onnx(
-                original_dir, int4_dir, info, settings, precomputed=precomputed, progress=p, cancelled=cancelled
+                original_dir, int4_dir, info, settings, precomputed=precomputed, overrides=overrides, progress=p,
+                cancelled=cancelled,
             ),
         )
+        # After quantization, which maps MatMuls to modules by node name.
+        fusion = stages.run("fuse", lambda p: _fuse(original_dir, int4_dir, p, cancelled))
         record = stages.run(
             "measure",
             lambda p: _measure(original_dir, int4_dir, info, p, cancelled),
@@ -98,6 +102,7 @@ def quantize_run(
             "settings": settings.to_dict(),
             "calibration": _calibration_label(calibration, calibrated),
             **record,
+            "graph": fusion,
             "int4_layers": result.layer_bits,
             "shared_embeddings": result.shared_embeddings,
             "ops": result.ops,
@@ -110,6 +115,22 @@ def quantize_run(
         write_report(work, record)
     record["run_dir"] = str(run_dir.absolute())
     return record
+
+
+def _fuse(original_dir: Path, int4_dir: Path, progress: Progress, cancelled: Cancelled) -> dict:
+    """Fused attention for both graphs, or neither: a fused and a plain graph do not compare fairly."""
+    from exporters.optimize import fuse_folder
+
+    progress(0.0, "original")
+    first = fuse_folder(original_dir)
+    check(cancelled)
+    if not first.fused:
+        return {"attention": "plain", "reason": first.reason}
+    progress(0.5, "int4")
+    second = fuse_folder(int4_dir)
+    if not second.fused:
+        raise RuntimeError(f"attention fused in the original graph but not in the INT4 one: {second.reason}")
+    return {"attention": "GroupQueryAttention", "nodes": {"original": first.nodes_after, "int4": second.nodes_after}}
 
 
 def _load_torch_model(folder: Path, trust_remote_code: bool):
@@ -133,20 +154,40 @@ def _calibration_samples(path, model, tokenizer, settings: QuantSettings, progre
     return token_samples(read_texts(Path(path)), tokenizer, settings.calibration_samples, settings.calibration_tokens)
 
 
+def _torch_plan(info, settings: QuantSettings) -> dict[str, int]:
+    """Bits per linear for the PyTorch-side methods: the embeddings are left to the INT4 step."""
+    embeddings = {w.name for w in info.weights if w.role == "embeddings"}
+    return {name: bits for name, bits in layer_plan(info, settings).items() if bits and name not in embeddings}
+
+
 def _gptq(model, samples, info, settings: QuantSettings, progress: Progress, cancelled: Cancelled):
     import torch
 
     from workbench.gptq import gptq_quantize
 
-    plan = {name: bits for name, bits in layer_plan(info, settings).items() if bits}
-    embeddings = {w.name for w in info.weights if w.role == "embeddings"}
     return gptq_quantize(
         model,
         torch.as_tensor(samples),
-        {name: bits for name, bits in plan.items() if name not in embeddings},
+        _torch_plan(info, settings),
         block_size=settings.block_size,
         symmetric=settings.symmetric,
         act_order=settings.act_order,
+        progress=progress,
+        cancelled=cancelled,
+    )
+
+
+def _awq(model, samples, info, settings: QuantSettings, progress: Progress, cancelled: Cancelled):
+    import torch
+
+    from workbench.awq import awq_quantize
+
+    return awq_quantize(
+        model,
+        torch.as_tensor(samples),
+        _torch_plan(info, settings),
+        block_size=settings.block_size,
+        symmetric=settings.symmetric,
         progress=progress,
         cancelled=cancelled,
     )
@@ -185,21 +226,3 @@ def _calibration_label(path: Path | None, calibrated: bool) -> str | None:
         return None
     return str(path) if path else "self-written (data-free)"
 
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": psutil.cpu_count(logical=True),
-        "ram_bytes": psutil.virtual_memory().total,
-    }
-
-
-def versions() -> dict:
-    found = {}
-    for package in VERSIONED_PACKAGES:
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return found

@@ -164,10 +164,15 @@ def quantize_onnx(
     settings: QuantSettings,
     *,
     precomputed: dict[str, QuantizedWeight] | None = None,
+    overrides: dict[str, np.ndarray] | None = None,
     progress: Progress = no_progress,
     cancelled: Cancelled = never_cancelled,
 ) -> QuantizeResult:
-    """Write `dest_dir` with the INT4 graph of `source_dir`/model.onnx and its side files."""
+    """Write `dest_dir` with the INT4 graph of `source_dir`/model.onnx and its side files.
+
+    `precomputed`: quantized weights by layer name (GPTQ, AWQ). `overrides`: new fp32 values for
+    other parameters by their PyTorch name (AWQ folds its scales into the norms before the layers).
+    """
     precomputed = precomputed or {}
     progress(0.0, "loading the fp32 graph")
     model = onnx.load(str(source_dir / MODEL_FILE))
@@ -207,6 +212,7 @@ def quantize_onnx(
             nodes, extra = _matmul_nodes(node, quantized, packed_name, target.layer, settings.accuracy_level)
         new_nodes[target.node] = nodes
         new_initializers.extend(extra)
+    new_initializers.extend(_override_parameters(graph, initializers, overrides or {}))
     progress(0.9, "rewriting the graph")
     rewritten = []
     for node in graph.node:
@@ -227,6 +233,35 @@ def quantize_onnx(
         layer_bits={t.layer: plan.get(t.layer) for t in targets},
         shared_embeddings=shared,
     )
+
+
+def _override_parameters(
+    graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto], overrides: dict[str, np.ndarray]
+) -> list[onnx.TensorProto]:
+    """Point the nodes of each overridden parameter's module at a fresh initializer with its new value.
+
+    The exporter may share one initializer between equal parameters (all-ones norms), read
+    directly or through an Identity node named after each parameter, so the nodes get their own
+    copy instead of the shared tensor being changed.
+    """
+    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in initializers}
+    created = []
+    for parameter, value in overrides.items():
+        module = parameter.rsplit(".", 1)[0]
+        name = f"{parameter}_override"
+        replaced = 0
+        for node in graph.node:
+            if module_name(node.name) != module:
+                continue
+            for position, tensor_name in enumerate(node.input):
+                tensor = initializers.get(aliases.get(tensor_name, tensor_name))
+                if tensor is not None and tuple(tensor.dims) == value.shape:
+                    node.input[position] = name
+                    replaced += 1
+        if not replaced:
+            raise WorkbenchError(f"Internal: no graph node reads {parameter}; the export's names are unexpected.")
+        created.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+    return created
 
 
 def _is_gathered(target: Target, targets: list[Target], plan: dict[str, int | None]) -> bool:

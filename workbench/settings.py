@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from workbench.errors import WorkbenchError
 
-METHODS = ("rtn", "hqq", "gptq")
-CALIBRATED_METHODS = ("gptq",)
+METHODS = ("rtn", "hqq", "gptq", "awq")
+CALIBRATED_METHODS = ("gptq", "awq")
 SETTINGS_VERSION = 1
 
 
@@ -86,31 +86,37 @@ class Preset:
     name: str
     title: str
     description: str
+    quality_cost: str  # the expected cost in a few words, for the GUI's preset cards
     settings: QuantSettings = field(default_factory=QuantSettings)
 
 
+# Chosen on a development text (the last 80 kB of tinyshakespeare) with the off-grid reference;
+# measured on held-out texts by `make bench` (docs/quality.md).
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
         Preset(
             "balanced",
             "Balanced",
-            "About six times smaller than the original, with a small quality cost: "
-            "calibrated 4-bit weights everywhere.",
-            QuantSettings(method="gptq", block_size=32, symmetric=False),
+            "About six times smaller than the original, with a small quality cost: calibrated 4-bit "
+            "weights everywhere.",
+            "small quality cost",
+            QuantSettings(method="gptq", block_size=32, symmetric=False, act_order=True),
         ),
         Preset(
             "smallest",
             "Smallest",
-            "As small as 4 bits allow, for machines short of memory; answers drift the most.",
-            QuantSettings(method="gptq", block_size=128, symmetric=False),
+            "About seven times smaller, for machines short of memory; answers drift the most.",
+            "the largest quality cost",
+            QuantSettings(method="gptq", block_size=64, symmetric=False, act_order=True),
         ),
         Preset(
             "quality",
             "Best quality",
-            "Keeps the most sensitive layers at 8 bits: closest to the original, about four "
-            "to five times smaller.",
-            QuantSettings(method="gptq", block_size=32, symmetric=False, eight_bit=("lm_head",)),
+            "Keeps the most sensitive layers (the MLP down projections) at 8 bits: closest to the "
+            "original, about five times smaller.",
+            "the smallest quality cost",
+            QuantSettings(method="gptq", block_size=32, symmetric=False, act_order=True, eight_bit=("*.down_proj",)),
         ),
     )
 }

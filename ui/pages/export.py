@@ -1,16 +1,34 @@
-"""Step 7, Export: where the INT4 model and its figures are, and how to take them elsewhere."""
+"""Step 7, Export: build a bundle that runs elsewhere with one command, checked; and where the run is."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton
+from pathlib import Path
 
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+)
+
+from exporters.bundle import BundleResult, build_bundle
 from exporters.onnx_export import folder_bytes
+from ui.jobs import Job
 from ui.pages import Page
-from ui.widgets import human_bytes, open_path, with_tip
+from ui.widgets import InlineMessage, JobPanel, human_bytes, open_path, show_error, with_tip
 from workbench.report import CHART_FILE, REPORT_FILE
 from workbench.runs import INT4, ORIGINAL, RUN_FILE
 
+TARGETS = (
+    ("runner", "Runs with “python run.py”"),
+    ("triton", "Triton Inference Server repository"),
+)
 CONTENTS = (
     (INT4, "The INT4 model and its tokenizer: the part to deploy. It runs with ONNX Runtime."),
     (ORIGINAL, "The original model as 32-bit ONNX, for comparisons."),
@@ -20,27 +38,77 @@ CONTENTS = (
 )
 
 
+def bundle_path(parent: Path, run_dir: Path, target: str) -> Path:
+    """A new name in `parent` for the run's bundle: run-bundle, run-bundle-2, ... (.zip added by the core)."""
+    stem = f"{run_dir.name}-{'bundle' if target == 'runner' else 'triton'}"
+    for number in range(1, 1000):
+        path = parent / (stem if number == 1 else f"{stem}-{number}")
+        if not path.exists() and not path.with_name(path.name + ".zip").exists():
+            return path
+    return parent / stem  # the core then says it exists
+
+
 class ExportPage(Page):
     title = "Export"
-    purpose = "Take the INT4 model with you: everything of this run is in one folder."
+    purpose = "Take the INT4 model elsewhere: a bundle that runs with one command and proves what it is."
     needs = "run"
 
     def __init__(self, session, parent=None):
         super().__init__(session, parent)
+        self._job: Job | None = None
+        self.bundle: Path | None = None  # the last bundle built for this run
+
+        bundle_box = QGroupBox("Bundle")
+        bundle_layout = QVBoxLayout(bundle_box)
+        explanation = QLabel(
+            "A bundle holds the INT4 model, its tokenizer, a small program that chats with it, and a manifest "
+            "with a checksum of every file and the figures measured here. Before it is saved, the bundled model "
+            "must answer a fixed question exactly as the quantized model did here. On another computer, "
+            "<tt>int4-workbench verify</tt> checks it again."
+        )
+        explanation.setWordWrap(True)
+        self.target = QComboBox()
+        for key, text in TARGETS:
+            self.target.addItem(text, key)
+        self.target.setToolTip(
+            "“python run.py” chats with the model on any computer with Python, onnxruntime, tokenizers and numpy "
+            "(no workbench). Triton Inference Server serves the same model to many users from a server."
+        )
+        self.zip = QCheckBox("As one .zip file")
+        self.zip.setToolTip("One file to send or upload; verify reads it without unpacking it by hand.")
+        self.build_button = QPushButton("Build bundle…")
+        self.build_button.setObjectName("primary")
+        controls = QHBoxLayout()
+        controls.addWidget(self.target)
+        controls.addWidget(self.zip)
+        controls.addWidget(self.build_button)
+        controls.addStretch(1)
+        self.problem = InlineMessage()
+        self.panel = JobPanel()
+        self.result = QLabel()
+        self.result.setWordWrap(True)
+        self.result.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.result.hide()
+        self.open_bundle_button = QPushButton("Open folder")
+        self.open_bundle_button.setToolTip("Show the bundle in the file manager.")
+        self.open_bundle_button.hide()
+        bundle_layout.addWidget(explanation)
+        bundle_layout.addLayout(controls)
+        bundle_layout.addWidget(self.problem)
+        bundle_layout.addWidget(self.panel)
+        bundle_layout.addWidget(self.result)
+        bundle_layout.addWidget(self.open_bundle_button, alignment=Qt.AlignmentFlag.AlignLeft)
+        self.body.addWidget(bundle_box)
+
         self.folder = QLabel()
-        self.folder.setObjectName("verdict")
         self.folder.setWordWrap(True)
         self.folder.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.open_button = QPushButton("Open folder")
-        self.open_button.setObjectName("primary")
+        self.open_button = QPushButton("Open run folder")
         row = QHBoxLayout()
+        row.addWidget(self.folder, 1)
         row.addWidget(self.open_button)
-        row.addStretch(1)
-        self.body.addWidget(self.folder)
-        self.body.addLayout(row)
-
-        contents = QGroupBox("In the folder")
-        grid = QGridLayout(contents)
+        contents = QGroupBox("The run folder")
+        grid = QGridLayout()
         grid.setHorizontalSpacing(24)
         grid.setVerticalSpacing(10)
         grid.setColumnStretch(2, 1)
@@ -55,17 +123,85 @@ class ExportPage(Page):
             if name == INT4:
                 with_tip(description, "ONNX")
             grid.addWidget(description, row_index, 2)
+        contents_layout = QVBoxLayout(contents)
+        contents_layout.addLayout(row)
+        contents_layout.addLayout(grid)
         self.body.addWidget(contents)
-        how = QLabel(
-            "To use the model on another computer, copy the <b>int4</b> folder: it holds the model "
-            "(model.onnx and its weights), the tokenizer and the configuration files that ONNX Runtime "
-            "and a tokenizer library need."
-        )
-        how.setWordWrap(True)
-        self.body.addWidget(how)
         self.body.addStretch(1)
+
+        self.build_button.clicked.connect(self._pick_folder)
+        self.open_bundle_button.clicked.connect(self._open_bundle)
         self.open_button.clicked.connect(lambda: open_path(self.session.run_dir))
-        session.run_changed.connect(self.entered)
+        session.run_changed.connect(self._show_run)
+
+    def blocker(self) -> str | None:
+        return "Wait until the bundle is written." if self._job else None
+
+    def build(self, parent: Path) -> Job | None:
+        """Write the run's bundle into the folder `parent` in the background, under a new name."""
+        run_dir = self.session.run_dir
+        if run_dir is None or self._job is not None:
+            return None
+        target, zip_file = self.target.currentData(), self.zip.isChecked()
+        out = bundle_path(Path(parent), run_dir, target)
+        self.problem.clear()
+        self.result.hide()
+        self.open_bundle_button.hide()
+        self._job = job = Job(build_bundle, run_dir, out, target=target, zip_file=zip_file)
+        job.signals.finished.connect(lambda result: self._built(run_dir, result))
+        job.signals.failed.connect(self._failed)
+        job.signals.ended.connect(self._ended)
+        self.panel.follow(job, f"Writing {out.name}…")
+        self.build_button.setEnabled(False)
+        self.changed.emit()
+        return job.start()
+
+    def _pick_folder(self) -> None:
+        start = str(self.session.run_dir.parent) if self.session.run_dir else ""
+        folder = QFileDialog.getExistingDirectory(self, "Where should the bundle be saved?", start)
+        if folder:
+            self.build(Path(folder))
+
+    def _built(self, run_dir: Path, result: BundleResult) -> None:
+        if self.session.run_dir != run_dir:
+            return
+        self.bundle = result.path
+        check = result.check
+        lines = [
+            f"Saved <b>{result.path}</b>: {result.files} files, {human_bytes(result.bytes)}.",
+            f"Checked: asked “{check['prompt']}”, the bundled model answers “{check['text'].strip()}”; "
+            "verify expects the same answer.",
+        ]
+        if result.target == "runner":
+            lines.append("Run it with <tt>pip install -r requirements.txt</tt> and <tt>python run.py</tt>.")
+            if result.genai["written"]:
+                lines.append("It also runs with onnxruntime-genai (genai_config.json).")
+        else:
+            lines.append("Point <tt>tritonserver --model-repository</tt> at it; its README says what a request holds.")
+        self.result.setText("<br>".join(lines))
+        self.result.show()
+        self.open_bundle_button.show()
+
+    def _open_bundle(self) -> None:
+        if self.bundle is not None:
+            open_path(self.bundle if self.bundle.is_dir() else self.bundle.parent)
+
+    def _failed(self, message: str, details: str) -> None:
+        self.problem.problem(message)
+        if details:
+            show_error(self, "The bundle could not be written", message, details)
+
+    def _ended(self) -> None:
+        self._job = None
+        self.build_button.setEnabled(True)
+        self.changed.emit()
+
+    def _show_run(self) -> None:
+        self.bundle = None
+        self.result.hide()
+        self.open_bundle_button.hide()
+        self.problem.clear()
+        self.entered()
 
     def entered(self) -> None:
         run_dir = self.session.run_dir
