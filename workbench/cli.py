@@ -1,4 +1,4 @@
-"""The command line: `int4-workbench info|quantize|evaluate|compare|bench|report|bundle|verify ...`.
+"""The command line: `int4-workbench info|quantize|tune|evaluate|compare|bench|report|bundle|verify ...`.
 
 Human-readable output and progress bars go to stderr; `--json` prints one JSON object on stdout.
 """
@@ -53,7 +53,12 @@ def _mb(value: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from workbench.memory import estimate_int4, fit_verdict, original_sizes, ram_estimates
+    from workbench.memory import (
+        estimate_int4,
+        fit_verdict,
+        original_sizes,
+        ram_estimates,
+    )
     from workbench.sources import resolve
 
     with progress_bar(not args.quiet) as progress:
@@ -164,6 +169,44 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items())
     )
     emit(args, data, human)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from workbench.tune import tune_run
+
+    text = args.text or args.calibration
+    if text is None:
+        raise WorkbenchError(
+            "tune needs a text to judge quality on: give --text FILE with a few pages like the texts the model "
+            "will read (or --calibration FILE, which is then used for both)."
+        )
+    with progress_bar(not args.quiet) as progress:
+        record = tune_run(
+            args.model, Path(args.output), args.max_quality_loss, text=Path(text),
+            calibration=Path(args.calibration) if args.calibration else None, tokens=args.tokens,
+            trust_remote_code=args.trust_remote_code, progress=progress,
+        )
+    tune = record["tune"]
+    data = {
+        "run_dir": record["run_dir"],
+        "chosen": tune["chosen"],
+        "within_budget": tune["within_budget"],
+        "explanation": tune["explanation"],
+        "budget_pct": tune["budget_pct"],
+        "candidates": tune["candidates"],
+        "size_ratio": record["size_ratio"],
+        "quality": record["quality"][0],
+        "sensitivity": record.get("sensitivity"),
+        "settings": record["settings"],
+        "timings_s": record["timings_s"],
+    }
+    lines = [f"{record['run_dir']}: {tune['explanation']}"]
+    for c in tune["candidates"]:
+        figures = (f"{c['int4_bytes'] / 1e6:,.0f} MB, {c['perplexity_increase_pct']:+.1f} %, {c['seconds']:.0f} s"
+                   if c["tried"] else "not needed")
+        lines.append(f"  {'*' if c['label'] == tune['chosen'] else ' '} {c['label']}: {figures}")
+    emit(args, data, "\n".join(lines))
     return 0
 
 
@@ -371,6 +414,18 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--act-order", action="store_true", help="GPTQ: quantize important columns first")
     quantize.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model")
     quantize.set_defaults(func=cmd_quantize)
+
+    tune = command("tune", "Try several INT4 settings on one export and keep the smallest whose perplexity on "
+                           "your text rises no more than a budget.")
+    tune.add_argument("model", help="'demo', a Hugging Face folder, a .gguf file or a hub id (org/name)")
+    tune.add_argument("--max-quality-loss", type=float, required=True, metavar="PCT",
+                      help="largest perplexity increase accepted, in per cent (e.g. 5)")
+    tune.add_argument("--text", help="text to judge quality on: .txt, .jsonl, .csv or .json (default: the calibration file)")
+    tune.add_argument("--calibration", help="calibration text (default: the model writes its own)")
+    tune.add_argument("--tokens", type=int, default=4096, help="tokens of the text each candidate is judged on")
+    tune.add_argument("-o", "--output", required=True, help="run folder to create (must not exist)")
+    tune.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model")
+    tune.set_defaults(func=cmd_tune)
 
     evaluate = command("evaluate", "Perplexity, top-1 agreement and KL of INT4 against the original on a text.")
     evaluate.add_argument("run_dir")

@@ -181,13 +181,19 @@ def ram_components(disk: dict[str, int], memory: SessionMemory) -> dict[str, int
     return {**disk, "runtime": max(memory.model_rss - weights, 0), "python + onnxruntime": memory.baseline_rss}
 
 
-def draw_memory_chart(path: Path, original: dict, int4: dict, title: str) -> None:
-    """Two panels (disk, RAM), each a stacked bar for original and INT4, one colour per component."""
+def pyplot():
+    """matplotlib's pyplot drawing to files only (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def draw_memory_chart(path: Path, original: dict, int4: dict, title: str) -> None:
+    """Two panels (disk, RAM), each a stacked bar for original and INT4, one colour per component."""
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(9, 4.2), dpi=110)
     colours = ["#4c72b0", "#dd8452", "#55a868", "#8172b3", "#937860", "#bbbbbb"]
     for axis, key, label in ((axes[0], "disk", "On disk"), (axes[1], "ram", "In RAM (measured peak)")):

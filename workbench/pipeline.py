@@ -2,24 +2,62 @@
 
 `quantize_run` is the one long step the CLI's `quantize`, the GUI's Quantize page and the tests
 all call. It writes into a temporary folder and renames it at the end (see runs.staged_dir).
+Its pieces (`prepare`, `quantize_int4`, `finish_run`) also serve auto-tune (workbench.tune),
+which makes several INT4 variants from one export.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from exporters.onnx_export import export_onnx
-from workbench.jobs import Cancelled, Progress, Stages, check, never_cancelled, no_progress
+from workbench.jobs import (
+    Cancelled,
+    Progress,
+    Stages,
+    check,
+    never_cancelled,
+    no_progress,
+)
 from workbench.memory import graph_sizes, measure_session_memory, ram_components
-from workbench.quantize import layer_plan, quantize_onnx
+from workbench.quantize import QuantizeResult, layer_plan, quantize_onnx
 from workbench.report import write_report
-from workbench.runs import INT4, ORIGINAL, RUN_SCHEMA_VERSION, check_output_dir, machine, save_run, staged_dir, versions
+from workbench.runs import (
+    INT4,
+    ORIGINAL,
+    RUN_SCHEMA_VERSION,
+    check_output_dir,
+    machine,
+    save_run,
+    staged_dir,
+    versions,
+)
+from workbench.sensitivity import eight_bit_layers, measure_layers, with_eight_bit
 from workbench.settings import QuantSettings
 from workbench.sources import ResolvedModel, resolve
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    """What every INT4 variant of one model is made from: the fp32 export and, when a step needs
+    them, the PyTorch model and its calibration samples."""
+
+    model: ResolvedModel
+    original_dir: Path
+    calibration: str | None  # as run.json records it
+    torch_model: object = None
+    samples: np.ndarray | None = None
+
+    @property
+    def info(self):
+        return self.model.info
 
 
 def quantize_run(
@@ -43,77 +81,123 @@ def quantize_run(
             ("model", 1),
             ("export", 6),
             ("calibration", 2 if calibrated else 0),
-            ("gptq", 8 if settings.method == "gptq" else 0),
-            ("awq", 4 if settings.method == "awq" else 0),
-            ("int4", 2),
+            ("sensitivity", 3 if settings.sensitive_8bit_pct else 0),
+            *method_stages(settings),
             ("fuse", 1),
             ("measure", 2),
         ],
     )
-    model = spec if isinstance(spec, ResolvedModel) else stages.run(
-        "model", lambda p: resolve(spec, trust_remote_code=trust_remote_code, progress=p, cancelled=cancelled)
-    )
-    info = model.info
-    check_output_dir(run_dir, needed_bytes=int(info.fp32_bytes * 1.4))
+    model = resolve_model(spec, run_dir, stages, trust_remote_code, cancelled)
     if calibration is not None and not calibrated:
         log.warning("%s does not use calibration data; %s is ignored", settings.method, calibration)
     with staged_dir(run_dir) as work:
-        original_dir, int4_dir = work / ORIGINAL, work / INT4
-        stages.run(
-            "export",
-            lambda p: export_onnx(
-                model.path, original_dir, parameters=info.parameters, trust_remote_code=trust_remote_code,
-                progress=p, cancelled=cancelled,
-            ),
-        )
-        precomputed = overrides = None
-        if calibrated:
-            torch_model, tokenizer = _load_torch_model(model.path, trust_remote_code)
-            samples = stages.run(
-                "calibration",
-                lambda p: _calibration_samples(calibration, torch_model, tokenizer, settings, p, cancelled),
-            )
-            if settings.method == "awq":
-                awq = stages.run("awq", lambda p: _awq(torch_model, samples, info, settings, p, cancelled))
-                precomputed, overrides = awq.precomputed, awq.overrides
-            else:
-                precomputed = stages.run("gptq", lambda p: _gptq(torch_model, samples, info, settings, p, cancelled))
-            del torch_model
-        result = stages.run(
-            "int4",
-            lambda p: quantize_onnx(
-                original_dir, int4_dir, info, settings, precomputed=precomputed, overrides=overrides, progress=p,
-                cancelled=cancelled,
-            ),
-        )
-        # After quantization, which maps MatMuls to modules by node name.
-        fusion = stages.run("fuse", lambda p: _fuse(original_dir, int4_dir, p, cancelled))
-        record = stages.run(
-            "measure",
-            lambda p: _measure(original_dir, int4_dir, info, p, cancelled),
-        )
-        check(cancelled)
-        record = {
-            "schema_version": RUN_SCHEMA_VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"spec": model.spec, "kind": info.kind, "name": info.name, "path": str(model.path)},
-            "model": info.to_dict(),
-            "preset": preset,
-            "settings": settings.to_dict(),
-            "calibration": _calibration_label(calibration, calibrated),
-            **record,
-            "graph": fusion,
-            "int4_layers": result.layer_bits,
-            "shared_embeddings": result.shared_embeddings,
-            "ops": result.ops,
-            "timings_s": stages.timings,
-            "quality": [],
-            "machine": machine(),
-            "versions": versions(),
-        }
-        save_run(work, record)
-        write_report(work, record)
+        source = prepare(model, work, stages, settings, calibration if calibrated else None, trust_remote_code,
+                         cancelled)
+        sensitivity = None
+        if settings.sensitive_8bit_pct:
+            measured = stages.run("sensitivity", lambda p: measure_layers(
+                source.torch_model, source.samples, source.info, settings, progress=p, cancelled=cancelled))
+            sensitivity = measured.section(source.info, settings)
+        result = quantize_int4(stages, source, work / INT4, settings, sensitivity, cancelled)
+        source.torch_model = None  # the ONNX steps need its memory
+        record = finish_run(work, stages, source, settings, result, cancelled,
+                            preset=preset, extra={"sensitivity": sensitivity} if sensitivity else {})
     record["run_dir"] = str(run_dir.absolute())
+    return record
+
+
+def method_stages(settings: QuantSettings) -> list[tuple[str, float]]:
+    """The weighted stages of `quantize_int4` for these settings."""
+    return [("gptq", 8 if settings.method == "gptq" else 0), ("awq", 4 if settings.method == "awq" else 0),
+            ("int4", 2)]
+
+
+def resolve_model(spec: str | ResolvedModel, run_dir: Path, stages: Stages, trust_remote_code: bool,
+                  cancelled: Cancelled) -> ResolvedModel:
+    """The model behind `spec` (stage "model"), once `run_dir` is known to have room for a run of it."""
+    model = spec if isinstance(spec, ResolvedModel) else stages.run(
+        "model", lambda p: resolve(spec, trust_remote_code=trust_remote_code, progress=p, cancelled=cancelled)
+    )
+    check_output_dir(run_dir, needed_bytes=int(model.info.fp32_bytes * 1.4))
+    return model
+
+
+def prepare(model: ResolvedModel, work: Path, stages: Stages, settings: QuantSettings, calibration: Path | None,
+            trust_remote_code: bool, cancelled: Cancelled) -> Source:
+    """Stage "export" into `work`/original, then, when the settings need them, the PyTorch model
+    and stage "calibration" (from the file, or written by the model itself when there is none)."""
+    original_dir = work / ORIGINAL
+    stages.run(
+        "export",
+        lambda p: export_onnx(
+            model.path, original_dir, parameters=model.info.parameters, trust_remote_code=trust_remote_code,
+            progress=p, cancelled=cancelled,
+        ),
+    )
+    if not settings.needs_calibration:
+        return Source(model, original_dir, None)
+    torch_model, tokenizer = _load_torch_model(model.path, trust_remote_code)
+    samples = stages.run(
+        "calibration",
+        lambda p: _calibration_samples(calibration, torch_model, tokenizer, settings, p, cancelled),
+    )
+    label = str(calibration) if calibration else "self-written (data-free)"
+    return Source(model, original_dir, label, torch_model, samples)
+
+
+def quantize_int4(stages: Stages, source: Source, dest: Path, settings: QuantSettings, sensitivity: dict | None,
+                  cancelled: Cancelled) -> QuantizeResult:
+    """GPTQ or AWQ on the PyTorch model when the method needs it, then the INT4 graph in `dest`
+    (stages of `method_stages`); the layers chosen in a `sensitivity` section stay at 8 bits."""
+    settings = with_eight_bit(settings, eight_bit_layers(sensitivity))
+    precomputed = overrides = None
+    if settings.method == "awq":
+        awq = stages.run("awq", lambda p: _awq(source.torch_model, source.samples, source.info, settings, p,
+                                               cancelled))
+        precomputed, overrides = awq.precomputed, awq.overrides
+    elif settings.method == "gptq":
+        precomputed = stages.run("gptq", lambda p: _gptq(source.torch_model, source.samples, source.info, settings,
+                                                         p, cancelled))
+    return stages.run(
+        "int4",
+        lambda p: quantize_onnx(
+            source.original_dir, dest, source.info, settings, precomputed=precomputed, overrides=overrides,
+            progress=p, cancelled=cancelled,
+        ),
+    )
+
+
+def finish_run(work: Path, stages: Stages, source: Source, settings: QuantSettings, result: QuantizeResult,
+               cancelled: Cancelled, *, preset: str | None, extra: dict) -> dict:
+    """Stages "fuse" and "measure" on `work`/original and `work`/int4, then run.json (with the
+    `extra` sections) and the report."""
+    int4_dir = work / INT4
+    # After quantization, which maps MatMuls to modules by node name.
+    fusion = stages.run("fuse", lambda p: _fuse(source.original_dir, int4_dir, p, cancelled))
+    measured = stages.run("measure", lambda p: _measure(source.original_dir, int4_dir, source.info, p, cancelled))
+    check(cancelled)
+    model, info = source.model, source.info
+    record = {
+        "schema_version": RUN_SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"spec": model.spec, "kind": info.kind, "name": info.name, "path": str(model.path)},
+        "model": info.to_dict(),
+        "preset": preset,
+        "settings": settings.to_dict(),
+        "calibration": source.calibration,
+        **measured,
+        "graph": fusion,
+        "int4_layers": result.layer_bits,
+        "shared_embeddings": result.shared_embeddings,
+        "ops": result.ops,
+        "timings_s": stages.timings,
+        "quality": [],
+        "machine": machine(),
+        "versions": versions(),
+        **extra,
+    }
+    save_run(work, record)
+    write_report(work, record)
     return record
 
 
@@ -204,7 +288,7 @@ def _measure(original_dir: Path, int4_dir: Path, info, progress: Progress, cance
             cancelled=cancelled,
         )
         record[key] = {
-            "bytes": _folder_model_bytes(folder),
+            "bytes": folder_model_bytes(folder),
             "components": disk,
             "ram_components": ram_components(disk, memory),
             "peak_rss_bytes": memory.peak_rss,
@@ -216,13 +300,6 @@ def _measure(original_dir: Path, int4_dir: Path, info, progress: Progress, cance
     return record
 
 
-def _folder_model_bytes(folder: Path) -> int:
+def folder_model_bytes(folder: Path) -> int:
     """The model's own bytes (graph and weights), without tokenizer and configs."""
     return sum(p.stat().st_size for p in folder.glob("model.onnx*"))
-
-
-def _calibration_label(path: Path | None, calibrated: bool) -> str | None:
-    if not calibrated:
-        return None
-    return str(path) if path else "self-written (data-free)"
-

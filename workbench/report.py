@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from collections.abc import Callable
-
-from workbench.memory import draw_memory_chart
+from workbench.memory import draw_memory_chart, pyplot
 from workbench.runs import INT4, ORIGINAL, load_run, save_run
 
 REPORT_FILE = "report.md"
 CHART_FILE = "memory.png"
+TUNE_CHART_FILE = "tune.png"
 
 
 def write_report(run_dir: Path, record: dict) -> None:
@@ -21,7 +21,33 @@ def write_report(run_dir: Path, record: dict) -> None:
         f"{record['source']['name']}: {record['size_ratio']:.1f}x smaller on disk, "
         f"{record['ram_ratio']:.1f}x less RAM",
     )
+    if "tune" in record:
+        draw_tune_chart(run_dir / TUNE_CHART_FILE, record["tune"])
     (run_dir / REPORT_FILE).write_text(render_report(record), encoding="utf-8")
+
+
+def draw_tune_chart(path: Path, tune: dict) -> None:
+    """Size (x) against perplexity increase (y) of every tried candidate, the budget as a line."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    tried = [c for c in tune["candidates"] if c["tried"]]
+    for candidate in tried:
+        chosen = candidate["label"] == tune["chosen"]
+        x, y = candidate["int4_bytes"] / 1e6, candidate["perplexity_increase_pct"]
+        axis.scatter([x], [y], s=90 if chosen else 40, zorder=3,
+                     color="#c44e52" if chosen else ("#4c72b0" if candidate["within_budget"] else "#8c8c8c"))
+        axis.annotate(candidate["label"] + (" (kept)" if chosen else ""), (x, y), textcoords="offset points",
+                      xytext=(6, 4), fontsize=8, fontweight="bold" if chosen else "normal")
+    axis.axhline(tune["budget_pct"], color="#55a868", linestyle="--", label=f"budget +{tune['budget_pct']:g} %")
+    axis.set_xlabel("INT4 model size (MB)")
+    axis.set_ylabel(f"perplexity increase on {tune['text']} (%)")
+    axis.set_title("Auto-tune: size against quality of each candidate", fontsize=11)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="upper right")
+    axis.margins(x=0.25, y=0.2)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
 
 
 def update_run(run_dir: Path, change: Callable[[dict], None]) -> dict:
@@ -60,6 +86,59 @@ def verdict(record: dict) -> str:
     )
 
 
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _sensitivity_lines(section: dict | None) -> list[str]:
+    if not section:
+        return []
+    lines = [
+        "",
+        "## Layers kept at 8 bits by sensitivity",
+        "",
+        f"{section['measured']} Allowed: +{section['budget_pct']:g} % of the size "
+        f"({_mib(section['budget_bytes'])}); used {_mib(section['extra_bytes'])}.",
+        "",
+    ]
+    lines += [
+        f"- `{entry['layer']}`: changing only this layer to INT4 moved the next-token distribution by KL "
+        f"{entry['kl']:.3g}, the {_ordinal(entry['rank'])} largest of {section['layers']}."
+        for entry in section["chosen"]
+    ] or ["- none: no layer fitted in the allowed size."]
+    return lines
+
+
+def _tune_lines(tune: dict | None) -> list[str]:
+    if not tune:
+        return []
+    lines = [
+        "",
+        "## Auto-tune",
+        "",
+        tune["explanation"],
+        "",
+        f"![size against quality]({TUNE_CHART_FILE})",
+        "",
+        f"Budget: perplexity +{tune['budget_pct']:g} % at most on {tune['text']} ({tune['tokens']:,} tokens).",
+        "",
+        "| candidate | size | smaller | perplexity | top-1 agreement | mean KL | time | result |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in tune["candidates"]:
+        if not c["tried"]:
+            lines.append(f"| {c['label']} | ~{c['estimated_bytes'] / 1e6:,.0f} MB (est.) | | | | | | not needed |")
+            continue
+        result = "kept" if c["label"] == tune["chosen"] else ("within budget" if c["within_budget"] else "over budget")
+        lines.append(
+            f"| {c['label']} | {c['int4_bytes'] / 1e6:,.1f} MB | {c['size_ratio']:.2f}x | "
+            f"{c['perplexity_increase_pct']:+.1f} % | {c['top1_agreement'] * 100:.1f} % | {c['mean_kl']:.4f} | "
+            f"{c['seconds']:.0f} s | {result} |"
+        )
+    return lines
+
+
 def render_report(record: dict) -> str:
     settings = record["settings"]
     source = record["source"]
@@ -85,6 +164,8 @@ def render_report(record: dict) -> str:
         f"- Kept at 8 bits: {', '.join(n for n, b in record['int4_layers'].items() if b == 8) or 'none'}",
         f"- Kept at fp32: {', '.join(n for n, b in record['int4_layers'].items() if b is None) or 'none'}",
         f"- Calibration: {record['calibration'] or 'not used'}",
+        *_sensitivity_lines(record.get("sensitivity")),
+        *_tune_lines(record.get("tune")),
         "",
         "## Memory",
         "",

@@ -11,6 +11,7 @@ from workbench.errors import WorkbenchError
 METHODS = ("rtn", "hqq", "gptq", "awq")
 CALIBRATED_METHODS = ("gptq", "awq")
 SETTINGS_VERSION = 1
+MAX_SENSITIVE_8BIT_PCT = 100.0  # all 8 bits costs about 90 % more than all 4 bits
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,8 @@ class QuantSettings:
     """How to turn the fp32 ONNX model into INT4.
 
     Layer names are the model's module names (`model.layers.0.mlp.down_proj`, `lm_head`);
-    `eight_bit` and `exclude` take shell-style patterns over them.
+    `eight_bit` and `exclude` take shell-style patterns over them. `sensitive_8bit_pct` keeps the
+    layers measured most sensitive at 8 bits too, adding at most that percentage to the size.
     """
 
     method: str = "rtn"
@@ -32,6 +34,8 @@ class QuantSettings:
     act_order: bool = False
     calibration_samples: int = 32
     calibration_tokens: int = 256
+    # A later addition with a default that means "off", so version 1 records still read as before.
+    sensitive_8bit_pct: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -45,10 +49,16 @@ class QuantSettings:
             raise WorkbenchError(f"Accuracy level must be 0 to 4, not {self.accuracy_level}.")
         if self.calibration_samples < 1 or self.calibration_tokens < 16:
             raise WorkbenchError("Calibration needs at least 1 sample of at least 16 tokens.")
+        if not 0 <= self.sensitive_8bit_pct <= MAX_SENSITIVE_8BIT_PCT:
+            raise WorkbenchError(
+                f"The size allowed for sensitive 8-bit layers must be 0 to {MAX_SENSITIVE_8BIT_PCT:g} % of the "
+                f"INT4 size, not {self.sensitive_8bit_pct:g}; 0 turns it off."
+            )
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in CALIBRATED_METHODS
+        """Calibrated methods, and the sensitivity measurement, read calibration samples."""
+        return self.method in CALIBRATED_METHODS or self.sensitive_8bit_pct > 0
 
     def bits_for(self, layer: str) -> int | None:
         """4 or 8 for a layer name, None when it stays fp32."""

@@ -35,7 +35,7 @@ from ui.widgets import (
 )
 from workbench.bench import NEW_TOKENS, bench_run
 from workbench.evaluate import evaluate_run
-from workbench.report import CHART_FILE, REPORT_FILE, verdict
+from workbench.report import CHART_FILE, REPORT_FILE, TUNE_CHART_FILE, verdict
 from workbench.runs import INT4, ORIGINAL, load_run
 
 QUALITY_COLUMNS = (
@@ -131,6 +131,17 @@ class ReportPage(Page):
         quality_layout.addWidget(self.quality_note)
         quality_layout.addWidget(self.quality)
         self.body.addWidget(quality)
+
+        self.tune = QGroupBox("Auto-tune: the candidates tried")
+        tune_layout = QVBoxLayout(self.tune)
+        self.tune_note = QLabel()
+        self.tune_note.setWordWrap(True)
+        self.tune_chart = ChartView()
+        self.tune_chart.setToolTip("Each point is one candidate setting: its size (across) and how much its "
+                                   "perplexity rose on your text (up). The dashed line is the budget.")
+        tune_layout.addWidget(self.tune_note)
+        tune_layout.addWidget(self.tune_chart)
+        self.body.addWidget(self.tune)
 
         speed = QGroupBox("Speed")
         speed_layout = QVBoxLayout(speed)
@@ -242,6 +253,11 @@ class ReportPage(Page):
         self.verdict.setText(verdict(record))
         self._show_speed(record.get("speed"))
         self.chart.load(self.session.run_dir / CHART_FILE)
+        tune = record.get("tune")
+        self.tune.setVisible(tune is not None)
+        if tune is not None:
+            self.tune_note.setText(tune["explanation"])
+            self.tune_chart.load(self.session.run_dir / TUNE_CHART_FILE)
         original, int4 = record[ORIGINAL], record[INT4]
         rows = {
             "disk": (human_bytes(original["bytes"]), human_bytes(int4["bytes"]),

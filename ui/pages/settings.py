@@ -9,6 +9,7 @@ from PySide6.QtWidgets import (
     QButtonGroup,
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFormLayout,
     QFrame,
     QHBoxLayout,
@@ -25,7 +26,7 @@ from ui.pages import Page
 from ui.widgets import Collapsible, InlineMessage, human_bytes, term_label, with_tip
 from workbench.errors import WorkbenchError
 from workbench.memory import estimate_int4
-from workbench.settings import METHODS, PRESETS, Preset, QuantSettings, preset_settings
+from workbench.settings import MAX_SENSITIVE_8BIT_PCT, METHODS, PRESETS, Preset, QuantSettings, preset_settings
 
 METHOD_TITLES = {
     "gptq": "GPTQ: learns from example text (slower, best quality)",
@@ -123,6 +124,12 @@ class SettingsPage(Page):
         self.lm_head = QCheckBox("Shrink the output layer (lm_head) too")
         self.eight_bit = QLineEdit(placeholderText="none; e.g. lm_head, model.layers.0.*")
         self.full_precision = QLineEdit(placeholderText="none; e.g. model.layers.0.*")
+        self.sensitive = QDoubleSpinBox(minimum=0.0, maximum=MAX_SENSITIVE_8BIT_PCT, singleStep=5.0, decimals=0,
+                                        suffix=" % larger", specialValueText="off")
+        self.sensitive.setToolTip(
+            "Measure which layers lose most at 4 bits (needs example text, or the model writes its own) and keep "
+            "the worst at 8 bits, making the model at most this much larger."
+        )
         self.act_order = QCheckBox("GPTQ: most important columns first (act order)")
         with_tip(self.symmetric, "symmetric")
         with_tip(self.embeddings, "embeddings")
@@ -140,6 +147,7 @@ class SettingsPage(Page):
         form.addRow(term_label("Output layer", "lm_head"), self.lm_head)
         form.addRow(term_label("Layers kept at 8 bits", "eight bit"), self.eight_bit)
         form.addRow(term_label("Layers kept at 32 bits", "full precision"), self.full_precision)
+        form.addRow("Sensitive layers at 8 bits", self.sensitive)
         form.addRow("", self.act_order)
         self.advanced = Collapsible("Advanced", advanced)
         self.custom_note = QLabel()
@@ -166,6 +174,7 @@ class SettingsPage(Page):
             box.toggled.connect(self._edited)
         for line in (self.eight_bit, self.full_precision):
             line.textChanged.connect(self._edited)
+        self.sensitive.valueChanged.connect(self._edited)
         self.reset_button.clicked.connect(lambda: self._preset_chosen(self.session.preset))
         session.model_changed.connect(self._update_sizes)
         self._loading = False
@@ -195,6 +204,7 @@ class SettingsPage(Page):
         self.eight_bit.setText(", ".join(settings.eight_bit))
         self.full_precision.setText(", ".join(settings.exclude))
         self.act_order.setChecked(settings.act_order)
+        self.sensitive.setValue(settings.sensitive_8bit_pct)
         self._loading = False
 
     def _edited(self) -> None:
@@ -212,6 +222,7 @@ class SettingsPage(Page):
                 eight_bit=patterns(self.eight_bit.text()),
                 exclude=patterns(self.full_precision.text()),
                 act_order=self.act_order.isChecked(),
+                sensitive_8bit_pct=self.sensitive.value(),
             )
         except WorkbenchError as error:
             self._set_problem(str(error))
