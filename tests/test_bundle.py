@@ -232,10 +232,15 @@ def bare_python(tmp_path_factory) -> Path:
     return python
 
 
+def bare_env() -> dict[str, str]:
+    """A clean environment: no PYTHONPATH or the like letting the workbench in."""
+    return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+
+
 def run_runner(python: Path, bundle: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(python), "run.py", *args], cwd=bundle, capture_output=True, text=True, timeout=120, check=False,
-        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")},
+        env=bare_env(),
     )
 
 
@@ -243,7 +248,7 @@ def test_runner_needs_no_workbench_and_writes_the_workbench_text(bare_python, bu
     probe = subprocess.run(
         [str(bare_python), "-c", "import importlib.util as u, onnxruntime, tokenizers, numpy;"
          "print([m for m in ('torch', 'transformers', 'jinja2', 'workbench') if u.find_spec(m)])"],
-        capture_output=True, text=True, check=True, cwd=tmp_path,
+        capture_output=True, text=True, check=True, cwd=tmp_path, env=bare_env(),
     )
     assert probe.stdout.strip() == "[]"
 
@@ -259,7 +264,8 @@ def test_runner_needs_no_workbench_and_writes_the_workbench_text(bare_python, bu
     assert sampled.stdout == workbench_answer(tiny_run / "int4", PROMPT, config) + "\n"
 
     talk = subprocess.run([str(bare_python), "run.py", "--max-new-tokens", "4", "--provider", "cpu"], cwd=bundle,
-                          input="Hello\nAnd again\n/exit\n", capture_output=True, text=True, timeout=120, check=False)
+                          input="Hello\nAnd again\n/exit\n", capture_output=True, text=True, timeout=120, check=False,
+                          env=bare_env())
     assert talk.returncode == 0 and talk.stderr.count("tokens/s") == 2, talk.stderr
 
     refused = run_runner(bare_python, bundle, "--prompt", "Hi", "--no-chat", "--system", "Be brief.")
