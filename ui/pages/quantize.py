@@ -45,6 +45,7 @@ STAGES = {
     "model": ("Open the model", None),
     "export": ("Export to ONNX", "ONNX"),
     "calibration": ("Prepare the example text", "calibration"),
+    "sensitivity": ("Find the layers that need 8 bits", "eight bit"),
     "gptq": ("GPTQ rounding", "GPTQ"),
     "awq": ("AWQ scaling and rounding", "AWQ"),
     "int4": ("Write the INT4 weights", "INT4"),
