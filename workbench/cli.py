@@ -125,8 +125,10 @@ def _settings_from(args: argparse.Namespace):
         changes["quantize_embeddings"] = False
     if args.no_lm_head:
         changes["quantize_lm_head"] = False
-    if args.act_order:
-        changes["act_order"] = True
+    if args.act_order is not None:
+        changes["act_order"] = args.act_order
+    if args.sensitive_8bit is not None:
+        changes["sensitive_8bit_pct"] = args.sensitive_8bit
     if args.calibration_samples is not None:
         changes["calibration_samples"] = args.calibration_samples
     return settings.replace(**changes) if changes else settings
@@ -411,7 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--exclude", nargs="*", metavar="LAYER", help="layer name patterns kept at fp32")
     quantize.add_argument("--no-embeddings", action="store_true", help="keep the embeddings fp32")
     quantize.add_argument("--no-lm-head", action="store_true", help="keep the lm_head fp32")
-    quantize.add_argument("--act-order", action="store_true", help="GPTQ: quantize important columns first")
+    quantize.add_argument("--sensitive-8bit", type=float, metavar="PCT",
+                          help="keep the layers most sensitive to rounding at 8 bits, spending at most PCT %% more size")
+    quantize.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                          help="GPTQ: quantize important columns first (the presets do)")
     quantize.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model")
     quantize.set_defaults(func=cmd_quantize)
 

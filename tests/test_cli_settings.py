@@ -1,0 +1,24 @@
+"""The quantize command's options become the settings they name, on top of the preset."""
+
+from __future__ import annotations
+
+from workbench.cli import _settings_from, build_parser
+from workbench.settings import PRESETS
+
+
+def settings_for(*options: str):
+    return _settings_from(build_parser().parse_args(["quantize", "demo", "-o", "out", *options]))
+
+
+def test_no_options_give_the_preset():
+    assert settings_for() == PRESETS["balanced"].settings
+    assert settings_for("--preset", "quality") == PRESETS["quality"].settings
+
+
+def test_options_override_the_preset():
+    settings = settings_for("--no-act-order", "--sensitive-8bit", "5", "--method", "awq", "--block-size", "64",
+                            "--symmetric", "--eight-bit", "lm_head")
+    assert not settings.act_order and settings.sensitive_8bit_pct == 5.0
+    assert (settings.method, settings.block_size, settings.symmetric) == ("awq", 64, True)
+    assert settings.eight_bit == ("lm_head",)
+    assert settings_for("--preset", "smallest", "--act-order").act_order
