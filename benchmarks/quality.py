@@ -50,7 +50,9 @@ CANDIDATES = {
     "rtn-sym-b32": Candidate(QuantSettings(method="rtn", block_size=32, symmetric=True)),
     "rtn-asym-b32": Candidate(QuantSettings(method="rtn", block_size=32, symmetric=False)),
     "hqq-b32": Candidate(QuantSettings(method="hqq", block_size=32, symmetric=False)),
-    # one change at a time from the balanced preset
+    # one change at a time from the balanced preset; 13 %: the quality preset's 8-bit down projections' size
+    "balanced-sensitive-13": Candidate(replace(BALANCED, sensitive_8bit_pct=13.0)),
+    "balanced-sensitive-5": Candidate(replace(BALANCED, sensitive_8bit_pct=5.0)),
     "awq-b32": Candidate(QuantSettings(method="awq", block_size=32, symmetric=False)),
     "gptq-b32-no-act-order": Candidate(replace(BALANCED, act_order=False)),
     "gptq-b128-act": Candidate(replace(BALANCED, block_size=128)),

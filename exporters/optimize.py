@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.onnx_export import MODEL_FILE
+from exporters.onnx_export import MODEL_FILE, save_model
 
 log = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
@@ -75,7 +75,7 @@ def fuse_attention(model_dir: Path, config) -> FusionResult:
     except _NoMatch as error:
         log.info("attention left unfused in %s: %s", model_dir, error)
         return FusionResult(False, str(error), before, before)
-    _save(model, path)
+    save_model(model, path.parent)
     return FusionResult(True, "GroupQueryAttention with rotary embedding", before, len(model.graph.node))
 
 
@@ -261,9 +261,3 @@ def _live(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[onnx.Node
         live.add(node.name)
         stack.extend(i for i in node.input if i)
     return [n for n in nodes if n.name in live]
-
-
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    from workbench.quantize import save_model
-
-    save_model(model, path.parent)

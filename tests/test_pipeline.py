@@ -56,6 +56,9 @@ def test_cli_quantize_evaluate_report(tiny_model, tmp_path, prose):
     assert {"export", "int4", "measure"} <= set(data["timings_s"])
     for name in ("original/model.onnx", "int4/model.onnx", "int4/tokenizer.json", "run.json", "report.md", "memory.png"):
         assert (run_dir / name).is_file(), name
+    for model in ("original", "int4"):  # weights apart, for ONNX Runtime to map; one data file after every rewrite
+        assert sorted(p.name for p in (run_dir / model).glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
+        assert (run_dir / model / "model.onnx").stat().st_size < 1_000_000
     assert load_run(run_dir)["schema_version"] == RUN_SCHEMA_VERSION
 
     result = cli("evaluate", str(run_dir), "--text", str(prose), "--json", "-q")

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from exporters.onnx_export import MODEL_FILE, SIDE_FILES, folder_bytes
+from exporters.onnx_export import MODEL_FILE, SIDE_FILES, folder_bytes, save_model
 from workbench.blockquant import QuantizedWeight, rtn_quantize
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
@@ -29,7 +29,6 @@ from workbench.sources import ModelInfo
 
 log = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
-EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # protobuf's 2 GB limit
 
 
 @dataclass(frozen=True)
@@ -352,18 +351,6 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
     kept = [i for i in graph.initializer if i.name in used]
     graph.ClearField("initializer")
     graph.initializer.extend(kept)
-
-
-def save_model(model: onnx.ModelProto, dest_dir: Path) -> None:
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    weights = sum(len(i.raw_data) for i in model.graph.initializer)
-    onnx.save_model(
-        model,
-        str(dest_dir / MODEL_FILE),
-        save_as_external_data=weights > EXTERNAL_DATA_THRESHOLD,
-        all_tensors_to_one_file=True,
-        location=f"{MODEL_FILE}.data",
-    )
 
 
 def copy_side_files(source_dir: Path, dest_dir: Path) -> None:
