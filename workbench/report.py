@@ -29,22 +29,24 @@ def write_report(run_dir: Path, record: dict) -> None:
 def draw_tune_chart(path: Path, tune: dict) -> None:
     """Size (x) against perplexity increase (y) of every tried candidate, the budget as a line."""
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     tried = [c for c in tune["candidates"] if c["tried"]]
-    for candidate in tried:
+    # Numbered points, the long labels in a legend below: labels beside the points overlap and get cut.
+    figure, axis = plt.subplots(figsize=(7.5, 4.4 + 0.22 * len(tried)), dpi=110)
+    for number, candidate in enumerate(tried, 1):
         chosen = candidate["label"] == tune["chosen"]
         x, y = candidate["int4_bytes"] / 1e6, candidate["perplexity_increase_pct"]
         axis.scatter([x], [y], s=90 if chosen else 40, zorder=3,
-                     color="#c44e52" if chosen else ("#4c72b0" if candidate["within_budget"] else "#8c8c8c"))
-        axis.annotate(candidate["label"] + (" (kept)" if chosen else ""), (x, y), textcoords="offset points",
-                      xytext=(6, 4), fontsize=8, fontweight="bold" if chosen else "normal")
-    axis.axhline(tune["budget_pct"], color="#55a868", linestyle="--", label=f"budget +{tune['budget_pct']:g} %")
+                     color="#c44e52" if chosen else ("#4c72b0" if candidate["within_budget"] else "#8c8c8c"),
+                     label=f"{number}. {candidate['label']}" + (" (kept)" if chosen else ""))
+        axis.annotate(str(number), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9,
+                      fontweight="bold" if chosen else "normal")
+    axis.axhline(tune["budget_pct"], color="#55a868", linestyle="--", label=f"budget: +{tune['budget_pct']:g} %")
     axis.set_xlabel("INT4 model size (MB)")
     axis.set_ylabel(f"perplexity increase on {tune['text']} (%)")
     axis.set_title("Auto-tune: size against quality of each candidate", fontsize=11)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="upper right")
-    axis.margins(x=0.25, y=0.2)
+    axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    axis.margins(x=0.15, y=0.2)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -99,12 +101,14 @@ def _sensitivity_lines(section: dict | None) -> list[str]:
         "## Layers kept at 8 bits by sensitivity",
         "",
         f"{section['measured']} Allowed: +{section['budget_pct']:g} % of the size "
-        f"({_mib(section['budget_bytes'])}); used {_mib(section['extra_bytes'])}.",
+        f"({_mib(section['budget_bytes'])}); used {_mib(section['extra_bytes'])}. Layers are taken by KL per "
+        "extra byte, so small layers with a modest KL come before big ones.",
         "",
     ]
     lines += [
         f"- `{entry['layer']}`: changing only this layer to INT4 moved the next-token distribution by KL "
-        f"{entry['kl']:.3g}, the {_ordinal(entry['rank'])} largest of {section['layers']}."
+        f"{entry['kl']:.3g}, the {_ordinal(entry['rank'])} largest of {section['layers']}; 8 bits cost "
+        f"{_mib(entry['extra_bytes'])} more."
         for entry in section["chosen"]
     ] or ["- none: no layer fitted in the allowed size."]
     return lines
