@@ -22,18 +22,20 @@ from exporters.onnx_export import folder_bytes
 from ui.jobs import Job
 from ui.pages import Page
 from ui.widgets import InlineMessage, JobPanel, human_bytes, open_path, show_error, with_tip
-from workbench.report import CHART_FILE, REPORT_FILE
+from workbench.report import CHART_FILE, REPORT_FILE, TUNE_CHART_FILE
 from workbench.runs import INT4, ORIGINAL, RUN_FILE
 
 TARGETS = (
     ("runner", "Runs with “python run.py”"),
     ("triton", "Triton Inference Server repository"),
 )
+OPTIONAL_CONTENTS = {TUNE_CHART_FILE}  # only tuned runs have it; its row hides otherwise
 CONTENTS = (
     (INT4, "The INT4 model and its tokenizer: the part to deploy. It runs with ONNX Runtime."),
     (ORIGINAL, "The original model as 32-bit ONNX, for comparisons."),
     (REPORT_FILE, "The report: what was saved and what it cost, in plain words."),
     (CHART_FILE, "The memory chart."),
+    (TUNE_CHART_FILE, "The auto-tune chart: size against quality of every candidate tried."),
     (RUN_FILE, "Every setting and figure of this run, for tools and for later."),
 )
 
@@ -113,9 +115,11 @@ class ExportPage(Page):
         grid.setVerticalSpacing(10)
         grid.setColumnStretch(2, 1)
         self.sizes: dict[str, QLabel] = {}
+        self.content_rows: dict[str, tuple[QLabel, ...]] = {}
         for row_index, (name, meaning) in enumerate(CONTENTS):
             is_folder = "." not in name
-            grid.addWidget(QLabel(f"<b>{name}{'/' if is_folder else ''}</b>"), row_index, 0)
+            title = QLabel(f"<b>{name}{'/' if is_folder else ''}</b>")
+            grid.addWidget(title, row_index, 0)
             self.sizes[name] = QLabel()
             grid.addWidget(self.sizes[name], row_index, 1, alignment=Qt.AlignmentFlag.AlignRight)
             description = QLabel(meaning)
@@ -123,6 +127,7 @@ class ExportPage(Page):
             if name == INT4:
                 with_tip(description, "ONNX")
             grid.addWidget(description, row_index, 2)
+            self.content_rows[name] = (title, self.sizes[name], description)
         contents_layout = QVBoxLayout(contents)
         contents_layout.addLayout(row)
         contents_layout.addLayout(grid)
@@ -210,6 +215,8 @@ class ExportPage(Page):
         self.folder.setText(f"This run is saved in <b>{run_dir}</b>")
         for name, label in self.sizes.items():
             path = run_dir / name
+            for widget in self.content_rows[name]:
+                widget.setVisible(name not in OPTIONAL_CONTENTS or path.exists())
             if path.is_dir():
                 label.setText(human_bytes(folder_bytes(path)))
             else:
