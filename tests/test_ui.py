@@ -204,6 +204,7 @@ def test_the_whole_wizard_from_model_to_report(window, qtbot, tiny_llama, prose,
     export = window.page(ExportPage)
     assert str(run_dir) in export.folder.text()
     assert all(label.text() != "missing" for label in export.sizes.values())
+    assert export.sizes["tune.png"].isHidden()  # only tuned runs have the auto-tune chart
 
 
 class ResponsivenessProbe:

@@ -53,18 +53,13 @@ def _mb(value: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from workbench.memory import (
-        estimate_int4,
-        fit_verdict,
-        original_sizes,
-        ram_estimates,
-    )
+    from workbench.memory import fit_verdict, original_sizes, preset_estimates, ram_estimates
     from workbench.sources import resolve
 
     with progress_bar(not args.quiet) as progress:
         model = resolve(args.model, trust_remote_code=args.trust_remote_code, progress=progress)
     info = model.info
-    presets = {name: sum(estimate_int4(info, p.settings).values()) for name, p in PRESETS.items()}
+    presets = preset_estimates(info)
     ram = ram_estimates(info)
     fp32_onnx = sum(original_sizes(info).values())
     data = {

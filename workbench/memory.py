@@ -34,7 +34,10 @@ RUNTIME_OVERHEAD_BYTES = 300 * 2**20
 
 
 def estimate_int4(info: ModelInfo, settings: QuantSettings) -> dict[str, int]:
-    """Bytes per component the INT4 model will have with these settings, from the weight shapes."""
+    """Bytes per component the INT4 model will have with these settings, from the weight shapes.
+
+    Layers chosen by sensitivity are not in it: they are known only once measured (see int4_bytes).
+    """
     plan = layer_plan(info, settings)
     sizes = dict.fromkeys(COMPONENTS, 0)
     sizes["other"] = info.other_parameters * 4
@@ -56,6 +59,12 @@ def estimate_int4(info: ModelInfo, settings: QuantSettings) -> dict[str, int]:
     return sizes
 
 
+def int4_bytes(info: ModelInfo, settings: QuantSettings) -> int:
+    """The INT4 model's total size, counting the whole budget of sensitive 8-bit layers: the greedy
+    choice fills it to within one layer."""
+    return int(sum(estimate_int4(info, settings).values()) * (1 + settings.sensitive_8bit_pct / 100))
+
+
 def original_sizes(info: ModelInfo) -> dict[str, int]:
     sizes = dict.fromkeys(COMPONENTS, 0)
     sizes["other"] = info.other_parameters * 4
@@ -67,14 +76,14 @@ def original_sizes(info: ModelInfo) -> dict[str, int]:
 
 
 def preset_estimates(info: ModelInfo) -> dict[str, int]:
-    return {name: sum(estimate_int4(info, preset.settings).values()) for name, preset in PRESETS.items()}
+    return {name: int4_bytes(info, preset.settings) for name, preset in PRESETS.items()}
 
 
 def ram_estimates(info: ModelInfo) -> dict[str, int | None]:
     """Memory each step needs, next to what this machine has (GPU figures are None without a GPU)."""
     from workbench.runtime import gpu_memory
 
-    int4 = sum(estimate_int4(info, PRESETS["balanced"].settings).values())
+    int4 = int4_bytes(info, PRESETS["balanced"].settings)
     gpu = gpu_memory()
     return {
         "export": int(info.fp32_bytes * EXPORT_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES),

@@ -18,7 +18,7 @@ from pathlib import Path
 from workbench.errors import WorkbenchError
 from workbench.evaluate import MIN_TOKENS, QualityResult, evaluate, text_tokens
 from workbench.jobs import Cancelled, Progress, Stages, never_cancelled, no_progress
-from workbench.memory import estimate_int4
+from workbench.memory import estimate_int4, int4_bytes
 from workbench.pipeline import (
     Source,
     finish_run,
@@ -153,12 +153,9 @@ class _Tuner:
     def estimate(self, settings: QuantSettings) -> int:
         """Bytes from the weight shapes; before the sensitivity is measured, the budget's upper bound."""
         info = self.source.info
-        base = sum(estimate_int4(info, settings).values())
-        if not settings.sensitive_8bit_pct:
-            return base
         measured = self._sensitivity(settings)
-        if measured is None:
-            return int(base * (1 + settings.sensitive_8bit_pct / 100))
+        if not settings.sensitive_8bit_pct or measured is None:
+            return int4_bytes(info, settings)
         layers = eight_bit_layers(measured.section(info, settings))
         return sum(estimate_int4(info, with_eight_bit(settings, layers)).values())
 

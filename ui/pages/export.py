@@ -215,9 +215,12 @@ class ExportPage(Page):
         self.folder.setText(f"This run is saved in <b>{run_dir}</b>")
         for name, label in self.sizes.items():
             path = run_dir / name
+            shown = name not in OPTIONAL_CONTENTS or path.exists()
             for widget in self.content_rows[name]:
-                widget.setVisible(name not in OPTIONAL_CONTENTS or path.exists())
-            if path.is_dir():
+                widget.setVisible(shown)
+            if not shown:
+                label.clear()
+            elif path.is_dir():
                 label.setText(human_bytes(folder_bytes(path)))
             else:
                 label.setText(human_bytes(path.stat().st_size) if path.is_file() else "missing")

@@ -25,7 +25,7 @@ from ui.glossary import METHOD_TERMS, tip
 from ui.pages import Page
 from ui.widgets import Collapsible, InlineMessage, human_bytes, term_label, with_tip
 from workbench.errors import WorkbenchError
-from workbench.memory import estimate_int4
+from workbench.memory import int4_bytes
 from workbench.settings import MAX_SENSITIVE_8BIT_PCT, METHODS, PRESETS, Preset, QuantSettings, preset_settings
 
 METHOD_TITLES = {
@@ -254,7 +254,7 @@ class SettingsPage(Page):
         for name, card in self.cards.items():
             size = facts.preset_bytes[name]
             card.size.setText(f"about {human_bytes(size)} · {facts.original_bytes / size:.1f}x smaller")
-        size = sum(estimate_int4(model.info, self.session.settings).values())
+        size = int4_bytes(model.info, self.session.settings)
         self.estimate.setText(
             f"After INT4: about <b>{human_bytes(size)}</b>, {facts.original_bytes / size:.1f}x smaller than the "
             f"{human_bytes(facts.original_bytes)} now ({8 * size / model.info.parameters:.1f} bits per weight)."
