@@ -125,7 +125,7 @@ PRESETS: dict[str, Preset] = {
             "quality",
             "Best quality",
             "Keeps the layers most sensitive to rounding at 8 bits (found by measuring the model, for at "
-            "most 13 % more size): closest to the original, about five times smaller.",
+            "most 13\u00a0% more size): closest to the original, about five times smaller.",
             "the smallest quality cost",
             QuantSettings(method="gptq", block_size=32, symmetric=False, act_order=True, sensitive_8bit_pct=13.0),
         ),
