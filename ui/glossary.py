@@ -40,7 +40,7 @@ TERMS = {
     "act order": "GPTQ option: round the most important columns of each weight first. Sometimes "
     "better quality, a little slower.",
     "calibration": "Example text the model reads while it is being shrunk, so that the rounding "
-    "keeps what matters for text like yours. GPTQ and AWQ use it.",
+    "keeps what matters for text like yours. GPTQ, AWQ and the search for sensitive layers use it.",
     "data-free": "Without a file: the model writes its own example text, which it then reads back.",
     "tokens": "Pieces of words the model reads and writes; a token is about three quarters of an "
     "English word.",

@@ -325,38 +325,58 @@ def generate(
     began = time.perf_counter()
     prompt, dropped = _fit_prompt(model, prompt, truncate)
     sampler = Sampler(config)
-    stream = TextStream(tokenizer, config.stop)
-    eos = set(eos_token_ids)
+    answer = _Answer(len(prompt), config, model.context_length, tokenizer, eos_token_ids, on_token, cancelled)
     cache = model.new_cache(1)
-    tokens: list[int] = []
-    pieces: list[str] = []
     ttft = 0.0
     feed = np.asarray([prompt], np.int64)
-    finish = "length"
     while True:
         logits = model.step(cache, feed)[0, -1]
         if logits_processor is not None:
-            logits_processor(tokens, logits)
-        token = sampler(logits, prompt + tokens)
-        if not tokens:
+            logits_processor(answer.tokens, logits)
+        token = sampler(logits, prompt + answer.tokens)
+        if not answer.tokens:
             ttft = time.perf_counter() - began
-        ended = token in eos
-        if not ended:
-            tokens.append(token)
-        finish, done = _finish(ended, len(tokens), config, cache.length + 1, model.context_length, cancelled)
-        piece = stream.push(tokens, final=done)
-        if stream.stopped:
-            finish, done = "stop", True
-        pieces.append(piece)
-        if on_token is not None:
-            on_token(token, piece)
-        if done:
+        if answer.add(token):
             break
         feed = np.asarray([[token]], np.int64)
     return GenerationResult(
-        tokens=tokens, text="".join(pieces), finish_reason=finish, prompt_tokens=len(prompt), ttft_s=ttft,
+        tokens=answer.tokens, text=answer.text, finish_reason=answer.finish, prompt_tokens=len(prompt), ttft_s=ttft,
         total_s=time.perf_counter() - began, truncated_prompt_tokens=dropped,
     )
+
+
+class _Answer:
+    """One answer as it grows: its tokens, its streamed text, and why it ended."""
+
+    def __init__(self, prompt_length: int, config: GenerationConfig, context_length: int | None, tokenizer,
+                 eos_token_ids: Sequence[int], on_token: TokenCallback | None, cancelled: Callable[[], bool] | None):
+        self.tokens: list[int] = []
+        self.pieces: list[str] = []
+        self.finish = "length"
+        self._prompt_length, self._config, self._context = prompt_length, config, context_length
+        self._stream = TextStream(tokenizer, config.stop)
+        self._eos = set(eos_token_ids)
+        self._on_token, self._cancelled = on_token, cancelled
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def add(self, token: int) -> bool:
+        """Take the model's next token and stream its text; True when the answer is done."""
+        ended = token in self._eos
+        if not ended:
+            self.tokens.append(token)
+        # The next step would read the prompt and every token so far.
+        self.finish, done = _finish(ended, len(self.tokens), self._config, self._prompt_length + len(self.tokens),
+                                    self._context, self._cancelled)
+        piece = self._stream.push(self.tokens, final=done)
+        if self._stream.stopped:
+            self.finish, done = "stop", True
+        self.pieces.append(piece)
+        if self._on_token is not None:
+            self._on_token(token, piece)
+        return done
 
 
 def _finish(ended: bool, count: int, config: GenerationConfig, next_length: int, context: int | None, cancelled):
@@ -462,36 +482,15 @@ def generate_speculative(
         raise GenerationError(f"draft_tokens must be at least 1, not {draft_tokens}.")
     began = time.perf_counter()
     prompt, dropped = _fit_prompt(target, prompt, truncate)
-    stream = TextStream(tokenizer, config.stop)
-    eos = set(eos_token_ids)
+    answer = _Answer(len(prompt), config, target.context_length, tokenizer, eos_token_ids, on_token, cancelled)
     target_cache, draft_cache = target.new_cache(1), draft.new_cache(1)
-    sequence = list(prompt)  # prompt and accepted tokens; the last one is not in either cache yet
-    tokens: list[int] = []
-    pieces: list[str] = []
     proposed = accepted = 0
     first = int(np.argmax(target.step(target_cache, np.asarray([prompt], np.int64))[0, -1]))
     ttft = time.perf_counter() - began
     pending = [first]
-    finish = "length"
-    while True:
-        done = False
-        for token in pending:
-            ended = token in eos
-            if not ended:
-                tokens.append(token)
-                sequence.append(token)
-            finish, done = _finish(ended, len(tokens), config, len(sequence), target.context_length, cancelled)
-            piece = stream.push(tokens, final=done)
-            if stream.stopped:
-                finish, done = "stop", True
-            pieces.append(piece)
-            if on_token is not None:
-                on_token(token, piece)
-            if done:
-                break
-        if done:
-            break
-        room = config.max_new_tokens - len(tokens)
+    while not any(answer.add(token) for token in pending):  # any() stops at the token that ends it
+        sequence = prompt + answer.tokens  # the last token is not in either cache yet
+        room = config.max_new_tokens - len(answer.tokens)
         if target.context_length is not None:
             room = min(room, target.context_length - len(sequence) - 1)
         k = max(min(draft_tokens, room), 0)
@@ -508,7 +507,7 @@ def generate_speculative(
         target.truncate(target_cache, base + 1 + agree)
         draft.truncate(draft_cache, min(draft_cache.length, len(sequence) + agree))
     return GenerationResult(
-        tokens=tokens, text="".join(pieces), finish_reason=finish, prompt_tokens=len(prompt), ttft_s=ttft,
+        tokens=answer.tokens, text=answer.text, finish_reason=answer.finish, prompt_tokens=len(prompt), ttft_s=ttft,
         total_s=time.perf_counter() - began, truncated_prompt_tokens=dropped,
         draft={"proposed": proposed, "accepted": accepted, "acceptance_rate": accepted / proposed if proposed else 0.0},
     )

@@ -151,13 +151,22 @@ def quantize_int4(stages: Stages, source: Source, dest: Path, settings: QuantSet
     (stages of `method_stages`); the layers chosen in a `sensitivity` section stay at 8 bits."""
     settings = with_eight_bit(settings, eight_bit_layers(sensitivity))
     precomputed = overrides = None
-    if settings.method == "awq":
-        awq = stages.run("awq", lambda p: _awq(source.torch_model, source.samples, source.info, settings, p,
-                                               cancelled))
-        precomputed, overrides = awq.precomputed, awq.overrides
-    elif settings.method == "gptq":
-        precomputed = stages.run("gptq", lambda p: _gptq(source.torch_model, source.samples, source.info, settings,
-                                                         p, cancelled))
+    if settings.method in ("awq", "gptq"):
+        import torch
+
+        inputs = (source.torch_model, torch.as_tensor(source.samples), _torch_plan(source.info, settings))
+        options = {"block_size": settings.block_size, "symmetric": settings.symmetric, "cancelled": cancelled}
+        if settings.method == "awq":
+            from workbench.awq import awq_quantize
+
+            awq = stages.run("awq", lambda p: awq_quantize(*inputs, **options, progress=p))
+            precomputed, overrides = awq.precomputed, awq.overrides
+        else:
+            from workbench.gptq import gptq_quantize
+
+            precomputed = stages.run(
+                "gptq", lambda p: gptq_quantize(*inputs, **options, act_order=settings.act_order, progress=p)
+            )
     return stages.run(
         "int4",
         lambda p: quantize_onnx(
@@ -242,39 +251,6 @@ def _torch_plan(info, settings: QuantSettings) -> dict[str, int]:
     """Bits per linear for the PyTorch-side methods: the embeddings are left to the INT4 step."""
     embeddings = {w.name for w in info.weights if w.role == "embeddings"}
     return {name: bits for name, bits in layer_plan(info, settings).items() if bits and name not in embeddings}
-
-
-def _gptq(model, samples, info, settings: QuantSettings, progress: Progress, cancelled: Cancelled):
-    import torch
-
-    from workbench.gptq import gptq_quantize
-
-    return gptq_quantize(
-        model,
-        torch.as_tensor(samples),
-        _torch_plan(info, settings),
-        block_size=settings.block_size,
-        symmetric=settings.symmetric,
-        act_order=settings.act_order,
-        progress=progress,
-        cancelled=cancelled,
-    )
-
-
-def _awq(model, samples, info, settings: QuantSettings, progress: Progress, cancelled: Cancelled):
-    import torch
-
-    from workbench.awq import awq_quantize
-
-    return awq_quantize(
-        model,
-        torch.as_tensor(samples),
-        _torch_plan(info, settings),
-        block_size=settings.block_size,
-        symmetric=settings.symmetric,
-        progress=progress,
-        cancelled=cancelled,
-    )
 
 
 def _measure(original_dir: Path, int4_dir: Path, info, progress: Progress, cancelled: Cancelled) -> dict:

@@ -39,8 +39,8 @@ def preview_file(path: Path, model_dir: Path, *, progress, cancelled) -> Calibra
 class CalibrationPage(Page):
     title = "Calibration"
     purpose = (
-        "GPTQ and AWQ learn from example text: give them text like what you will use the model for, or "
-        "let the model write its own."
+        "GPTQ, AWQ and the search for sensitive layers read example text: give text like what you will use "
+        "the model for, or let the model write its own."
     )
     needs = "model"
     sets_inputs = True
