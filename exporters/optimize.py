@@ -23,11 +23,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters.onnx_export import MODEL_FILE, save_model
+from workbench.generation import FUSED_KEY, FUSED_VALUE, LOGITS_TO_KEEP
 
 log = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
-FUSED_KEY = "int4_workbench.attention"  # model metadata: "GroupQueryAttention" once fused
-FUSED_VALUE = "GroupQueryAttention"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inverse frequencies fixed in advance
 PAD_BIAS = -1e9  # finite: a row of padding only attends to padding and must not turn into NaN
@@ -163,9 +162,40 @@ def _rewrite(model: onnx.ModelProto, config) -> None:
     kept = [i for i in graph.initializer if i.name in used]
     graph.ClearField("initializer")
     graph.initializer.extend(kept)
+    _keep_last_logits(graph)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     model.metadata_props.add(key=FUSED_KEY, value=FUSED_VALUE)
+
+
+def _keep_last_logits(graph: onnx.GraphProto) -> None:
+    """Project only the last `logits_to_keep` positions onto the vocabulary (0, the default: all).
+
+    A generated token needs the prompt's last logits alone; for a 256-token prompt the full
+    logits are the step's largest buffer (48 MiB on a 49k vocabulary) and a large share of its
+    time. The input is an overridable initializer, so runners that do not know it (scoring,
+    onnxruntime-genai, Triton) see the graph's usual inputs and get every position.
+    """
+    prefix = "/model/logits_to_keep/"
+    head = next((n for n in graph.node if "logits" in n.output), None)
+    if head is None:
+        raise _NoMatch("no node produces the logits")
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([0], np.int64), LOGITS_TO_KEEP),
+        numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), f"{prefix}end"),
+        numpy_helper.from_array(np.array([1], np.int64), f"{prefix}axis"),
+    ])
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    hidden = head.input[0]
+    slicing = [
+        helper.make_node("Neg", [LOGITS_TO_KEEP], [f"{prefix}start"], name=f"{prefix}Neg"),
+        helper.make_node("Slice", [hidden, f"{prefix}start", f"{prefix}end", f"{prefix}axis"], [f"{prefix}hidden"],
+                         name=f"{prefix}Slice"),
+    ]
+    head.input[0] = f"{prefix}hidden"
+    position = list(graph.node).index(head)
+    for offset, node in enumerate(slicing):
+        graph.node.insert(position + offset, node)
 
 
 def _is_input(graph: onnx.GraphProto, name: str) -> bool:

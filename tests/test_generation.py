@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
+from onnx import TensorProto, helper, numpy_helper
 from transformers import AutoConfig
+
+from exporters.onnx_export import save_model
 
 from exporters.optimize import fuse_attention, is_fused
 from workbench.generation import (
@@ -156,6 +159,77 @@ def test_speculative_output_is_the_greedy_output(tiny_llama_onnx, tiny_qwen_onnx
             assert result.draft["acceptance_rate"] == rate
 
 
+def test_speculative_on_shared_kv_buffers_is_the_greedy_output(fused_pair):
+    """Verifying several tokens in one pass and dropping rejected ones, in place in the buffers."""
+    plain, fused = (load(folder) for folder in fused_pair)
+    config = GenerationConfig(max_new_tokens=30)
+    greedy = generate(plain, PROMPT, config).tokens
+    for draft in (plain, fused):
+        assert generate_speculative(fused, draft, PROMPT, config, draft_tokens=3).tokens == greedy
+
+
+def test_fused_graph_writes_the_kv_cache_in_place_and_grows_it(fused_pair):
+    plain, fused = (load(folder) for folder in fused_pair)
+    assert fused.shares_kv and not plain.shares_kv
+    shared, grown = fused.new_cache(1, capacity=len(PROMPT) + 1), plain.new_cache(1)
+    assert shared.capacity == len(PROMPT) + 1 and grown.capacity == 0
+    buffer = shared.values[0].data_ptr()
+    feeds = [PROMPT, [7], [9], [11]]
+    for step, ids in enumerate(feeds):
+        ids = np.asarray([ids], np.int64)
+        np.testing.assert_allclose(fused.step(shared, ids), plain.step(grown, ids), atol=1e-4)
+        if step < 2:  # the first two steps fit the room given
+            assert shared.values[0].data_ptr() == buffer
+    assert shared.length == grown.length == len(PROMPT) + 3
+    assert shared.capacity >= shared.length
+
+
+def test_last_only_logits_are_the_last_row_of_all_logits(fused_pair):
+    fused = load(fused_pair[1])
+    assert fused.keeps_logits
+    assert "logits_to_keep" not in {i.name for i in fused.session.get_inputs()}  # other runners never see it
+    ids = np.asarray([PROMPT], np.int64)
+    every, _ = fused.forward(ids)
+    last = fused.step(fused.new_cache(1, len(PROMPT)), ids, last_only=True)
+    assert every.shape[1] == len(PROMPT) and last.shape == (1, 1, every.shape[2])
+    np.testing.assert_allclose(last[0, 0], every[0, -1], atol=1e-5)
+
+
+def tied_model(folder: Path, size: int = 1024) -> Path:
+    """input_ids -> embedding -> the same matrix as the output projection -> logits (4 MiB, external)."""
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((size, size), np.float32), "tied")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["tied", "input_ids"], ["hidden"]),
+         helper.make_node("MatMul", ["hidden", "tied"], ["logits"])],
+        "tied", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "sequence", size])], [weight],
+    )
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), folder)
+    return folder
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_mapped_weights_are_not_kept_resident_after_loading(tmp_path):
+    """ONNX Runtime reads a tied weight whole to prepack it for the MatMul, and keeps the mapping for
+    the Gather, which reads a few rows: those pages go back, and come back when read."""
+    folder = tied_model(tmp_path / "model")
+    model = load(folder)
+    prefix = str(folder.resolve()) + "/"
+    sizes = {"Rss:": 0, "Size:": 0}
+    current = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            current = fields[5] if len(fields) == 6 else None
+        elif current and current.startswith(prefix) and fields[0] in sizes:
+            sizes[fields[0]] += int(fields[1]) * 1024
+    assert sizes["Size:"] >= 4 * 2**20  # the weight is mapped, not copied
+    assert sizes["Rss:"] < 0.1 * sizes["Size:"]
+    weight = np.random.default_rng(0).standard_normal((1024, 1024), np.float32)
+    (logits,) = model.session.run(None, {"input_ids": np.asarray([[3, 4]], np.int64)})  # pages read come back
+    np.testing.assert_allclose(logits[0], weight[[3, 4]] @ weight, rtol=1e-4, atol=1e-3)
+
+
 def test_speculative_needs_greedy_settings(tiny_llama_onnx):
     model = load(tiny_llama_onnx)
     with pytest.raises(GenerationError, match="greedy"):
@@ -213,4 +287,5 @@ def test_engine_is_portable():
             imported.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    assert imported <= {"__future__", "logging", "re", "time", "collections", "dataclasses", "numpy", "onnxruntime"}
+    assert imported <= {"__future__", "ctypes", "logging", "os", "re", "sys", "time", "collections", "dataclasses",
+                        "numpy", "onnxruntime"}

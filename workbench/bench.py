@@ -124,6 +124,10 @@ def measure_in_process(
     from workbench.runtime import OnnxCausalLM, gpu_memory_bytes, user_errors
 
     baseline = _peak_rss()
+    if prompt_ids is None:  # before the model, as a runner would: loading it trims what tokenizing freed
+        from tokenizers import Tokenizer
+
+        prompt_ids = bench_prompt(Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")), prompt_tokens)
     progress(0.1, "loading")
     model = OnnxCausalLM(Path(model_dir), provider, threads)
     load_rss = _peak_rss()
@@ -132,10 +136,6 @@ def measure_in_process(
             f"{prompt_tokens} prompt and {new_tokens} new tokens do not fit this model's context of "
             f"{model.context_length}; measure with fewer."
         )
-    if prompt_ids is None:
-        from tokenizers import Tokenizer
-
-        prompt_ids = bench_prompt(Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")), prompt_tokens)
     progress(0.3, "warming up")
     with user_errors():
         generate(model, prompt_ids[:16], GenerationConfig(max_new_tokens=WARMUP_TOKENS))

@@ -12,8 +12,11 @@ so no per-token copies go through numpy; logits are written straight into a nump
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +28,13 @@ log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 PAST_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+# An optional graph input (an overridable initializer, 0 = all): how many last positions get logits.
+LOGITS_TO_KEEP = "logits_to_keep"
+# Model metadata written by the workbench's attention fusion. Its GroupQueryAttention nodes can read
+# and write one preallocated KV buffer per layer, so the cache does not grow by copying every step.
+FUSED_KEY = "int4_workbench.attention"
+FUSED_VALUE = "GroupQueryAttention"
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; a later read brings them back
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 # (token ids generated so far, logits over the vocabulary) -> None; edits the logits in place.
@@ -95,15 +105,24 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 class KVCache:
-    """One sequence batch's past keys and values, as ONNX Runtime values, plus its attention mask."""
+    """One sequence batch's past keys and values, as ONNX Runtime values, plus its attention mask.
 
-    def __init__(self, values: list[ort.OrtValue], mask: np.ndarray):
+    A shared cache's values are buffers with room for more positions than `length`; the graph
+    writes each step's keys and values into them in place.
+    """
+
+    def __init__(self, values: list[ort.OrtValue], mask: np.ndarray, shared: bool = False):
         self.values = values
         self.mask = mask  # (batch, length) int64: 1 for real tokens, 0 for left padding
+        self.shared = shared
 
     @property
     def length(self) -> int:
         return self.mask.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.values[0].shape()[2] if self.values else 0
 
 
 class CausalLM:
@@ -131,6 +150,10 @@ class CausalLM:
         self.kv_dtype = ORT_TYPES.get(first.type, np.float32) if first is not None else np.float32
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         self.vocab_size = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
+        # Graphs from our optimizer can skip the vocabulary projection for all but the last positions.
+        self.keeps_logits = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
+        self.shares_kv = self.session.get_modelmeta().custom_metadata_map.get(FUSED_KEY) == FUSED_VALUE
+        release_unused_memory(os.path.dirname(os.path.abspath(path)))
 
     # -- numpy interface (whole-text scoring) -------------------------------------------------
 
@@ -161,46 +184,70 @@ class CausalLM:
 
     # -- cached stepping (generation) ---------------------------------------------------------
 
-    def new_cache(self, batch: int = 1) -> KVCache:
-        shape = [batch, self.kv_heads, 0, self.head_dim]
+    def new_cache(self, batch: int = 1, capacity: int = 0) -> KVCache:
+        """An empty cache; a graph that shares KV buffers gets room for `capacity` positions at once."""
+        if self.context_length is not None:
+            capacity = min(capacity, self.context_length)
+        room = capacity if self.shares_kv else 0
+        shape = [batch, self.kv_heads, room, self.head_dim]
         values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0) for _ in self.past_names]
-        return KVCache(values, np.zeros((batch, 0), np.int64))
+        return KVCache(values, np.zeros((batch, 0), np.int64), shared=self.shares_kv)
 
-    def step(self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray | None = None) -> np.ndarray:
+    def step(
+        self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray | None = None, last_only: bool = False
+    ) -> np.ndarray:
         """Run `input_ids` (batch, seq) after the cache, extend the cache; logits (batch, seq, vocab).
 
         `new_mask` (batch, seq) marks left padding in a batch's first step; default all ones.
+        `last_only` returns the last position's logits alone (batch, 1, vocab): a long prompt's
+        logits are the largest buffer of a step.
         """
         input_ids = np.ascontiguousarray(input_ids, np.int64)
         batch, length = input_ids.shape
         if new_mask is None:
             new_mask = np.ones((batch, length), np.int64)
         mask = np.concatenate([cache.mask, new_mask.astype(np.int64)], axis=1)
+        if cache.shared and mask.shape[1] > cache.capacity:
+            self._grow(cache, max(mask.shape[1], 2 * cache.capacity))
         binding = self.session.io_binding()
         for name, value in self._token_feeds(input_ids, mask).items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name, value in zip(self.past_names, cache.values):
             binding.bind_ortvalue_input(name, value)
         vocab = self.vocab_size or self._probe_vocab()
-        logits = np.empty((batch, length, vocab), np.float32)
+        kept = 1 if last_only and self.keeps_logits else length
+        if kept < length:
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(np.array([kept], np.int64)))
+        logits = np.empty((batch, kept, vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        for name in self.present_names:
-            binding.bind_output(name, self.device)
+        for name, value in zip(self.present_names, cache.values):
+            if cache.shared:
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
-        cache.values = binding.get_outputs()[1:]
+        if not cache.shared:
+            cache.values = binding.get_outputs()[1:]
         cache.mask = mask
-        return logits
+        return logits[:, -1:] if last_only else logits
 
     def truncate(self, cache: KVCache, length: int) -> None:
         """Forget everything after the first `length` positions (rejected speculative tokens)."""
         if length == cache.length:
             return
-        kept = []
-        for value in cache.values:
-            array = np.ascontiguousarray(value.numpy()[:, :, :length])
-            kept.append(ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
-        cache.values = kept
+        if not cache.shared:  # a shared buffer's stale positions are simply written over
+            cache.values = [self._copy(value, length, length) for value in cache.values]
         cache.mask = cache.mask[:, :length]
+
+    def _grow(self, cache: KVCache, capacity: int) -> None:
+        log.debug("KV buffers grown from %d to %d positions", cache.capacity, capacity)
+        cache.values = [self._copy(value, cache.length, capacity) for value in cache.values]
+
+    def _copy(self, value: ort.OrtValue, length: int, room: int) -> ort.OrtValue:
+        """A new value holding the first `length` positions of `value`, with room for `room`."""
+        array = np.zeros((*value.shape()[:2], room, value.shape()[3]), self.kv_dtype)
+        array[:, :, :length] = value.numpy()[:, :, :length]
+        return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
 
     def _token_feeds(self, input_ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {"input_ids": input_ids, "attention_mask": mask}
@@ -213,6 +260,32 @@ class CausalLM:
         logits, _ = self.forward(np.zeros((1, 1), np.int64))
         self.vocab_size = logits.shape[-1]
         return self.vocab_size
+
+
+def release_unused_memory(model_folder: str | None = None) -> None:
+    """Hand back to the system memory that loading left behind (Linux with glibc; elsewhere nothing).
+
+    ONNX Runtime maps the weights file and reads it once to prepack the weights into buffers of
+    its own; the mapped pages then stay resident, though only the embedding rows of real tokens
+    are read again, so the mappings of files in `model_folder` are paged out. glibc also keeps
+    the heap that parsing a graph or a tokenizer freed until it is trimmed.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        return
+    if model_folder is None:
+        return
+    prefix = os.path.realpath(model_folder) + os.sep
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip().startswith(prefix):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
 
 
 # -- picking tokens -------------------------------------------------------------------------------
@@ -326,11 +399,11 @@ def generate(
     prompt, dropped = _fit_prompt(model, prompt, truncate)
     sampler = Sampler(config)
     answer = _Answer(len(prompt), config, model.context_length, tokenizer, eos_token_ids, on_token, cancelled)
-    cache = model.new_cache(1)
+    cache = model.new_cache(1, len(prompt) + config.max_new_tokens)
     ttft = 0.0
     feed = np.asarray([prompt], np.int64)
     while True:
-        logits = model.step(cache, feed)[0, -1]
+        logits = model.step(cache, feed, last_only=True)[0, -1]
         if logits_processor is not None:
             logits_processor(answer.tokens, logits)
         token = sampler(logits, prompt + answer.tokens)
@@ -419,14 +492,14 @@ def generate_batch(
     samplers = [Sampler(config) for _ in rows]
     streams = [TextStream(tokenizer, config.stop) for _ in rows]
     eos = set(eos_token_ids)
-    cache = model.new_cache(len(rows))
+    cache = model.new_cache(len(rows), width + config.max_new_tokens)
     generated: list[list[int]] = [[] for _ in rows]
     finish: list[str | None] = [None] * len(rows)
     texts = [""] * len(rows)
     ttft = 0.0
     feed, feed_mask = ids, mask
     while True:
-        logits = model.step(cache, feed, feed_mask)[:, -1]
+        logits = model.step(cache, feed, feed_mask, last_only=True)[:, -1]
         if not ttft:
             ttft = time.perf_counter() - began
         next_ids = np.full((len(rows), 1), pad, np.int64)
@@ -483,9 +556,11 @@ def generate_speculative(
     began = time.perf_counter()
     prompt, dropped = _fit_prompt(target, prompt, truncate)
     answer = _Answer(len(prompt), config, target.context_length, tokenizer, eos_token_ids, on_token, cancelled)
-    target_cache, draft_cache = target.new_cache(1), draft.new_cache(1)
+    # Room for a last round of proposals beyond the answer's budget.
+    capacity = len(prompt) + config.max_new_tokens + draft_tokens + 1
+    target_cache, draft_cache = target.new_cache(1, capacity), draft.new_cache(1, capacity)
     proposed = accepted = 0
-    first = int(np.argmax(target.step(target_cache, np.asarray([prompt], np.int64))[0, -1]))
+    first = int(np.argmax(target.step(target_cache, np.asarray([prompt], np.int64), last_only=True)[0, -1]))
     ttft = time.perf_counter() - began
     pending = [first]
     while not any(answer.add(token) for token in pending):  # any() stops at the token that ends it
@@ -518,7 +593,7 @@ def _propose(draft: CausalLM, cache: KVCache, sequence: list[int], count: int) -
     proposal: list[int] = []
     feed = sequence[cache.length:]
     for _ in range(count):
-        token = int(np.argmax(draft.step(cache, np.asarray([feed], np.int64))[0, -1]))
+        token = int(np.argmax(draft.step(cache, np.asarray([feed], np.int64), last_only=True)[0, -1]))
         proposal.append(token)
         feed = [token]
     return proposal

@@ -135,8 +135,8 @@ class ChatModel:
         from transformers import AutoTokenizer
 
         self.model_dir = Path(model_dir)
-        self.lm = OnnxCausalLM(self.model_dir, provider, threads)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.lm = OnnxCausalLM(self.model_dir, provider, threads)  # last: loading trims what the tokenizer freed
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.tokenizer)
 
     @functools.cached_property
