@@ -131,3 +131,41 @@ def test_the_report_step_shows_the_tune_chart(qtbot, trained, tmp_path, prose):
     assert report.tune_chart.pixmap() is not None and not report.tune_chart.pixmap().isNull()
     assert report.quality.rowCount() == 1  # the chosen candidate's quality on the tune text
     window.close()
+
+
+def test_the_wizard_runs_auto_tune(qtbot, trained, tmp_path, prose):
+    from test_ui import open_model, wait_for_jobs
+    from ui.main_window import STEP_PAGES, MainWindow
+    from ui.pages.quantize import QuantizePage
+    from ui.pages.settings import SettingsPage
+    from workbench.tune import CANDIDATES as DEFAULT_CANDIDATES, candidate_label
+
+    window = MainWindow(tmp_path / "runs")
+    qtbot.addWidget(window)
+    window.show()
+    open_model(window, qtbot, trained)
+    window.go(STEP_PAGES.index(SettingsPage))
+    settings = window.page(SettingsPage)
+    settings.tune.setChecked(True)
+    assert "Choose a text" in settings.blocker() and not window.next_button.isEnabled()
+    assert not any(card.isEnabled() for card in settings.cards.values()) and not settings.advanced.isEnabled()
+    settings.use_tune_text(tmp_path / "missing.txt")
+    assert "does not exist" in settings.tune_problem.text() and window.session.tune.text is None
+    settings.use_tune_text(prose)
+    settings.max_loss.setValue(100.0)  # every setting is good enough: the smallest is kept, alone tried
+    assert settings.blocker() is None and window.session.tune.text == prose
+    assert settings.estimate.text().startswith(f"Auto-tune tries {len(DEFAULT_CANDIDATES)} settings")
+
+    window.go(STEP_PAGES.index(QuantizePage))
+    quantize = window.page(QuantizePage)
+    assert quantize.settings_label.text().startswith("Auto-tune") and "-tuned-" in quantize.name.text()
+    assert quantize.start() is not None
+    wait_for_jobs(qtbot)
+    assert quantize.result.property("kind") != "problem", quantize.result.text()
+    assert "candidate 1" in quantize.rows and quantize.rows["candidate 1"].title.text().startswith("Try setting 1")
+    tune = window.session.record["tune"]
+    assert tune["chosen"] == candidate_label(DEFAULT_CANDIDATES[0]) and tune["explanation"] in quantize.result.text()
+
+    settings.tune.setChecked(False)  # back to one preset: its cards work again
+    assert window.session.tune is None and all(card.isEnabled() for card in settings.cards.values())
+    window.close()

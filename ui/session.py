@@ -20,6 +20,14 @@ class ModelFacts:
     ram: dict[str, int]  # `ram_estimates`: export, run_original, run_int4, machine_total/available
 
 
+@dataclass(frozen=True)
+class TuneChoice:
+    """Auto-tune instead of one setting: the perplexity rise allowed on the user's own text."""
+
+    max_quality_loss_pct: float
+    text: Path | None  # None until the user chooses one
+
+
 class Session(QObject):
     model_changed = Signal()
     settings_changed = Signal()
@@ -36,6 +44,7 @@ class Session(QObject):
         self.trust_remote_code = False  # as the model was opened; the export needs the same answer
         self.preset: str = DEFAULT_PRESET
         self.settings: QuantSettings = preset_settings(DEFAULT_PRESET)
+        self.tune: TuneChoice | None = None  # set: quantizing tries several settings and keeps one
         self.calibration: Path | None = None  # None: the model writes its own (data-free)
         self.calibration_problem: str | None = None  # a chosen file that cannot be used, and why
         self.run_dir: Path | None = None
@@ -48,6 +57,10 @@ class Session(QObject):
 
     def set_settings(self, preset: str, settings: QuantSettings) -> None:
         self.preset, self.settings = preset, settings
+        self.settings_changed.emit()
+
+    def set_tune(self, tune: TuneChoice | None) -> None:
+        self.tune = tune
         self.settings_changed.emit()
 
     def set_calibration(self, path: Path | None, problem: str | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Step 4, Quantize: the core's `quantize_run` in the background, stage by stage, with Cancel."""
+"""Step 4, Quantize: the core's `quantize_run` (or `tune_run`) in the background, stage by stage, with Cancel."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from workbench.errors import WorkbenchError
 from workbench.pipeline import quantize_run
 from workbench.runs import check_output_dir
 from workbench.settings import PRESETS, preset_settings
+from workbench.tune import CANDIDATES, tune_run
 
 # The pipeline's stages ("stage: message" in its progress) in plain words. Which of them a run
 # goes through is the pipeline's business: a row appears when its stage starts.
@@ -52,10 +53,19 @@ STAGES = {
     "fuse": ("Speed up attention", "fused attention"),
     "measure": ("Measure size and RAM", "RAM"),
 }
+CANDIDATE_STAGE = re.compile(r"^candidate (\d+)$")  # auto-tune's stage per setting tried
 SECONDS_SUFFIX = re.compile(r" \(\d+ s\)$")  # the core's elapsed-time counter in long messages
 MIN_FRACTION_FOR_ESTIMATE = 0.03
 RUNNING, DONE, STOPPED = "running", "done", "stopped"
 STATE_MARKS = {RUNNING: "◐", DONE: "✓", STOPPED: "✕"}
+
+
+def stage_title(name: str) -> tuple[str, str | None]:
+    """A stage's plain name and the glossary term that explains it."""
+    candidate = CANDIDATE_STAGE.match(name)
+    if candidate:
+        return f"Try setting {candidate.group(1)} of {len(CANDIDATES)} and judge it", "perplexity"
+    return STAGES.get(name, (name, None))
 
 
 def default_run_name(runs_dir: Path, model_name: str, preset: str) -> str:
@@ -72,7 +82,7 @@ class StageRow:
     """One stage: a mark, its name, a bar (busy while it runs) and what it is doing or took."""
 
     def __init__(self, grid: QGridLayout, name: str):
-        title, term = STAGES.get(name, (name, None))
+        title, term = stage_title(name)
         self.mark = QLabel()
         self.mark.setObjectName("stageMark")
         self.title = QLabel(title)
@@ -200,7 +210,9 @@ class QuantizePage(Page):
         session = self.session
         if session.model is None:
             return "Choose a model first (step Model)."
-        if session.settings.needs_calibration and session.calibration_problem:
+        if session.tune is not None and session.tune.text is None:
+            return "Choose the text auto-tune judges quality on (step Settings)."
+        if self._reads_calibration() and session.calibration_problem:
             return f"{session.calibration_problem} (step Calibration)"
         return self._name_problem()
 
@@ -216,6 +228,15 @@ class QuantizePage(Page):
             return str(error)
         return None
 
+    def _reads_calibration(self) -> bool:
+        if self.session.tune is not None:
+            return any(settings.needs_calibration for settings in CANDIDATES)
+        return self.session.settings.needs_calibration
+
+    def _run_kind(self) -> str:
+        """The run's name part after the model: its preset, or 'tuned'."""
+        return "tuned" if self.session.tune is not None else self.session.preset
+
     def entered(self) -> None:
         self._refresh_plan()
 
@@ -228,7 +249,26 @@ class QuantizePage(Page):
             info = session.model.info
             self.model_label.setText(f"{info.name} ({human_bytes(info.fp32_bytes)} now)")
             if not self._name_edited and self._job is None:
-                self.name.setText(default_run_name(session.runs_dir, info.name, session.preset))
+                self.name.setText(default_run_name(session.runs_dir, info.name, self._run_kind()))
+        self._describe_settings()
+        if not self._reads_calibration():
+            self.calibration_label.setText(f"not used by {session.settings.method.upper()}")
+        elif session.calibration is not None:
+            self.calibration_label.setText(session.calibration.name)
+        else:
+            self.calibration_label.setText(session.calibration_problem or "written by the model itself")
+        self._check_name()
+
+    def _describe_settings(self) -> None:
+        session = self.session
+        if session.tune is not None:
+            text = session.tune.text.name if session.tune.text else "a text still to choose"
+            self.settings_label.setToolTip(tip("perplexity"))
+            self.settings_label.setText(
+                f"Auto-tune: the smallest of {len(CANDIDATES)} settings whose perplexity on {text} rises no more "
+                f"than {session.tune.max_quality_loss_pct:g} %"
+            )
+            return
         settings = session.settings
         changed = " (changed)" if settings != preset_settings(session.preset) else ""
         eight_bit = f", kept at 8 bits: {', '.join(settings.eight_bit)}" if settings.eight_bit else ""
@@ -239,13 +279,6 @@ class QuantizePage(Page):
             f"{PRESETS[session.preset].title}{changed}: {settings.method.upper()}, blocks of {settings.block_size}, "
             f"{'symmetric' if settings.symmetric else 'asymmetric'}{eight_bit}"
         )
-        if not settings.needs_calibration:
-            self.calibration_label.setText(f"not used by {settings.method.upper()}")
-        elif session.calibration is not None:
-            self.calibration_label.setText(session.calibration.name)
-        else:
-            self.calibration_label.setText(session.calibration_problem or "written by the model itself")
-        self._check_name()
 
     def _name_typed(self) -> None:
         self._name_edited = True
@@ -273,15 +306,14 @@ class QuantizePage(Page):
             self.result.problem(blocker or "Already quantizing.")
             return None
         session = self.session
-        job = Job(
-            quantize_run,
-            session.model,
-            session.runs_dir / self.name.text().strip(),
-            session.settings,
-            calibration=session.calibration if session.settings.needs_calibration else None,
-            trust_remote_code=session.trust_remote_code,
-            preset=session.preset,
-        )
+        run_dir = session.runs_dir / self.name.text().strip()
+        calibration = session.calibration if self._reads_calibration() else None
+        if session.tune is not None:
+            job = Job(tune_run, session.model, run_dir, session.tune.max_quality_loss_pct, text=session.tune.text,
+                      calibration=calibration, trust_remote_code=session.trust_remote_code)
+        else:
+            job = Job(quantize_run, session.model, run_dir, session.settings, calibration=calibration,
+                      trust_remote_code=session.trust_remote_code, preset=session.preset)
         self._job = job
         job.signals.progress.connect(self._progress)
         job.signals.finished.connect(self._finished)
@@ -330,7 +362,7 @@ class QuantizePage(Page):
             row.detail.setText(detail)
         self._fraction = fraction
         self.overall.setValue(round(fraction * 1000))
-        self.status.emit(f"Quantizing: {fraction:.0%}, {STAGES.get(stage, (stage,))[0].lower()}")
+        self.status.emit(f"Quantizing: {fraction:.0%}, {stage_title(stage)[0].lower()}")
         self._log(message)
 
     def _finish_row(self, row: StageRow) -> None:
@@ -360,6 +392,7 @@ class QuantizePage(Page):
             f"Done: {human_bytes(record['original']['bytes'])} → {human_bytes(record['int4']['bytes'])} on disk "
             f"({record['size_ratio']:.1f}x smaller), {record['ram_ratio']:.1f}x less RAM. "
             f"Saved in {record['run_dir']}. Next: compare the two models' answers."
+            + (f"\n{record['tune']['explanation']}" if "tune" in record else "")
         )
         self._name_edited = False
         self.session.set_run(Path(record["run_dir"]), record)
@@ -395,5 +428,5 @@ class QuantizePage(Page):
         """A new default name (the old folder now exists), the rows kept as the run left them."""
         session = self.session
         if session.model is not None and not self._name_edited:
-            self.name.setText(default_run_name(session.runs_dir, session.model.info.name, session.preset))
+            self.name.setText(default_run_name(session.runs_dir, session.model.info.name, self._run_kind()))
         self._check_name()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
@@ -10,8 +11,10 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
+    QFileDialog,
     QFormLayout,
     QFrame,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -23,10 +26,14 @@ from PySide6.QtWidgets import (
 
 from ui.glossary import METHOD_TERMS, tip
 from ui.pages import Page
+from ui.pages.calibration import FILE_FILTER
+from ui.session import TuneChoice
 from ui.widgets import Collapsible, InlineMessage, human_bytes, term_label, with_tip
+from workbench.calibration import SUPPORTED_EXTENSIONS
 from workbench.errors import WorkbenchError
 from workbench.memory import int4_bytes
 from workbench.settings import MAX_SENSITIVE_8BIT_PCT, METHODS, PRESETS, Preset, QuantSettings, preset_settings
+from workbench.tune import CANDIDATES
 
 METHOD_TITLES = {
     "gptq": "GPTQ: learns from example text (slower, best quality)",
@@ -42,6 +49,7 @@ ACCURACY_TITLES = {
     0: "0: the runtime decides",
 }
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_QUALITY_LOSS_PCT = 5.0
 
 
 def patterns(text: str) -> tuple[str, ...]:
@@ -108,6 +116,7 @@ class SettingsPage(Page):
             cards.addWidget(card, 1)
             card.chosen.connect(self._preset_chosen)
         self.body.addLayout(cards)
+        self.body.addWidget(self._tune_box())
 
         self.method = QComboBox()
         for method in METHODS:
@@ -179,9 +188,76 @@ class SettingsPage(Page):
         session.model_changed.connect(self._update_sizes)
         self._loading = False
         self._problem: str | None = None
+        self._tune_problem: str | None = None
         self.cards[session.preset].radio.setChecked(True)
 
+    def _tune_box(self) -> QGroupBox:
+        """Auto-tune: try several settings on the user's text and keep the smallest good enough."""
+        self.tune = QGroupBox("Let the workbench choose (auto-tune)")
+        self.tune.setCheckable(True)
+        self.tune.setChecked(False)
+        self.tune.setToolTip(
+            f"Instead of one setting, try {len(CANDIDATES)} from the smallest up, measure each on your text and keep "
+            "the smallest that loses no more than you allow. It exports once, so it takes a few minutes more than "
+            "one preset."
+        )
+        self.max_loss = QDoubleSpinBox(minimum=0.0, maximum=100.0, singleStep=1.0, decimals=1,
+                                       value=DEFAULT_QUALITY_LOSS_PCT, suffix=" % at most")
+        self.max_loss.setMaximumWidth(200)
+        with_tip(self.max_loss, "perplexity")
+        self.tune_text = QLineEdit(placeholderText="a few pages of text like yours (.txt, .jsonl, .csv or .json)")
+        self.tune_browse = QPushButton("Choose file…")
+        text_row = QHBoxLayout()
+        text_row.addWidget(self.tune_text, 1)
+        text_row.addWidget(self.tune_browse)
+        self.tune_problem = InlineMessage()
+        form = QFormLayout(self.tune)
+        form.setVerticalSpacing(10)
+        form.setHorizontalSpacing(24)
+        form.addRow(term_label("Perplexity may rise", "perplexity"), self.max_loss)
+        form.addRow("Judged on your text", text_row)
+        form.addRow("", self.tune_problem)
+        self.tune.toggled.connect(self._tune_edited)
+        self.max_loss.valueChanged.connect(self._tune_edited)
+        self.tune_text.editingFinished.connect(self._tune_edited)
+        self.tune_browse.clicked.connect(self._pick_tune_text)
+        return self.tune
+
+    def _pick_tune_text(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a text to judge quality on", "", FILE_FILTER)
+        if path:
+            self.use_tune_text(Path(path))
+
+    def use_tune_text(self, path: Path) -> None:
+        self.tune.setChecked(True)
+        self.tune_text.setText(str(path))
+        self._tune_edited()
+
+    def _tune_edited(self) -> None:
+        on = self.tune.isChecked()
+        for widget in (*self.cards.values(), self.advanced, self.custom_note, self.reset_button):
+            widget.setEnabled(not on)
+        typed = self.tune_text.text().strip()
+        text = Path(typed).expanduser() if typed else None
+        problem = None
+        if on and text is None:
+            problem = "Choose a text of yours: auto-tune judges each setting on it."
+        elif on and not text.is_file():
+            problem = f"{text} does not exist or is not a file; choose a text file."
+        elif on and text.suffix.lower() not in SUPPORTED_EXTENSIONS:
+            problem = f"{text.name}: choose a file ending in {', '.join(SUPPORTED_EXTENSIONS)}."
+        self._tune_problem = problem
+        if problem and typed:
+            self.tune_problem.problem(problem)
+        else:
+            self.tune_problem.clear()
+        usable = text if on and problem is None else None
+        self.session.set_tune(TuneChoice(self.max_loss.value(), usable) if on else None)
+        self._update_sizes()
+
     def blocker(self) -> str | None:
+        if self.session.tune is not None and self._tune_problem:
+            return self._tune_problem
         return self._problem
 
     def choose(self, preset: str) -> None:
@@ -254,6 +330,15 @@ class SettingsPage(Page):
         for name, card in self.cards.items():
             size = facts.preset_bytes[name]
             card.size.setText(f"about {human_bytes(size)} · {facts.original_bytes / size:.1f}x smaller")
+        if self.session.tune is not None:
+            sizes = [int4_bytes(model.info, settings) for settings in CANDIDATES]
+            self.estimate.setText(
+                f"Auto-tune tries {len(CANDIDATES)} settings, from about <b>{human_bytes(min(sizes))}</b> "
+                f"({facts.original_bytes / min(sizes):.1f}x smaller) to about <b>{human_bytes(max(sizes))}</b> "
+                f"({facts.original_bytes / max(sizes):.1f}x smaller), and keeps the smallest whose perplexity on your "
+                f"text rises no more than {self.session.tune.max_quality_loss_pct:g} %."
+            )
+            return
         size = int4_bytes(model.info, self.session.settings)
         self.estimate.setText(
             f"After INT4: about <b>{human_bytes(size)}</b>, {facts.original_bytes / size:.1f}x smaller than the "
