@@ -150,7 +150,7 @@ def test_the_wizard_runs_auto_tune(qtbot, trained, tmp_path, prose):
     assert "Choose a text" in settings.blocker() and not window.next_button.isEnabled()
     assert not any(card.isEnabled() for card in settings.cards.values()) and not settings.advanced.isEnabled()
     settings.use_tune_text(tmp_path / "missing.txt")
-    assert "does not exist" in settings.tune_problem.text() and window.session.tune.text is None
+    assert "not found" in settings.tune_problem.text() and window.session.tune.text is None
     settings.use_tune_text(prose)
     settings.max_loss.setValue(100.0)  # every setting is good enough: the smallest is kept, alone tried
     assert settings.blocker() is None and window.session.tune.text == prose

@@ -44,6 +44,21 @@ _EXPECTED_RECORD = (
 )
 
 
+def check_text_file(path: Path) -> Path:
+    """`path` if it names a file of a readable kind, without reading it (cheap enough for every keystroke)."""
+    path = Path(path)
+    if not path.exists():
+        raise WorkbenchError(f"Text file not found: {path}. Check the path, or choose another file.")
+    if path.is_dir():
+        raise WorkbenchError(f"{path} is a folder; choose a text file inside it.")
+    if path.suffix.lower() not in _PARSERS:
+        raise WorkbenchError(
+            f"{path.name}: text files must end in {', '.join(SUPPORTED_EXTENSIONS)}; "
+            "save the text in one of these formats."
+        )
+    return path
+
+
 def read_texts(path: Path) -> list[str]:
     """The calibration samples in a .txt, .jsonl, .csv or .json file, empty ones dropped.
 
@@ -52,17 +67,8 @@ def read_texts(path: Path) -> list[str]:
     only column holding text; the first row is the header. .json: a list of strings or of such
     objects, possibly under "data", "samples" or "texts".
     """
-    path = Path(path)
-    if not path.exists():
-        raise WorkbenchError(f"Calibration file not found: {path}. Check the path, or choose another file.")
-    if path.is_dir():
-        raise WorkbenchError(f"{path} is a folder; choose a calibration file inside it.")
-    parse = _PARSERS.get(path.suffix.lower())
-    if parse is None:
-        raise WorkbenchError(
-            f"{path.name}: calibration files must end in {', '.join(SUPPORTED_EXTENSIONS)}; "
-            "save the text in one of these formats."
-        )
+    path = check_text_file(path)
+    parse = _PARSERS[path.suffix.lower()]
     text = _decode(path)
     if not text.strip():
         raise WorkbenchError(f"{path.name} is empty; choose a file with some text in it.")

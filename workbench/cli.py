@@ -19,6 +19,7 @@ from workbench.jobs import Progress
 from workbench.settings import DEFAULT_PRESET, METHODS, PRESETS, preset_settings
 
 log = logging.getLogger("workbench")
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")  # workbench.runtime.choose_provider's; importing it loads onnxruntime
 
 
 @contextlib.contextmanager
@@ -432,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text", required=True, help="a text file (.txt, .jsonl, .csv, .json)")
     evaluate.add_argument("--max-tokens", type=int, default=8192, help="tokens of the text to score")
     evaluate.add_argument("--window", type=int, default=512, help="tokens per forward pass")
-    evaluate.add_argument("--provider", default="cpu", choices=("auto", "cpu", "cuda"))
+    evaluate.add_argument("--provider", default="cpu", choices=PROVIDER_CHOICES)
     evaluate.set_defaults(func=cmd_evaluate)
 
     compare_cmd = command("compare", "Both models answer the same prompts: text, speed, memory, agreement.")
@@ -440,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = compare_cmd.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts", help="a prompt file: .txt (one per line) or .jsonl (\"prompt\" per line)")
-    compare_cmd.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda"))
+    compare_cmd.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES)
     compare_cmd.add_argument("--system", help="system prompt (models with a chat template)")
     compare_cmd.add_argument("--max-new-tokens", type=int, default=128)
     compare_cmd.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -460,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = command("bench", "Decode speed, time to first token and peak RAM of both models, alternating.")
     bench.add_argument("run_dir")
-    bench.add_argument("--provider", default="cpu", choices=("auto", "cpu", "cuda"))
+    bench.add_argument("--provider", default="cpu", choices=PROVIDER_CHOICES)
     bench.add_argument("--rounds", type=int, default=3, help="alternating measurements per model (median)")
     bench.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     bench.add_argument("--new-tokens", type=int, default=128, help="greedy tokens timed for decode speed")
@@ -478,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = command("verify", "Check a bundle (folder or zip): every checksum, and the model's recorded answer.")
     verify.add_argument("bundle")
-    verify.add_argument("--provider", default="cpu", choices=("auto", "cpu", "cuda"))
+    verify.add_argument("--provider", default="cpu", choices=PROVIDER_CHOICES)
     verify.set_defaults(func=cmd_verify)
 
     report = command("report", "Regenerate report.md and memory.png of a run folder.")

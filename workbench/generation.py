@@ -107,14 +107,13 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 class KVCache:
     """One sequence batch's past keys and values, as ONNX Runtime values, plus its attention mask.
 
-    A shared cache's values are buffers with room for more positions than `length`; the graph
-    writes each step's keys and values into them in place.
+    For a graph that shares KV buffers the values have room for more positions than `length`;
+    the graph writes each step's keys and values into them in place.
     """
 
-    def __init__(self, values: list[ort.OrtValue], mask: np.ndarray, shared: bool = False):
+    def __init__(self, values: list[ort.OrtValue], mask: np.ndarray):
         self.values = values
         self.mask = mask  # (batch, length) int64: 1 for real tokens, 0 for left padding
-        self.shared = shared
 
     @property
     def length(self) -> int:
@@ -191,7 +190,7 @@ class CausalLM:
         room = capacity if self.shares_kv else 0
         shape = [batch, self.kv_heads, room, self.head_dim]
         values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0) for _ in self.past_names]
-        return KVCache(values, np.zeros((batch, 0), np.int64), shared=self.shares_kv)
+        return KVCache(values, np.zeros((batch, 0), np.int64))
 
     def step(
         self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray | None = None, last_only: bool = False
@@ -207,7 +206,7 @@ class CausalLM:
         if new_mask is None:
             new_mask = np.ones((batch, length), np.int64)
         mask = np.concatenate([cache.mask, new_mask.astype(np.int64)], axis=1)
-        if cache.shared and mask.shape[1] > cache.capacity:
+        if self.shares_kv and mask.shape[1] > cache.capacity:
             self._grow(cache, max(mask.shape[1], 2 * cache.capacity))
         binding = self.session.io_binding()
         for name, value in self._token_feeds(input_ids, mask).items():
@@ -221,12 +220,12 @@ class CausalLM:
         logits = np.empty((batch, kept, vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         for name, value in zip(self.present_names, cache.values):
-            if cache.shared:
+            if self.shares_kv:
                 binding.bind_ortvalue_output(name, value)
             else:
                 binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
-        if not cache.shared:
+        if not self.shares_kv:
             cache.values = binding.get_outputs()[1:]
         cache.mask = mask
         return logits[:, -1:] if last_only else logits
@@ -235,7 +234,7 @@ class CausalLM:
         """Forget everything after the first `length` positions (rejected speculative tokens)."""
         if length == cache.length:
             return
-        if not cache.shared:  # a shared buffer's stale positions are simply written over
+        if not self.shares_kv:  # a shared buffer's stale positions are simply written over
             cache.values = [self._copy(value, length, length) for value in cache.values]
         cache.mask = cache.mask[:, :length]
 
@@ -262,7 +261,7 @@ class CausalLM:
         return self.vocab_size
 
 
-def release_unused_memory(model_folder: str | None = None) -> None:
+def release_unused_memory(model_folder: str) -> None:
     """Hand back to the system memory that loading left behind (Linux with glibc; elsewhere nothing).
 
     ONNX Runtime maps the weights file and reads it once to prepack the weights into buffers of
@@ -276,8 +275,6 @@ def release_unused_memory(model_folder: str | None = None) -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
-        return
-    if model_folder is None:
         return
     prefix = os.path.realpath(model_folder) + os.sep
     with open("/proc/self/maps") as maps:

@@ -29,7 +29,7 @@ from ui.pages import Page
 from ui.pages.calibration import FILE_FILTER
 from ui.session import TuneChoice
 from ui.widgets import Collapsible, InlineMessage, human_bytes, term_label, with_tip
-from workbench.calibration import SUPPORTED_EXTENSIONS
+from workbench.calibration import check_text_file
 from workbench.errors import WorkbenchError
 from workbench.memory import int4_bytes
 from workbench.settings import MAX_SENSITIVE_8BIT_PCT, METHODS, PRESETS, Preset, QuantSettings, preset_settings
@@ -238,21 +238,18 @@ class SettingsPage(Page):
         for widget in (*self.cards.values(), self.advanced, self.custom_note, self.reset_button):
             widget.setEnabled(not on)
         typed = self.tune_text.text().strip()
-        text = Path(typed).expanduser() if typed else None
-        problem = None
-        if on and text is None:
-            problem = "Choose a text of yours: auto-tune judges each setting on it."
-        elif on and not text.is_file():
-            problem = f"{text} does not exist or is not a file; choose a text file."
-        elif on and text.suffix.lower() not in SUPPORTED_EXTENSIONS:
-            problem = f"{text.name}: choose a file ending in {', '.join(SUPPORTED_EXTENSIONS)}."
+        text, problem = None, "Choose a text of yours: auto-tune judges each setting on it."
+        if typed:
+            try:
+                text, problem = check_text_file(Path(typed).expanduser()), None
+            except WorkbenchError as error:
+                problem = str(error)
         self._tune_problem = problem
-        if problem and typed:
+        if on and problem and typed:
             self.tune_problem.problem(problem)
         else:
             self.tune_problem.clear()
-        usable = text if on and problem is None else None
-        self.session.set_tune(TuneChoice(self.max_loss.value(), usable) if on else None)
+        self.session.set_tune(TuneChoice(self.max_loss.value(), text) if on else None)
         self._update_sizes()
 
     def blocker(self) -> str | None:
