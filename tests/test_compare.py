@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from workbench.compare import (
+from workbench.generation.compare import (
     CompareOptions,
     agreement,
     compare,
@@ -19,8 +19,8 @@ from workbench.compare import (
     to_markdown,
 )
 from workbench.errors import JobCancelled, WorkbenchError
-from workbench.generation import GenerationConfig
-from workbench.pipeline import quantize_run
+from workbench.generation.engine import GenerationConfig
+from workbench.run.pipeline import quantize_run
 from workbench.settings import QuantSettings
 
 PROMPTS = ["Hello, who are you?", "Write one word.", "Count to three."]
@@ -127,7 +127,7 @@ def test_cli_compare_json_and_table(tiny_run, tmp_path):
     assert (tmp_path / "table.md").read_text().startswith("| # | prompt |")
 
 
-@pytest.mark.skipif(__import__("workbench.runtime").runtime.cuda_status()[0], reason="CUDA works here")
+@pytest.mark.skipif(__import__("workbench.generation.runtime").generation.runtime.cuda_status()[0], reason="CUDA works here")
 def test_cli_cuda_without_cuda(tiny_run):
     done = cli("compare", str(tiny_run), "--prompt", "hi", "--provider", "cuda")
     assert done.returncode == 2 and "CUDA was asked for" in done.stderr and "Traceback" not in done.stderr

@@ -15,7 +15,7 @@ from transformers import AutoConfig
 from exporters.onnx_export import save_model
 
 from exporters.optimize import fuse_attention, is_fused
-from workbench.generation import (
+from workbench.generation.engine import (
     CausalLM,
     GenerationConfig,
     GenerationError,

@@ -9,10 +9,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from models import build_model
-from workbench.blockquant import grid_params, rtn_quantize
+from workbench.quantization.blockquant import grid_params, rtn_quantize
 from workbench.errors import JobCancelled, WorkbenchError
-from workbench.gptq import _round_to_grid, gptq_quantize, gptq_solve
-from workbench.layerwise import capture, layer_output
+from workbench.quantization.gptq import _round_to_grid, gptq_quantize, gptq_solve
+from workbench.quantization.layerwise import capture, layer_output
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

@@ -11,9 +11,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from models import build_model
-from workbench.blockquant import rtn_quantize
+from workbench.quantization.blockquant import rtn_quantize
 from workbench.errors import JobCancelled, WorkbenchError
-from workbench.offgrid import build_offgrid_reference, max_logit_difference, random_orthogonal, rotate_residual_stream
+from workbench.quality.offgrid import build_offgrid_reference, max_logit_difference, random_orthogonal, rotate_residual_stream
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

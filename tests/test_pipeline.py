@@ -13,8 +13,8 @@ import time
 import pytest
 
 from workbench.errors import JobCancelled
-from workbench.pipeline import quantize_run
-from workbench.runs import RUN_SCHEMA_VERSION, load_run
+from workbench.run.pipeline import quantize_run
+from workbench.run.folders import RUN_SCHEMA_VERSION, load_run
 from workbench.settings import QuantSettings
 
 PROSE = "\n\n".join(
@@ -85,7 +85,7 @@ def test_gptq_with_a_calibration_file_beats_rtn(tiny_llama, tmp_path, prose):
         record = quantize_run(str(tiny_llama), tmp_path / method, settings, calibration=prose)
         assert record["calibration"] == (str(prose) if method == "gptq" else None)
         runs[method] = tmp_path / method
-    from workbench.evaluate import evaluate
+    from workbench.quality.evaluate import evaluate
 
     kl = {m: evaluate(d / "original", d / "int4", prose).mean_kl for m, d in runs.items()}
     assert kl["gptq"] < kl["rtn"], kl

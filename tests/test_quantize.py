@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workbench.blockquant import rtn_quantize
-from workbench.memory import estimate_int4, graph_sizes
-from workbench.quantize import layer_plan, quantize_onnx
-from workbench.runtime import OnnxCausalLM
+from workbench.quantization.blockquant import rtn_quantize
+from workbench.run.memory import estimate_int4, graph_sizes
+from workbench.quantization.int4_graph import layer_plan, quantize_onnx
+from workbench.generation.runtime import OnnxCausalLM
 from workbench.settings import QuantSettings
 from workbench.sources import inspect_folder
 

@@ -10,8 +10,8 @@ import pytest
 from transformers import AutoConfig
 
 from workbench.errors import WorkbenchError
-from workbench.generation import GenerationConfig
-from workbench.runtime import (
+from workbench.generation.engine import GenerationConfig
+from workbench.generation.runtime import (
     ChatModel,
     OnnxCausalLM,
     choose_provider,

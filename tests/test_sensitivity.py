@@ -10,13 +10,13 @@ from transformers import AutoModelForCausalLM
 from models import build_model
 from test_gptq import calibration_ids
 from test_pipeline import leftovers
-from workbench.blockquant import rtn_quantize
+from workbench.quantization.blockquant import rtn_quantize
 from workbench.errors import JobCancelled
-from workbench.memory import estimate_int4
-from workbench.pipeline import quantize_run
-from workbench.quantize import module_name
-from workbench.runs import load_run
-from workbench.sensitivity import choose_eight_bit, measure_sensitivity, with_eight_bit
+from workbench.run.memory import estimate_int4
+from workbench.run.pipeline import quantize_run
+from workbench.quantization.int4_graph import module_name
+from workbench.run.folders import load_run
+from workbench.quantization.sensitivity import choose_eight_bit, measure_sensitivity, with_eight_bit
 from workbench.settings import QuantSettings
 from workbench.sources import inspect_folder
 

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models import build_model
 from test_pipeline import PROSE, cli, leftovers, prose  # noqa: F401 (a fixture)
 from workbench.errors import JobCancelled, WorkbenchError
-from workbench.runs import load_run
+from workbench.run.folders import load_run
 from workbench.settings import QuantSettings
-from workbench.tune import tune_run
+from workbench.run.tune import tune_run
 
 SMALL = dict(method="rtn", symmetric=False, calibration_samples=4, calibration_tokens=32)
 CANDIDATES = (
@@ -138,7 +138,7 @@ def test_the_wizard_runs_auto_tune(qtbot, trained, tmp_path, prose):
     from ui.main_window import STEP_PAGES, MainWindow
     from ui.pages.quantize import QuantizePage
     from ui.pages.settings import SettingsPage
-    from workbench.tune import CANDIDATES as DEFAULT_CANDIDATES, candidate_label
+    from workbench.run.tune import CANDIDATES as DEFAULT_CANDIDATES, candidate_label
 
     window = MainWindow(tmp_path / "runs")
     qtbot.addWidget(window)

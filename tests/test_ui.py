@@ -25,13 +25,13 @@ from ui.pages.model import ModelPage
 from ui.pages.quantize import DONE, STAGES, QuantizePage
 from ui.pages.report import ReportPage
 from ui.pages.settings import METHOD_TITLES, SettingsPage
-from workbench.memory import FITS, NO_FIT, TIGHT, fit_verdict
-from workbench.runs import list_runs
-from workbench.bench import bench_run
+from workbench.run.memory import FITS, NO_FIT, TIGHT, fit_verdict
+from workbench.run.folders import list_runs
+from workbench.generation.bench import bench_run
 from workbench.errors import WorkbenchError
 from workbench.jobs import check
-from workbench.pipeline import quantize_run
-from workbench.runs import load_run
+from workbench.run.pipeline import quantize_run
+from workbench.run.folders import load_run
 from workbench.settings import METHODS, PRESETS, QuantSettings
 
 PROSE = "\n\n".join(

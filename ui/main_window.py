@@ -33,7 +33,7 @@ from ui.pages.settings import SettingsPage
 from ui.session import Session
 from ui.widgets import show_error
 from workbench.errors import WorkbenchError
-from workbench.runs import list_runs, load_run
+from workbench.run.folders import list_runs, load_run
 
 STEP_PAGES = (ModelPage, SettingsPage, CalibrationPage, QuantizePage, ComparePage, ReportPage, ExportPage)
 NEEDS = {

@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (
 
 from ui.glossary import tip
 from ui.jobs import Job
-from workbench.memory import FITS, NO_FIT, TIGHT, fit_verdict
+from workbench.run.memory import FITS, NO_FIT, TIGHT, fit_verdict
 
 FIT_COLOURS = {FITS: "#2e7d32", TIGHT: "#b26a00", NO_FIT: "#c62828"}
 

@@ -19,7 +19,7 @@ from workbench.jobs import Progress
 from workbench.settings import DEFAULT_PRESET, METHODS, PRESETS, preset_settings
 
 log = logging.getLogger("workbench")
-PROVIDER_CHOICES = ("auto", "cpu", "cuda")  # workbench.runtime.choose_provider's; importing it loads onnxruntime
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")  # workbench.generation.runtime.choose_provider's; importing it loads onnxruntime
 
 
 @contextlib.contextmanager
@@ -54,7 +54,7 @@ def _mb(value: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from workbench.memory import fit_verdict, original_sizes, preset_estimates, ram_estimates
+    from workbench.run.memory import fit_verdict, original_sizes, preset_estimates, ram_estimates
     from workbench.sources import resolve
 
     with progress_bar(not args.quiet) as progress:
@@ -131,12 +131,12 @@ def _settings_from(args: argparse.Namespace):
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from workbench.pipeline import quantize_run
+    from workbench.run.pipeline import quantize_run
 
     settings = _settings_from(args)
     calibration = Path(args.calibration) if args.calibration else None
     if calibration is not None:
-        from workbench.calibration import read_texts
+        from workbench.quantization.calibration import read_texts
 
         read_texts(calibration)  # a bad file is refused before minutes of export
     with progress_bar(not args.quiet) as progress:
@@ -171,7 +171,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from workbench.tune import tune_run
+    from workbench.run.tune import tune_run
 
     text = args.text or args.calibration
     if text is None:
@@ -209,7 +209,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from workbench.evaluate import evaluate_run
+    from workbench.quality.evaluate import evaluate_run
 
     with progress_bar(not args.quiet) as progress:
         result = evaluate_run(
@@ -226,8 +226,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from workbench.report import REPORT_FILE, verdict, write_report
-    from workbench.runs import load_run
+    from workbench.run.report import REPORT_FILE, verdict, write_report
+    from workbench.run.folders import load_run
 
     run_dir = Path(args.run_dir)
     record = load_run(run_dir)
@@ -237,7 +237,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _generation_config(args: argparse.Namespace):
-    from workbench.generation import GenerationConfig, GenerationError
+    from workbench.generation.engine import GenerationConfig, GenerationError
 
     try:
         return GenerationConfig(
@@ -260,7 +260,7 @@ def _json_schema(path: str | None) -> dict | None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from workbench.compare import CompareOptions, compare, read_prompts, write_table
+    from workbench.generation.compare import CompareOptions, compare, read_prompts, write_table
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(Path(args.prompts))
     options = CompareOptions(
@@ -285,7 +285,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
-    from workbench.compare import to_markdown
+    from workbench.generation.compare import to_markdown
 
     lines = [] if streaming else [to_markdown(result)]
     for row in result.rows if streaming else []:
@@ -318,7 +318,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from workbench.bench import bench_run
+    from workbench.generation.bench import bench_run
 
     with progress_bar(not args.quiet) as progress:
         data = bench_run(

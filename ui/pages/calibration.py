@@ -21,7 +21,7 @@ from PySide6.QtWidgets import (
 from ui.jobs import Job
 from ui.pages import Page
 from ui.widgets import InlineMessage, JobPanel, show_error, with_tip
-from workbench.calibration import SUPPORTED_EXTENSIONS, CalibrationPreview, preview
+from workbench.quantization.calibration import SUPPORTED_EXTENSIONS, CalibrationPreview, preview
 
 FILE_FILTER = f"Text files ({' '.join('*' + e for e in SUPPORTED_EXTENSIONS)});;All files (*)"
 

@@ -33,7 +33,7 @@ from ui.glossary import tip
 from ui.jobs import Job
 from ui.pages import Page
 from ui.widgets import Collapsible, InlineMessage, JobPanel, human_bytes, show_error, term_label, with_tip
-from workbench.compare import (
+from workbench.generation.compare import (
     MODELS,
     TABLE_COLUMNS,
     CompareOptions,
@@ -44,9 +44,9 @@ from workbench.compare import (
     write_table,
 )
 from workbench.errors import WorkbenchError
-from workbench.generation import GenerationConfig, GenerationError
-from workbench.runs import INT4, ORIGINAL
-from workbench.runtime import cuda_status
+from workbench.generation.engine import GenerationConfig, GenerationError
+from workbench.run.folders import INT4, ORIGINAL
+from workbench.generation.runtime import cuda_status
 
 COLUMN_TITLES = {ORIGINAL: "Original (32-bit)", INT4: "INT4"}
 DIVERGENCE_COLOUR = "#fff1c2"

@@ -22,8 +22,8 @@ from exporters.onnx_export import folder_bytes
 from ui.jobs import Job
 from ui.pages import Page
 from ui.widgets import InlineMessage, JobPanel, human_bytes, open_path, show_error, with_tip
-from workbench.report import CHART_FILE, REPORT_FILE, TUNE_CHART_FILE
-from workbench.runs import INT4, ORIGINAL, RUN_FILE
+from workbench.run.report import CHART_FILE, REPORT_FILE, TUNE_CHART_FILE
+from workbench.run.folders import INT4, ORIGINAL, RUN_FILE
 
 TARGETS = (
     ("runner", "Runs with “python run.py”"),

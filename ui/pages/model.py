@@ -27,7 +27,7 @@ from ui.widgets import (
     show_error,
     term_label,
 )
-from workbench.memory import original_sizes, preset_estimates, ram_estimates
+from workbench.run.memory import original_sizes, preset_estimates, ram_estimates
 from workbench.settings import PRESETS
 from workbench.sources import DEMO, DEMO_NAME, ResolvedModel, resolve
 

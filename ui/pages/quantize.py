@@ -35,10 +35,10 @@ from ui.widgets import (
     with_tip,
 )
 from workbench.errors import WorkbenchError
-from workbench.pipeline import quantize_run
-from workbench.runs import check_output_dir
+from workbench.run.pipeline import quantize_run
+from workbench.run.folders import check_output_dir
 from workbench.settings import PRESETS, preset_settings
-from workbench.tune import CANDIDATES, tune_run
+from workbench.run.tune import CANDIDATES, tune_run
 
 # The pipeline's stages ("stage: message" in its progress) in plain words. Which of them a run
 # goes through is the pipeline's business: a row appears when its stage starts.

@@ -33,10 +33,10 @@ from ui.widgets import (
     show_error,
     term_label,
 )
-from workbench.bench import NEW_TOKENS, bench_run
-from workbench.evaluate import evaluate_run
-from workbench.report import CHART_FILE, REPORT_FILE, TUNE_CHART_FILE, verdict
-from workbench.runs import INT4, ORIGINAL, load_run
+from workbench.generation.bench import NEW_TOKENS, bench_run
+from workbench.quality.evaluate import evaluate_run
+from workbench.run.report import CHART_FILE, REPORT_FILE, TUNE_CHART_FILE, verdict
+from workbench.run.folders import INT4, ORIGINAL, load_run
 
 QUALITY_COLUMNS = (
     ("Text", None),

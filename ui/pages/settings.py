@@ -29,11 +29,11 @@ from ui.pages import Page
 from ui.pages.calibration import FILE_FILTER
 from ui.session import TuneChoice
 from ui.widgets import Collapsible, InlineMessage, human_bytes, term_label, with_tip
-from workbench.calibration import check_text_file
+from workbench.quantization.calibration import check_text_file
 from workbench.errors import WorkbenchError
-from workbench.memory import int4_bytes
+from workbench.run.memory import int4_bytes
 from workbench.settings import MAX_SENSITIVE_8BIT_PCT, METHODS, PRESETS, Preset, QuantSettings, preset_settings
-from workbench.tune import CANDIDATES
+from workbench.run.tune import CANDIDATES
 
 METHOD_TITLES = {
     "gptq": "GPTQ: learns from example text (slower, best quality)",

@@ -14,7 +14,7 @@ import psutil
 
 from exporters.onnx_export import MODEL_FILE
 from workbench.jobs import Cancelled, Progress, never_cancelled, no_progress
-from workbench.quantize import layer_plan, module_name, quantized_bytes, zero_point_kind
+from workbench.quantization.int4_graph import layer_plan, module_name, quantized_bytes, zero_point_kind
 from workbench.settings import PRESETS, QuantSettings
 from workbench.sources import ModelInfo
 
@@ -81,7 +81,7 @@ def preset_estimates(info: ModelInfo) -> dict[str, int]:
 
 def ram_estimates(info: ModelInfo) -> dict[str, int | None]:
     """Memory each step needs, next to what this machine has (GPU figures are None without a GPU)."""
-    from workbench.runtime import gpu_memory
+    from workbench.generation.runtime import gpu_memory
 
     int4 = int4_bytes(info, PRESETS["balanced"].settings)
     gpu = gpu_memory()
@@ -147,7 +147,7 @@ def measure_session_memory(
     from workbench.subprocess_job import run_in_subprocess
 
     result = run_in_subprocess(
-        "workbench.memory:session_memory_in_process",
+        "workbench.run.memory:session_memory_in_process",
         {"model_dir": str(model_dir)},
         progress=progress,
         cancelled=cancelled,
@@ -158,8 +158,8 @@ def measure_session_memory(
 
 
 def session_memory_in_process(model_dir: str, progress: Progress = no_progress) -> dict:
-    from workbench.generation import GenerationConfig, generate
-    from workbench.runtime import OnnxCausalLM
+    from workbench.generation.engine import GenerationConfig, generate
+    from workbench.generation.runtime import OnnxCausalLM
 
     baseline = _peak_rss()
     model = OnnxCausalLM(Path(model_dir))

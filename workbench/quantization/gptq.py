@@ -5,7 +5,7 @@ of the layers before it with their weights already quantized, so later layers se
 compensate) the error of earlier ones. For each layer, one forward pass over the calibration
 batch gathers H = 2 X^T X for the inputs of every planned linear; linears fed by the same tensor
 (q/k/v, gate/up) share one Hessian and are solved together, their rows stacked (the capture and
-the layer-by-layer walk are `workbench.layerwise`, shared with AWQ). Groups are the
+the layer-by-layer walk are `workbench.quantization.layerwise`, shared with AWQ). Groups are the
 `block_size` blocks along K; their scale and zero point follow ONNX Runtime's rules
 (`blockquant.grid_params`), so the result is a plain `QuantizedWeight` per linear.
 
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from workbench.blockquant import QuantizedWeight, grid_params
+from workbench.quantization.blockquant import QuantizedWeight, grid_params
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
-from workbench.layerwise import (
+from workbench.quantization.layerwise import (
     InputGroup,
     LayerStep,
     Plan,

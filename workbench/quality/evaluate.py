@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.calibration import read_texts
+from workbench.quantization.calibration import read_texts
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
-from workbench.runtime import OnnxCausalLM
+from workbench.generation.runtime import OnnxCausalLM
 
 DEFAULT_WINDOW = 512
 DEFAULT_MAX_TOKENS = 8192
@@ -149,8 +149,8 @@ def evaluate_run(
     cancelled: Cancelled = never_cancelled,
 ) -> QualityResult:
     """Evaluate a run folder's two models and keep the result (one entry per text) in run.json and the report."""
-    from workbench.report import update_run
-    from workbench.runs import INT4, ORIGINAL, load_run
+    from workbench.run.report import update_run
+    from workbench.run.folders import INT4, ORIGINAL, load_run
 
     run_dir = Path(run_dir)
     load_run(run_dir)  # refuse a folder that is not a run before minutes of work

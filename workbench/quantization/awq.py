@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from workbench.blockquant import QuantizedWeight, rtn_quantize
+from workbench.quantization.blockquant import QuantizedWeight, rtn_quantize
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
-from workbench.layerwise import (
+from workbench.quantization.layerwise import (
     LayerStep,
     Plan,
     collect_inputs,

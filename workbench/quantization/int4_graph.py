@@ -1,6 +1,6 @@
 """fp32 ONNX -> INT4: MatMul -> MatMulNBits, embedding Gather -> GatherBlockQuantized.
 
-Rounding comes from `workbench.blockquant` (bit-exact with ONNX Runtime's RTN kernel), ONNX
+Rounding comes from `workbench.quantization.blockquant` (bit-exact with ONNX Runtime's RTN kernel), ONNX
 Runtime's HQQ solver, or our GPTQ (computed on the PyTorch model and handed in as `precomputed`).
 One graph pass places every quantized weight, so 4- and 8-bit layers, the embeddings and a tied
 lm_head (which ONNX Runtime's quantizer leaves fp32) are handled alike. A tied lm_head and the
@@ -21,7 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from exporters.onnx_export import MODEL_FILE, SIDE_FILES, folder_bytes, save_model
-from workbench.blockquant import QuantizedWeight, rtn_quantize
+from workbench.quantization.blockquant import QuantizedWeight, rtn_quantize
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
 from workbench.settings import QuantSettings

@@ -2,7 +2,7 @@
 
 `quantize_run` is the one long step the CLI's `quantize`, the GUI's Quantize page and the tests
 all call. It writes into a temporary folder and renames it at the end (see runs.staged_dir).
-Its pieces (`prepare`, `quantize_int4`, `finish_run`) also serve auto-tune (workbench.tune),
+Its pieces (`prepare`, `quantize_int4`, `finish_run`) also serve auto-tune (workbench.run.tune),
 which makes several INT4 variants from one export.
 """
 
@@ -24,10 +24,10 @@ from workbench.jobs import (
     never_cancelled,
     no_progress,
 )
-from workbench.memory import graph_sizes, measure_session_memory, ram_components
-from workbench.quantize import QuantizeResult, layer_plan, quantize_onnx
-from workbench.report import write_report
-from workbench.runs import (
+from workbench.run.memory import graph_sizes, measure_session_memory, ram_components
+from workbench.quantization.int4_graph import QuantizeResult, layer_plan, quantize_onnx
+from workbench.run.report import write_report
+from workbench.run.folders import (
     INT4,
     ORIGINAL,
     RUN_SCHEMA_VERSION,
@@ -37,7 +37,7 @@ from workbench.runs import (
     staged_dir,
     versions,
 )
-from workbench.sensitivity import eight_bit_layers, measure_layers, with_eight_bit
+from workbench.quantization.sensitivity import eight_bit_layers, measure_layers, with_eight_bit
 from workbench.settings import QuantSettings
 from workbench.sources import ResolvedModel, resolve
 
@@ -157,12 +157,12 @@ def quantize_int4(stages: Stages, source: Source, dest: Path, settings: QuantSet
         inputs = (source.torch_model, torch.as_tensor(source.samples), _torch_plan(source.info, settings))
         options = {"block_size": settings.block_size, "symmetric": settings.symmetric, "cancelled": cancelled}
         if settings.method == "awq":
-            from workbench.awq import awq_quantize
+            from workbench.quantization.awq import awq_quantize
 
             awq = stages.run("awq", lambda p: awq_quantize(*inputs, **options, progress=p))
             precomputed, overrides = awq.precomputed, awq.overrides
         else:
-            from workbench.gptq import gptq_quantize
+            from workbench.quantization.gptq import gptq_quantize
 
             precomputed = stages.run(
                 "gptq", lambda p: gptq_quantize(*inputs, **options, act_order=settings.act_order, progress=p)
@@ -236,7 +236,7 @@ def _load_torch_model(folder: Path, trust_remote_code: bool):
 
 
 def _calibration_samples(path, model, tokenizer, settings: QuantSettings, progress: Progress, cancelled: Cancelled):
-    from workbench.calibration import read_texts, self_written_samples, token_samples
+    from workbench.quantization.calibration import read_texts, self_written_samples, token_samples
 
     if path is None:
         return self_written_samples(

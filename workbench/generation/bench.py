@@ -12,8 +12,8 @@ from pathlib import Path
 
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
-from workbench.report import update_run
-from workbench.runs import INT4, ORIGINAL, machine
+from workbench.run.report import update_run
+from workbench.run.folders import INT4, ORIGINAL, machine
 
 log = logging.getLogger(__name__)
 NEW_TOKENS = 128
@@ -50,7 +50,7 @@ def bench_run(
     The result is also kept in the run's record (`speed`) with the machine it was measured on,
     so the report and a bundle's manifest can quote it.
     """
-    from workbench.runtime import choose_provider
+    from workbench.generation.runtime import choose_provider
     from workbench.subprocess_job import run_in_subprocess
 
     if rounds < 1:
@@ -67,7 +67,7 @@ def bench_run(
         key = (ORIGINAL, INT4)[index % 2]
         samples[key].append(
             run_in_subprocess(
-                "workbench.bench:measure_in_process",
+                "workbench.generation.bench:measure_in_process",
                 {
                     "model_dir": str(run_dir / key), "provider": choice.name, "threads": threads,
                     "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
@@ -119,9 +119,9 @@ def measure_in_process(
     progress: Progress = no_progress,
 ) -> dict:
     """In a fresh process: load, warm up, time a prompt and `new_tokens` greedy tokens, read RSS."""
-    from workbench.generation import GenerationConfig, generate
-    from workbench.memory import _peak_rss
-    from workbench.runtime import OnnxCausalLM, gpu_memory_bytes, user_errors
+    from workbench.generation.engine import GenerationConfig, generate
+    from workbench.run.memory import _peak_rss
+    from workbench.generation.runtime import OnnxCausalLM, gpu_memory_bytes, user_errors
 
     baseline = _peak_rss()
     if prompt_ids is None:  # before the model, as a runner would: loading it trims what tokenizing freed

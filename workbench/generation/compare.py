@@ -2,7 +2,7 @@
 
 Both models generate in this process (so the CLI and the GUI can stream their tokens); each
 model's peak memory is measured once, in a fresh child process running the first prompt
-(workbench.bench), because one process holding both sessions cannot tell them apart.
+(workbench.generation.bench), because one process holding both sessions cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.generation import GenerationConfig, GenerationResult
+from workbench.generation.engine import GenerationConfig, GenerationResult
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
-from workbench.runs import INT4, ORIGINAL
+from workbench.run.folders import INT4, ORIGINAL
 
 log = logging.getLogger(__name__)
 MODELS = (ORIGINAL, INT4)
@@ -144,7 +144,7 @@ def compare(
     progress: Progress = no_progress,
     cancelled: Cancelled = never_cancelled,
 ) -> CompareResult:
-    from workbench.runtime import ChatModel, choose_provider
+    from workbench.generation.runtime import ChatModel, choose_provider
 
     run_dir = Path(run_dir)
     if not prompts:
@@ -241,7 +241,7 @@ def _measure_memory(run_dir: Path, provider: str, prompt_ids: list[int], options
     measured = {}
     for index, key in enumerate(MODELS):
         measured[key] = run_in_subprocess(
-            "workbench.bench:measure_in_process",
+            "workbench.generation.bench:measure_in_process",
             {
                 "model_dir": str(run_dir / key), "provider": provider, "threads": None,
                 "new_tokens": options.config.max_new_tokens, "prompt_tokens": len(prompt_ids), "prompt_ids": prompt_ids,

@@ -1,5 +1,5 @@
 """The workbench side of generation: provider choice, a model folder with its tokenizer and chat
-template, JSON-schema constrained decoding, GPU memory. The decode loop is workbench.generation."""
+template, JSON-schema constrained decoding, GPU memory. The decode loop is workbench.generation.engine."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from exporters.onnx_export import MODEL_FILE
-from workbench import generation
+from workbench.generation import engine
 from workbench.errors import WorkbenchError
-from workbench.generation import (
+from workbench.generation.engine import (
     CPU,
     CUDA,
     GenerationConfig,
@@ -77,7 +77,7 @@ def cuda_status() -> tuple[bool, str]:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     with _captured_stderr() as captured:
         try:
-            session = ort.InferenceSession(model.SerializeToString(), generation.session_options(), providers=[CUDA, CPU])
+            session = ort.InferenceSession(model.SerializeToString(), engine.session_options(), providers=[CUDA, CPU])
             started = CUDA in session.get_providers()
         except Exception as error:  # ORT raises its own types for a broken CUDA setup
             return False, f"the CUDA provider failed to start ({error})"
@@ -103,7 +103,7 @@ def _captured_stderr() -> Iterator[Callable[[], list[str]]]:
             lines.extend(sink.read().splitlines())
 
 
-class OnnxCausalLM(generation.CausalLM):
+class OnnxCausalLM(engine.CausalLM):
     """One exported model folder (model.onnx + config.json) in an ORT session on a chosen provider."""
 
     def __init__(self, model_dir: Path, provider: str = "cpu", threads: int | None = None):
@@ -172,7 +172,7 @@ class ChatModel:
         prompt_ids: Sequence[int],
         config: GenerationConfig,
         *,
-        on_token: generation.TokenCallback | None = None,
+        on_token: engine.TokenCallback | None = None,
         cancelled: Callable[[], bool] | None = None,
         json_schema: dict | None = None,
         truncate: bool = False,
@@ -182,7 +182,7 @@ class ChatModel:
             processor = JsonSchemaConstraint(self.grammar_tokenizer, json_schema, config.max_new_tokens, self.closing_ids)
             config = dataclasses.replace(config, max_new_tokens=config.max_new_tokens + JSON_CLOSING_TOKENS)
         with user_errors():
-            result = generation.generate(
+            result = engine.generate(
                 self.lm, prompt_ids, config, tokenizer=self.text_tokenizer, eos_token_ids=self.eos_token_ids,
                 on_token=on_token, cancelled=cancelled, logits_processor=processor, truncate=truncate,
             )
@@ -197,7 +197,7 @@ class ChatModel:
         self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, cancelled=None, truncate: bool = False
     ) -> list[GenerationResult]:
         with user_errors():
-            return generation.generate_batch(
+            return engine.generate_batch(
                 self.lm, prompts, config, tokenizer=self.text_tokenizer, eos_token_ids=self.eos_token_ids,
                 cancelled=cancelled, truncate=truncate,
             )
@@ -207,7 +207,7 @@ class ChatModel:
         on_token=None, cancelled=None, truncate: bool = False,
     ) -> GenerationResult:
         with user_errors():
-            return generation.generate_speculative(
+            return engine.generate_speculative(
                 self.lm, draft.lm, prompt_ids, config, draft_tokens=draft_tokens, tokenizer=self.text_tokenizer,
                 eos_token_ids=self.eos_token_ids, on_token=on_token, cancelled=cancelled, truncate=truncate,
             )

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from workbench.memory import draw_memory_chart, pyplot
-from workbench.runs import INT4, ORIGINAL, load_run, save_run
+from workbench.run.memory import draw_memory_chart, pyplot
+from workbench.run.folders import INT4, ORIGINAL, load_run, save_run
 
 REPORT_FILE = "report.md"
 CHART_FILE = "memory.png"

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from workbench.blockquant import rtn_quantize
+from workbench.quantization.blockquant import rtn_quantize
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
-from workbench.memory import estimate_int4
-from workbench.quantize import layer_plan
+from workbench.run.memory import estimate_int4
+from workbench.quantization.int4_graph import layer_plan
 from workbench.settings import QuantSettings
 from workbench.sources import ModelInfo
 
@@ -54,7 +54,7 @@ def measure_sensitivity(
     `calibration` holds token ids, int64 (samples, tokens); `layers` are module names of linears
     in the decoder layers or the lm_head.
     """
-    from workbench.layerwise import (
+    from workbench.quantization.layerwise import (
         resolve_plan,
         validate_block_size,
         validate_calibration,
@@ -78,7 +78,7 @@ def _measure(model, calibration, plan, block_size, symmetric, probes, progress: 
     E[(g . dz)^2] / 2 with g the gradient at the linear's output is the KL's second-order term."""
     import torch
 
-    from workbench.layerwise import CHUNK_TOKENS
+    from workbench.quantization.layerwise import CHUNK_TOKENS
 
     modules = {name: module for layer in plan.per_layer.values() for name, (module, _) in layer.items()}
     if plan.head is not None:

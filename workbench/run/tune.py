@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.evaluate import MIN_TOKENS, QualityResult, evaluate, text_tokens
+from workbench.quality.evaluate import MIN_TOKENS, QualityResult, evaluate, text_tokens
 from workbench.jobs import Cancelled, Progress, Stages, never_cancelled, no_progress
-from workbench.memory import estimate_int4, int4_bytes
-from workbench.pipeline import (
+from workbench.run.memory import estimate_int4, int4_bytes
+from workbench.run.pipeline import (
     Source,
     finish_run,
     folder_model_bytes,
@@ -28,9 +28,9 @@ from workbench.pipeline import (
     quantize_int4,
     resolve_model,
 )
-from workbench.quantize import QuantizeResult
-from workbench.runs import INT4, check_output_dir, staged_dir
-from workbench.sensitivity import (
+from workbench.quantization.int4_graph import QuantizeResult
+from workbench.run.folders import INT4, check_output_dir, staged_dir
+from workbench.quantization.sensitivity import (
     LayerSensitivity,
     eight_bit_layers,
     measure_layers,
@@ -238,7 +238,7 @@ def _tune_section(candidates: list[_Candidate], kept: _Candidate, budget: float,
 def _check_inputs(budget: float, text: Path, calibration: Path | None, tokens: int,
                   candidates: tuple[QuantSettings, ...]) -> None:
     """Refuse bad inputs before minutes of export."""
-    from workbench.calibration import read_texts
+    from workbench.quantization.calibration import read_texts
 
     if not budget >= 0:  # also refuses NaN
         raise WorkbenchError(

@@ -1,0 +1,1 @@
+"""Quantization methods (RTN/HQQ block grids, GPTQ, AWQ, sensitivity) and the INT4 ONNX graph pass."""

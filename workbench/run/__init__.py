@@ -1,0 +1,1 @@
+"""A run: the pipeline that makes it, its folder and record, memory figures, report, auto-tune."""
