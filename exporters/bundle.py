@@ -31,15 +31,15 @@ from pathlib import Path, PurePosixPath
 import onnx
 
 from exporters import triton
-from exporters.onnx_export import MODEL_FILE, SIDE_FILES
 from exporters.runner import chat_format
 from workbench import __version__
 from workbench.generation import engine
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, Stages, check, never_cancelled, no_progress
 from workbench.run.report import verdict
-from workbench.run.folders import DISK_FULL, INT4, check_output_dir, load_run, staged_dir, write_json
-from workbench.generation.runtime import ChatModel, _context_length, _eos_token_ids, choose_provider, user_errors
+from workbench.layout import INT4, MODEL_FILE, SIDE_FILES
+from workbench.run.folders import DISK_FULL, check_output_dir, load_run, staged_dir, write_json
+from workbench.generation.runtime import ChatModel, choose_provider, context_length_of, eos_token_ids_of, user_errors
 
 log = logging.getLogger(__name__)
 BUNDLE_SCHEMA_VERSION = 1
@@ -198,8 +198,8 @@ def _runner_settings(model_dir: Path, layout: Layout) -> dict:
         "schema_version": BUNDLE_SCHEMA_VERSION,
         "model": layout.model(),
         "tokenizer": "tokenizer.json",
-        "context_length": _context_length(model_dir),
-        "eos_token_ids": _eos_token_ids(model_dir, tokenizer),
+        "context_length": context_length_of(model_dir),
+        "eos_token_ids": eos_token_ids_of(model_dir, tokenizer),
         "chat": chat_format_of(tokenizer),
     }
 

@@ -11,23 +11,10 @@ import onnx
 
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, never_cancelled, no_progress
+from workbench.layout import MODEL_FILE, SIDE_FILES, folder_bytes, save_model
 from workbench.sources import EXPORT_TASK
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.onnx"
-# Files a runner needs next to the graph; optimum copies most, these make sure of the rest.
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-)
 
 
 @dataclass(frozen=True)
@@ -84,27 +71,3 @@ def export_in_process(model_dir: str, dest: str, trust_remote_code: bool, progre
         raise WorkbenchError(f"The ONNX export produced no {MODEL_FILE}; see the log for optimum's messages.")
     progress(0.9, "moving the weights to model.onnx.data")
     save_model(onnx.load(str(Path(dest) / MODEL_FILE)), Path(dest))
-
-
-def save_model(model: onnx.ModelProto, dest_dir: Path) -> None:
-    """Write model.onnx with its weights in model.onnx.data, replacing the data file of an earlier save.
-
-    ONNX Runtime maps an external data file instead of copying the weights out of the parsed
-    graph: measured on the demo model, a session's peak RAM fell from 808 to 679 MiB (fp32) and
-    from 280 to 214 MiB (INT4). `model` must hold its weights in memory (onnx.load does).
-    """
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    for stale in dest_dir.glob(f"{MODEL_FILE}?data"):  # ours, or optimum's model.onnx_data; onnx would append
-        stale.unlink()
-    onnx.save_model(
-        model,
-        str(dest_dir / MODEL_FILE),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=f"{MODEL_FILE}.data",
-        size_threshold=1024,
-    )
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

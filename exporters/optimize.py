@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.onnx_export import MODEL_FILE, save_model
+from workbench.layout import MODEL_FILE, save_model
 from workbench.generation.engine import FUSED_KEY, FUSED_VALUE, LOGITS_TO_KEEP
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from onnx import TensorProto, helper, numpy_helper
 from transformers import AutoConfig
 
-from exporters.onnx_export import save_model
+from workbench.layout import save_model
 
 from exporters.optimize import fuse_attention, is_fused
 from workbench.generation.engine import (
@@ -279,8 +279,8 @@ def test_bad_settings_are_refused(bad):
 
 
 def test_engine_is_portable():
-    """The bundle ships generation.py alone: only numpy, onnxruntime and the standard library."""
-    source = (Path(__file__).resolve().parents[1] / "workbench" / "generation.py").read_text()
+    """The bundle ships engine.py alone: only numpy, onnxruntime and the standard library."""
+    source = (Path(__file__).resolve().parents[1] / "workbench" / "generation" / "engine.py").read_text()
     imported = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):

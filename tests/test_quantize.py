@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from workbench.quantization.blockquant import rtn_quantize
-from workbench.run.memory import estimate_int4, graph_sizes
+from workbench.quantization.sizes import estimate_int4
+from workbench.run.memory import graph_sizes
 from workbench.quantization.int4_graph import layer_plan, quantize_onnx
 from workbench.generation.runtime import OnnxCausalLM
 from workbench.settings import QuantSettings

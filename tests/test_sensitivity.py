@@ -12,7 +12,7 @@ from test_gptq import calibration_ids
 from test_pipeline import leftovers
 from workbench.quantization.blockquant import rtn_quantize
 from workbench.errors import JobCancelled
-from workbench.run.memory import estimate_int4
+from workbench.quantization.sizes import estimate_int4
 from workbench.run.pipeline import quantize_run
 from workbench.quantization.int4_graph import module_name
 from workbench.run.folders import load_run

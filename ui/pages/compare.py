@@ -45,7 +45,7 @@ from workbench.generation.compare import (
 )
 from workbench.errors import WorkbenchError
 from workbench.generation.engine import GenerationConfig, GenerationError
-from workbench.run.folders import INT4, ORIGINAL
+from workbench.layout import INT4, ORIGINAL
 from workbench.generation.runtime import cuda_status
 
 COLUMN_TITLES = {ORIGINAL: "Original (32-bit)", INT4: "INT4"}

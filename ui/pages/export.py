@@ -18,12 +18,11 @@ from PySide6.QtWidgets import (
 )
 
 from exporters.bundle import BundleResult, build_bundle
-from exporters.onnx_export import folder_bytes
 from ui.jobs import Job
 from ui.pages import Page
 from ui.widgets import InlineMessage, JobPanel, human_bytes, open_path, show_error, with_tip
 from workbench.run.report import CHART_FILE, REPORT_FILE, TUNE_CHART_FILE
-from workbench.run.folders import INT4, ORIGINAL, RUN_FILE
+from workbench.layout import INT4, ORIGINAL, RUN_FILE, folder_bytes
 
 TARGETS = (
     ("runner", "Runs with “python run.py”"),

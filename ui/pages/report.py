@@ -36,7 +36,8 @@ from ui.widgets import (
 from workbench.generation.bench import NEW_TOKENS, bench_run
 from workbench.quality.evaluate import evaluate_run
 from workbench.run.report import CHART_FILE, REPORT_FILE, TUNE_CHART_FILE, verdict
-from workbench.run.folders import INT4, ORIGINAL, load_run
+from workbench.layout import INT4, ORIGINAL
+from workbench.run.folders import load_run
 
 QUALITY_COLUMNS = (
     ("Text", None),

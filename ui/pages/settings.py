@@ -31,7 +31,7 @@ from ui.session import TuneChoice
 from ui.widgets import Collapsible, InlineMessage, human_bytes, term_label, with_tip
 from workbench.quantization.calibration import check_text_file
 from workbench.errors import WorkbenchError
-from workbench.run.memory import int4_bytes
+from workbench.quantization.sizes import int4_bytes
 from workbench.settings import MAX_SENSITIVE_8BIT_PCT, METHODS, PRESETS, Preset, QuantSettings, preset_settings
 from workbench.run.tune import CANDIDATES
 

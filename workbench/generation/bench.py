@@ -13,7 +13,8 @@ from pathlib import Path
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
 from workbench.run.report import update_run
-from workbench.run.folders import INT4, ORIGINAL, machine
+from workbench.layout import INT4, ORIGINAL
+from workbench.run.folders import machine
 
 log = logging.getLogger(__name__)
 NEW_TOKENS = 128
@@ -120,17 +121,17 @@ def measure_in_process(
 ) -> dict:
     """In a fresh process: load, warm up, time a prompt and `new_tokens` greedy tokens, read RSS."""
     from workbench.generation.engine import GenerationConfig, generate
-    from workbench.run.memory import _peak_rss
+    from workbench.run.memory import peak_rss
     from workbench.generation.runtime import OnnxCausalLM, gpu_memory_bytes, user_errors
 
-    baseline = _peak_rss()
+    baseline = peak_rss()
     if prompt_ids is None:  # before the model, as a runner would: loading it trims what tokenizing freed
         from tokenizers import Tokenizer
 
         prompt_ids = bench_prompt(Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")), prompt_tokens)
     progress(0.1, "loading")
     model = OnnxCausalLM(Path(model_dir), provider, threads)
-    load_rss = _peak_rss()
+    load_rss = peak_rss()
     if model.context_length is not None and prompt_tokens + new_tokens + 1 > model.context_length:
         raise WorkbenchError(
             f"{prompt_tokens} prompt and {new_tokens} new tokens do not fit this model's context of "
@@ -147,7 +148,7 @@ def measure_in_process(
         "ttft_s": result.ttft_s,
         "baseline_rss_bytes": baseline,
         "load_rss_bytes": load_rss,
-        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_bytes": peak_rss(),
         "gpu_bytes": gpu_memory_bytes() if model.device == "cuda" else None,
         "device": model.device,
     }

@@ -19,7 +19,7 @@ from pathlib import Path
 from workbench.errors import WorkbenchError
 from workbench.generation.engine import GenerationConfig, GenerationResult
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
-from workbench.run.folders import INT4, ORIGINAL
+from workbench.layout import INT4, ORIGINAL
 
 log = logging.getLogger(__name__)
 MODELS = (ORIGINAL, INT4)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.onnx_export import MODEL_FILE
+from workbench.layout import MODEL_FILE
 from workbench.generation import engine
 from workbench.errors import WorkbenchError
 from workbench.generation.engine import (
@@ -113,14 +113,14 @@ class OnnxCausalLM(engine.CausalLM):
         if not path.is_file():
             raise WorkbenchError(f"{path} is missing; the run folder is incomplete. Quantize the model again.")
         super().__init__(
-            str(path), providers=self.provider.providers, threads=threads, context_length=_context_length(self.model_dir)
+            str(path), providers=self.provider.providers, threads=threads, context_length=context_length_of(self.model_dir)
         )
         if self.provider.name == "cuda" and self.device != "cuda":
             raise WorkbenchError("The CUDA provider failed to start for this model; choose the CPU provider.")
         log.info("%s on %s (%s)", self.model_dir.name, self.provider.name, self.provider.reason)
 
 
-def _context_length(model_dir: Path) -> int | None:
+def context_length_of(model_dir: Path) -> int | None:
     config = model_dir / "config.json"
     if not config.is_file():
         return None
@@ -137,7 +137,7 @@ class ChatModel:
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.lm = OnnxCausalLM(self.model_dir, provider, threads)  # last: loading trims what the tokenizer freed
-        self.eos_token_ids = _eos_token_ids(self.model_dir, self.tokenizer)
+        self.eos_token_ids = eos_token_ids_of(self.model_dir, self.tokenizer)
 
     @functools.cached_property
     def grammar_tokenizer(self):
@@ -222,7 +222,7 @@ def user_errors() -> Iterator[None]:
         raise WorkbenchError(str(error)) from error
 
 
-def _eos_token_ids(model_dir: Path, tokenizer) -> list[int]:
+def eos_token_ids_of(model_dir: Path, tokenizer) -> list[int]:
     """generation_config.json's end-of-sequence ids, and the tokenizer's."""
     ids: list[int] = []
     config = model_dir / "generation_config.json"

@@ -150,7 +150,8 @@ def evaluate_run(
 ) -> QualityResult:
     """Evaluate a run folder's two models and keep the result (one entry per text) in run.json and the report."""
     from workbench.run.report import update_run
-    from workbench.run.folders import INT4, ORIGINAL, load_run
+    from workbench.layout import INT4, ORIGINAL
+    from workbench.run.folders import load_run
 
     run_dir = Path(run_dir)
     load_run(run_dir)  # refuse a folder that is not a run before minutes of work

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from exporters.onnx_export import MODEL_FILE, SIDE_FILES, folder_bytes, save_model
+from workbench.layout import MODEL_FILE, SIDE_FILES, folder_bytes, save_model
 from workbench.quantization.blockquant import QuantizedWeight, rtn_quantize
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress

@@ -21,8 +21,8 @@ import numpy as np
 
 from workbench.quantization.blockquant import rtn_quantize
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
-from workbench.run.memory import estimate_int4
 from workbench.quantization.int4_graph import layer_plan
+from workbench.quantization.sizes import estimate_int4
 from workbench.settings import QuantSettings
 from workbench.sources import ModelInfo
 

@@ -16,11 +16,9 @@ from pathlib import Path
 import psutil
 
 from workbench.errors import WorkbenchError
+from workbench.layout import RUN_FILE
 
 RUN_SCHEMA_VERSION = 1
-RUN_FILE = "run.json"
-ORIGINAL = "original"
-INT4 = "int4"
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 VERSIONED_PACKAGES = ("int4-workbench", "onnxruntime-gpu", "onnxruntime", "onnx", "optimum-onnx", "transformers", "torch")
 

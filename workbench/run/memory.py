@@ -12,14 +12,14 @@ import numpy as np
 import onnx
 import psutil
 
-from exporters.onnx_export import MODEL_FILE
+from workbench.layout import MODEL_FILE
 from workbench.jobs import Cancelled, Progress, never_cancelled, no_progress
-from workbench.quantization.int4_graph import layer_plan, module_name, quantized_bytes, zero_point_kind
+from workbench.quantization.int4_graph import module_name
+from workbench.quantization.sizes import COMPONENTS, int4_bytes
 from workbench.settings import PRESETS, QuantSettings
 from workbench.sources import ModelInfo
 
 log = logging.getLogger(__name__)
-COMPONENTS = ("layers", "embeddings", "lm_head", "other")
 # RAM rules of thumb, measured on the demo model here (see docs in the README): exporting holds
 # the PyTorch model and the traced graph at once; running holds the weights plus buffers.
 # Fit verdict: the share of the currently available memory a step needs. Under half leaves room
@@ -31,38 +31,6 @@ FITS, TIGHT, NO_FIT = "fits comfortably", "tight", "will not fit"
 EXPORT_RAM_FACTOR = 3.0
 RUN_RAM_FACTOR = 1.2
 RUNTIME_OVERHEAD_BYTES = 300 * 2**20
-
-
-def estimate_int4(info: ModelInfo, settings: QuantSettings) -> dict[str, int]:
-    """Bytes per component the INT4 model will have with these settings, from the weight shapes.
-
-    Layers chosen by sensitivity are not in it: they are known only once measured (see int4_bytes).
-    """
-    plan = layer_plan(info, settings)
-    sizes = dict.fromkeys(COMPONENTS, 0)
-    sizes["other"] = info.other_parameters * 4
-    pair = [w for w in info.weights if w.role in ("embeddings", "lm_head")]
-    shared = info.tied_embeddings and len({plan[w.name] for w in pair}) == 1
-    for weight in info.weights:
-        bits = plan[weight.name]
-        if bits is None:
-            fp32 = weight.rows * weight.cols * 4
-            sizes[weight.role] += 0 if shared and weight.role == "lm_head" else fp32
-            continue
-        gathered = weight.role == "embeddings" or (shared and weight.role == "lm_head")
-        zero_points = zero_point_kind(settings, for_gather=gathered)
-        if weight.role == "embeddings" and zero_points == "packed":
-            zero_points = "byte"
-        packed, overhead = quantized_bytes(weight.rows, weight.cols, bits, settings.block_size, zero_points)
-        # A tied lm_head reads the embeddings' packed values; only its scales are its own.
-        sizes[weight.role] += overhead + (0 if shared and weight.role == "lm_head" else packed)
-    return sizes
-
-
-def int4_bytes(info: ModelInfo, settings: QuantSettings) -> int:
-    """The INT4 model's total size, counting the whole budget of sensitive 8-bit layers: the greedy
-    choice fills it to within one layer."""
-    return int(sum(estimate_int4(info, settings).values()) * (1 + settings.sensitive_8bit_pct / 100))
 
 
 def original_sizes(info: ModelInfo) -> dict[str, int]:
@@ -161,14 +129,14 @@ def session_memory_in_process(model_dir: str, progress: Progress = no_progress) 
     from workbench.generation.engine import GenerationConfig, generate
     from workbench.generation.runtime import OnnxCausalLM
 
-    baseline = _peak_rss()
+    baseline = peak_rss()
     model = OnnxCausalLM(Path(model_dir))
     progress(0.5, "running a prompt")
     generate(model, [1] * 64, GenerationConfig(max_new_tokens=8))  # as answers are made, cache and all
-    return {"baseline_rss": baseline, "peak_rss": _peak_rss()}
+    return {"baseline_rss": baseline, "peak_rss": peak_rss()}
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     """This process's peak resident memory.
 
     On Linux ru_maxrss survives exec (a child would report its parent's peak), so read the

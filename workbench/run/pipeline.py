@@ -27,9 +27,8 @@ from workbench.jobs import (
 from workbench.run.memory import graph_sizes, measure_session_memory, ram_components
 from workbench.quantization.int4_graph import QuantizeResult, layer_plan, quantize_onnx
 from workbench.run.report import write_report
+from workbench.layout import INT4, ORIGINAL, folder_model_bytes
 from workbench.run.folders import (
-    INT4,
-    ORIGINAL,
     RUN_SCHEMA_VERSION,
     check_output_dir,
     machine,
@@ -275,7 +274,3 @@ def _measure(original_dir: Path, int4_dir: Path, info, progress: Progress, cance
     record["bits_per_weight"] = round(8 * int4["bytes"] / info.parameters, 3)
     return record
 
-
-def folder_model_bytes(folder: Path) -> int:
-    """The model's own bytes (graph and weights), without tokenizer and configs."""
-    return sum(p.stat().st_size for p in folder.glob("model.onnx*"))

@@ -6,7 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from workbench.run.memory import draw_memory_chart, pyplot
-from workbench.run.folders import INT4, ORIGINAL, load_run, save_run
+from workbench.layout import INT4, ORIGINAL
+from workbench.run.folders import load_run, save_run
 
 REPORT_FILE = "report.md"
 CHART_FILE = "memory.png"

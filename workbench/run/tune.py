@@ -18,7 +18,6 @@ from pathlib import Path
 from workbench.errors import WorkbenchError
 from workbench.quality.evaluate import MIN_TOKENS, QualityResult, evaluate, text_tokens
 from workbench.jobs import Cancelled, Progress, Stages, never_cancelled, no_progress
-from workbench.run.memory import estimate_int4, int4_bytes
 from workbench.run.pipeline import (
     Source,
     finish_run,
@@ -29,7 +28,9 @@ from workbench.run.pipeline import (
     resolve_model,
 )
 from workbench.quantization.int4_graph import QuantizeResult
-from workbench.run.folders import INT4, check_output_dir, staged_dir
+from workbench.quantization.sizes import estimate_int4, int4_bytes
+from workbench.layout import INT4
+from workbench.run.folders import check_output_dir, staged_dir
 from workbench.quantization.sensitivity import (
     LayerSensitivity,
     eight_bit_layers,
