@@ -88,12 +88,12 @@ def measure(name: str, model: str, candidate: Candidate, out: Path, args) -> dic
     row = {
         "name": name,
         "settings": candidate.settings.to_dict(),
-        "calibration": record["calibration"],
-        "int4_bytes": record["int4"]["bytes"],
-        "original_bytes": record["original"]["bytes"],
-        "size_ratio": record["size_ratio"],
-        "bits_per_weight": record["bits_per_weight"],
-        "timings_s": record["timings_s"],
+        "calibration": record.calibration,
+        "int4_bytes": record.int4.bytes,
+        "original_bytes": record.original.bytes,
+        "size_ratio": record.size_ratio,
+        "bits_per_weight": record.bits_per_weight,
+        "timings_s": record.timings_s,
         "wall_s": round(time.perf_counter() - began, 1),
         "quality": {},
     }

@@ -36,7 +36,9 @@ from workbench import __version__
 from workbench.generation import engine
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, Stages, check, never_cancelled, no_progress
-from workbench.run.report import verdict
+from workbench.run.record import RunRecord
+from workbench.run.wording import card_lost_lines, card_saved_lines, verdict
+from workbench.units import format_size
 from workbench.layout import INT4, MODEL_FILE, SIDE_FILES
 from workbench.run.folders import DISK_FULL, check_output_dir, load_run, staged_dir, write_json
 from workbench.generation.runtime import ChatModel, choose_provider, context_length_of, eos_token_ids_of, user_errors
@@ -110,7 +112,7 @@ def build_bundle(
     model_files = [MODEL_FILE, *external_data_files(model_dir / MODEL_FILE)]
     size = sum((model_dir / f).stat().st_size for f in model_files)
     check_output_dir(final, needed_bytes=int(size * (2.1 if zip_file else 1.1)))
-    layout = Layout.for_target(target, triton.model_name(name or f"{record['source']['name']}-int4"))
+    layout = Layout.for_target(target, triton.model_name(name or f"{record.source.name}-int4"))
     stages = Stages(progress, [("copy", 6), ("check", 2), ("checksums", 2), ("zip", 4 if zip_file else 0)])
     with _scratch(final) if zip_file else staged_dir(final) as work:
         stages.run("copy", lambda p: _copy_model(model_dir, work, layout, model_files, p, cancelled))
@@ -315,7 +317,7 @@ def _answer_check(root: Path, settings: dict, prompt: str, max_new_tokens: int, 
     }
 
 
-def _write_target_files(work: Path, layout: Layout, record: dict, model_dir: Path, settings: dict) -> dict:
+def _write_target_files(work: Path, layout: Layout, record: RunRecord, model_dir: Path, settings: dict) -> dict:
     """The target's own files; returns whether genai_config.json was written, and why (not)."""
     if layout.target == "triton":
         model_path = work / layout.model()
@@ -328,7 +330,7 @@ def _write_target_files(work: Path, layout: Layout, record: dict, model_dir: Pat
         shutil.copyfile(RUNNER_DIR / file, work / file)
     shutil.copyfile(ENGINE_SOURCE, work / ENGINE_FILE)
     (work / REQUIREMENTS_FILE).write_text(requirements(), encoding="utf-8")
-    model_type = record["model"]["model_type"]
+    model_type = record.model.model_type
     reason = genai_unsupported(model_type, model_dir)
     if reason is None:
         write_json(work / GENAI_FILE, genai_config(model_dir, settings))
@@ -434,30 +436,29 @@ def file_entries(root: Path, progress: Progress = no_progress, cancelled: Cancel
     return entries
 
 
-def _manifest(record: dict, layout: Layout, files: list[dict], recorded: dict, genai: dict) -> dict:
-    source = record["source"]
+def _manifest(record: RunRecord, layout: Layout, files: list[dict], recorded: dict, genai: dict) -> dict:
+    source = record.source
     return {
         "schema_version": BUNDLE_SCHEMA_VERSION,
         "kind": "int4-workbench-bundle",
         "target": layout.target,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "made_with": {"int4-workbench": __version__, **record.get("versions", {})},
-        "source": {"name": source["name"], "kind": source["kind"], "spec": source["spec"],
-                   "base_model": base_model(record)},
-        "model": {key: record["model"][key] for key in MODEL_FACTS},
-        "preset": record.get("preset"),
-        "settings": record["settings"],
-        "graph": record.get("graph"),
+        "made_with": {"int4-workbench": __version__, **record.versions},
+        "source": {"name": source.name, "kind": source.kind, "spec": source.spec, "base_model": base_model(record)},
+        "model": {key: getattr(record.model, key) for key in MODEL_FACTS},
+        "preset": record.preset,
+        "settings": record.settings.to_dict(),
+        "graph": record.graph,
         "layout": {"model": layout.model(), "runner_settings": RUNNER_SETTINGS,
                    **({"triton_model": layout.name} if layout.target == "triton" else {})},
         "metrics": {
-            "size": {"original_bytes": record["original"]["bytes"], "int4_bytes": record["int4"]["bytes"],
-                     "size_ratio": record["size_ratio"], "bits_per_weight": record["bits_per_weight"]},
-            "memory": {"original_peak_rss_bytes": record["original"]["peak_rss_bytes"],
-                       "int4_peak_rss_bytes": record["int4"]["peak_rss_bytes"], "ram_ratio": record["ram_ratio"],
-                       "provider": "cpu", "machine": record["machine"]},
-            "quality": record["quality"],
-            "speed": record.get("speed"),
+            "size": {"original_bytes": record.original.bytes, "int4_bytes": record.int4.bytes,
+                     "size_ratio": record.size_ratio, "bits_per_weight": record.bits_per_weight},
+            "memory": {"original_peak_rss_bytes": record.original.peak_rss_bytes,
+                       "int4_peak_rss_bytes": record.int4.peak_rss_bytes, "ram_ratio": record.ram_ratio,
+                       "provider": "cpu", "machine": record.machine},
+            "quality": [q.to_dict() for q in record.quality],
+            "speed": record.speed.to_dict() if record.speed else None,
         },
         "verdict": verdict(record),
         "check": recorded,
@@ -466,60 +467,40 @@ def _manifest(record: dict, layout: Layout, files: list[dict], recorded: dict, g
     }
 
 
-def base_model(record: dict) -> str | None:
-    source = record["source"]
-    if source["kind"] == "demo":
+def base_model(record: RunRecord) -> str | None:
+    source = record.source
+    if source.kind == "demo":
         return DEMO_BASE_MODEL
-    return source["spec"] if source["kind"] == "hub" else None
+    return source.spec if source.kind == "hub" else None
 
 
-def model_card(record: dict, layout: Layout, genai: dict) -> str:
+def model_card(record: RunRecord, layout: Layout, genai: dict) -> str:
     """README.md: front matter for model hubs, then what was saved and lost in plain words."""
-    source, settings = record["source"], record["settings"]
+    source, settings = record.source, record.settings
     base = base_model(record)
-    licence = DEMO_LICENSE if source["kind"] == "demo" else None
+    licence = DEMO_LICENSE if source.kind == "demo" else None
     front = ["---", *([f"base_model: {base}"] if base else []), f"license: {licence or 'other'}",
              "library_name: onnxruntime", "pipeline_tag: text-generation", "tags:", "- onnx", "- int4", "- matmulnbits",
              "---"]
-    original, int4 = record["original"], record["int4"]
     lines = [
         *front,
         "",
-        f"# {source['name']}, INT4 (ONNX Runtime MatMulNBits)",
+        f"# {source.name}, INT4 (ONNX Runtime MatMulNBits)",
         "",
-        f"{source['name']} with its weights stored in 4 bits ({settings['method'].upper()}, blocks of "
-        f"{settings['block_size']}, {'symmetric' if settings['symmetric'] else 'asymmetric'}), made with INT4 Workbench "
+        f"{source.name} with its weights stored in 4 bits ({settings.method.upper()}, blocks of "
+        f"{settings.block_size}, {'symmetric' if settings.symmetric else 'asymmetric'}), made with INT4 Workbench "
         f"{__version__}.{'' if licence else ' The original licence was not recorded: check it before sharing this model.'}",
         "",
         verdict(record),
         "",
         "## What was saved",
         "",
-        f"- On disk: {_mb(original['bytes'])} → {_mb(int4['bytes'])} ({record['size_ratio']:.1f}x smaller, "
-        f"{record['bits_per_weight']:.1f} bits per weight).",
-        f"- Memory while answering: {_mb(original['peak_rss_bytes'])} → {_mb(int4['peak_rss_bytes'])} peak "
-        f"({record['ram_ratio']:.1f}x less), on the CPU of {_machine(record['machine'])}.",
+        *card_saved_lines(record),
+        "",
+        "## What was lost",
+        "",
+        *card_lost_lines(record),
     ]
-    speed = record.get("speed")
-    if speed:
-        lines.append(
-            f"- Speed: {speed['original']['tokens_per_s']:.1f} → {speed['int4']['tokens_per_s']:.1f} tokens per "
-            f"second ({speed['speedup']:.1f}x), first token after {speed['int4']['ttft_s']:.2f} s, on "
-            f"{speed['provider'].upper()} ({_machine(speed.get('machine') or record['machine'])})."
-        )
-    else:
-        lines.append("- Speed: not measured (`int4-workbench bench RUN_DIR` measures it).")
-    lines += ["", "## What was lost", ""]
-    if record["quality"]:
-        for q in record["quality"]:
-            lines.append(
-                f"- On {q['text']} ({q['tokens']:,} tokens): perplexity (how unsure the model is of the right next "
-                f"word; lower is better) {q['original']['perplexity']:.2f} → {q['int4']['perplexity']:.2f} "
-                f"({q['perplexity_increase_pct']:+.1f} %); the INT4 model picks the same next word as the original "
-                f"{q['top1_agreement'] * 100:.0f} % of the time."
-            )
-    else:
-        lines.append("- Not measured: the quality cost of this model is unknown.")
     lines += ["", "## Run it", ""]
     if layout.target == "runner":
         lines += [
@@ -561,14 +542,6 @@ def model_card(record: dict, layout: Layout, genai: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _mb(value: int) -> str:
-    return f"{value / 1e6:,.0f} MB"
-
-
-def _machine(machine: dict) -> str:
-    return f"{machine['processor']}, {machine['cpu_count']} cores, {machine['ram_bytes'] / 2**30:.0f} GiB RAM"
 
 
 def _zip(work: Path, final: Path, progress: Progress, cancelled: Cancelled) -> None:
@@ -664,7 +637,7 @@ def safe_extract(archive_path: Path, dest: Path, progress: Progress = no_progres
             free = shutil.disk_usage(dest).free
             if needed > free:
                 raise WorkbenchError(
-                    f"Extracting {archive_path.name} needs {needed / 1e9:.1f} GB; {free / 1e9:.1f} GB are free in "
+                    f"Extracting {archive_path.name} needs {format_size(needed)}; {format_size(free)} are free in "
                     f"{dest}. Free some space, or unzip it yourself and verify the folder."
                 )
             root = dest.resolve()

@@ -127,12 +127,12 @@ def test_bundle_holds_the_model_the_runner_and_a_manifest_of_every_file(tiny_run
 
     record = load_run(tiny_run)
     metrics = manifest["metrics"]
-    assert metrics["size"]["size_ratio"] == record["size_ratio"]
-    assert metrics["memory"]["int4_peak_rss_bytes"] == record["int4"]["peak_rss_bytes"]
-    assert metrics["quality"] == record["quality"] and metrics["quality"][0]["text"] == "fox.txt"
-    assert metrics["speed"]["int4"]["tokens_per_s"] == record["speed"]["int4"]["tokens_per_s"]
-    assert metrics["speed"]["provider"] == "cpu" and metrics["speed"]["machine"] == record["speed"]["machine"]
-    assert manifest["schema_version"] == 1 and manifest["source"]["name"] == record["source"]["name"]
+    assert metrics["size"]["size_ratio"] == record.size_ratio
+    assert metrics["memory"]["int4_peak_rss_bytes"] == record.int4.peak_rss_bytes
+    assert metrics["quality"] == [q.to_dict() for q in record.quality] and metrics["quality"][0]["text"] == "fox.txt"
+    assert metrics["speed"]["int4"]["tokens_per_s"] == record.speed.int4["tokens_per_s"]
+    assert metrics["speed"]["provider"] == "cpu" and metrics["speed"]["machine"] == record.speed.machine
+    assert manifest["schema_version"] == 1 and manifest["source"]["name"] == record.source.name
     assert manifest["check"]["prompt"] == CHECK_PROMPT and manifest["check"]["tokens"]
 
     requirements = (bundle / "requirements.txt").read_text().splitlines()

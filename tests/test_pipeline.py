@@ -59,7 +59,7 @@ def test_cli_quantize_evaluate_report(tiny_model, tmp_path, prose):
     for model in ("original", "int4"):  # weights apart, for ONNX Runtime to map; one data file after every rewrite
         assert sorted(p.name for p in (run_dir / model).glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
         assert (run_dir / model / "model.onnx").stat().st_size < 1_000_000
-    assert load_run(run_dir)["schema_version"] == RUN_SCHEMA_VERSION
+    assert load_run(run_dir).schema_version == RUN_SCHEMA_VERSION
 
     result = cli("evaluate", str(run_dir), "--text", str(prose), "--json", "-q")
     assert result.returncode == 0, result.stderr
@@ -83,7 +83,7 @@ def test_gptq_with_a_calibration_file_beats_rtn(tiny_llama, tmp_path, prose):
         settings = QuantSettings(method=method, block_size=32, symmetric=False, calibration_samples=8,
                                  calibration_tokens=64)
         record = quantize_run(str(tiny_llama), tmp_path / method, settings, calibration=prose)
-        assert record["calibration"] == (str(prose) if method == "gptq" else None)
+        assert record.calibration == (str(prose) if method == "gptq" else None)
         runs[method] = tmp_path / method
     from workbench.quality.evaluate import evaluate
 

@@ -114,10 +114,10 @@ def test_quantize_keeps_the_sensitive_layers_at_8_bits(folder, tmp_path):
 
     settings = QuantSettings(method="rtn", sensitive_8bit_pct=30, calibration_samples=4, calibration_tokens=32)
     record = quantize_run(str(folder), tmp_path / "run", settings)
-    section = load_run(tmp_path / "run")["sensitivity"]
+    section = load_run(tmp_path / "run").sensitivity
     chosen = [entry["layer"] for entry in section["chosen"]]
     assert chosen and section["tokens"] == 128 and section["layers"] == 15
-    assert "sensitivity" in record["timings_s"] and record["calibration"] == "self-written (data-free)"
+    assert "sensitivity" in record.timings_s and record.calibration == "self-written (data-free)"
     graph = onnx.load(str(tmp_path / "run" / "int4" / "model.onnx"), load_external_data=False).graph
     bits = {module_name(n.name): next(a.i for a in n.attribute if a.name == "bits")
             for n in graph.node if n.op_type == "MatMulNBits"}

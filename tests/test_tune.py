@@ -44,16 +44,16 @@ def trained(tmp_path_factory):
 
 def test_impossible_budget_keeps_the_best_then_a_budget_keeps_the_smallest_within(trained, tmp_path, prose):
     record = tune_run(str(trained), tmp_path / "none", 0.0, text=prose, candidates=CANDIDATES, tokens=1024)
-    tune = record["tune"]
+    tune = record.tune
     tried = tune["candidates"]
     assert all(c["tried"] and not c["within_budget"] for c in tried) and tune["within_budget"] is False
     best = min(tried, key=lambda c: c["perplexity_increase_pct"])
     assert tune["chosen"] == best["label"] and tune["explanation"].startswith("No candidate stayed within 0 %")
     assert [c["estimated_bytes"] for c in tried] == sorted(c["estimated_bytes"] for c in tried)
-    assert record["quality"][0]["perplexity_increase_pct"] == best["perplexity_increase_pct"]
+    assert record.quality[0].perplexity_increase_pct == best["perplexity_increase_pct"]
     sensitive = next(c for c in tried if c["settings"]["sensitive_8bit_pct"])
     assert sensitive["eight_bit_layers"]
-    assert load_run(tmp_path / "none")["tune"] == tune
+    assert load_run(tmp_path / "none").tune == tune
     for name in ("tune.png", "memory.png", "report.md", "int4/model.onnx"):
         assert (tmp_path / "none" / name).is_file(), name
     assert "## Auto-tune" in (tmp_path / "none" / "report.md").read_text()
@@ -61,7 +61,7 @@ def test_impossible_budget_keeps_the_best_then_a_budget_keeps_the_smallest_withi
     # A budget between the figures: the first candidate by size that meets it is kept, the rest not needed.
     budget = sorted(c["perplexity_increase_pct"] for c in tried)[1]
     record = tune_run(str(trained), tmp_path / "some", budget, text=prose, candidates=CANDIDATES, tokens=1024)
-    tune = record["tune"]
+    tune = record.tune
     meeting = [c for c in tried if c["perplexity_increase_pct"] <= budget]
     assert tune["within_budget"] and tune["chosen"] == meeting[0]["label"]
     position = [c["label"] for c in tune["candidates"]].index(tune["chosen"])
@@ -163,7 +163,7 @@ def test_the_wizard_runs_auto_tune(qtbot, trained, tmp_path, prose):
     wait_for_jobs(qtbot)
     assert quantize.result.property("kind") != "problem", quantize.result.text()
     assert "candidate 1" in quantize.rows and quantize.rows["candidate 1"].title.text().startswith("Try setting 1")
-    tune = window.session.record["tune"]
+    tune = window.session.record.tune
     assert tune["chosen"] == candidate_label(DEFAULT_CANDIDATES[0]) and tune["explanation"] in quantize.result.text()
 
     settings.tune.setChecked(False)  # back to one preset: its cards work again

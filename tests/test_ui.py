@@ -140,7 +140,7 @@ def test_the_whole_wizard_from_model_to_report(window, qtbot, tiny_llama, prose,
     assert page.facts_box.isVisible()
     assert "model" in page.name.text()
     assert page.fit_export.verdict in (FITS, TIGHT, NO_FIT)
-    assert "MB" in page.presets.text() or "kB" in page.presets.text()
+    assert "MiB" in page.presets.text() or "KiB" in page.presets.text()
 
     qtbot.mouseClick(window.next_button, Qt.MouseButton.LeftButton)
     settings = window.page(SettingsPage)
@@ -198,7 +198,7 @@ def test_the_whole_wizard_from_model_to_report(window, qtbot, tiny_llama, prose,
     assert not report.problem.isVisible(), report.problem.text()
     assert report.quality.rowCount() == 1 and report.quality.item(0, 0).text() == "prose.txt"
     assert "perplexity" in report.verdict.text()
-    assert load_run(run_dir)["quality"][0]["text"] == "prose.txt"
+    assert load_run(run_dir).quality[0].text == "prose.txt"
 
     window.go(window.current + 1)
     export = window.page(ExportPage)

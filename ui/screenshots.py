@@ -125,7 +125,7 @@ def make_screenshots(folder: Path, runs_dir: Path, reuse_run: Path | None) -> No
 
     report = window.page(ReportPage)
     window.go(5)
-    if not any(q["text"] == ESSAYS.name for q in window.session.record["quality"]):
+    if not any(q.text == ESSAYS.name for q in window.session.record.quality):
         report.measure(ESSAYS)
         wait_until(idle, 1200, "the quality measurement")
     report.measure_speed()

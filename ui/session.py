@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal
 
+from workbench.run.record import RunRecord
 from workbench.settings import DEFAULT_PRESET, QuantSettings, preset_settings
 from workbench.sources import ResolvedModel
 
@@ -48,7 +49,7 @@ class Session(QObject):
         self.calibration: Path | None = None  # None: the model writes its own (data-free)
         self.calibration_problem: str | None = None  # a chosen file that cannot be used, and why
         self.run_dir: Path | None = None
-        self.record: dict | None = None
+        self.record: RunRecord | None = None
         self.busy = False
 
     def set_model(self, model: ResolvedModel, facts: ModelFacts, trust_remote_code: bool = False) -> None:
@@ -71,7 +72,7 @@ class Session(QObject):
         self.runs_dir = Path(runs_dir)
         self.runs_dir_changed.emit()
 
-    def set_run(self, run_dir: Path, record: dict) -> None:
+    def set_run(self, run_dir: Path, record: RunRecord) -> None:
         self.run_dir, self.record = Path(run_dir), record
         self.run_changed.emit()
 

@@ -21,14 +21,9 @@ from PySide6.QtWidgets import (
 from ui.glossary import tip
 from ui.jobs import Job
 from workbench.run.memory import FITS, NO_FIT, TIGHT, fit_verdict
+from workbench.units import format_size
 
 FIT_COLOURS = {FITS: "#2e7d32", TIGHT: "#b26a00", NO_FIT: "#c62828"}
-
-
-def human_bytes(value: float) -> str:
-    if value >= 1e9:
-        return f"{value / 1e9:,.1f} GB"
-    return f"{value / 1e6:,.0f} MB" if value >= 1e6 else f"{value / 1e3:,.0f} kB"
 
 
 def human_count(value: int) -> str:
@@ -105,7 +100,7 @@ class InlineMessage(QLabel):
 
 
 class FitLabel(QLabel):
-    """'● fits comfortably: needs about 1.9 GB of the 21.7 GB free' in the verdict's colour."""
+    """'● fits comfortably: needs about 1.9 GiB of the 21.7 GiB free' in the verdict's colour."""
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -116,7 +111,7 @@ class FitLabel(QLabel):
         self.verdict = fit_verdict(needed, available)
         self.setText(
             f'<span style="color:{FIT_COLOURS[self.verdict]}; font-weight:600">● {self.verdict}</span>'
-            f" &nbsp;needs about {human_bytes(needed)} of the {human_bytes(available)} free"
+            f" &nbsp;needs about {format_size(needed)} of the {format_size(available)} free"
         )
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from workbench import __version__
 from workbench.errors import JobCancelled, WorkbenchError
 from workbench.jobs import Progress
+from workbench.units import format_size
 from workbench.settings import DEFAULT_PRESET, METHODS, PRESETS, preset_settings
 
-log = logging.getLogger("workbench")
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")  # workbench.generation.runtime.choose_provider's; importing it loads onnxruntime
 
 
@@ -47,10 +47,6 @@ def emit(args: argparse.Namespace, data: dict, human: str) -> None:
         print(json.dumps(data, indent=2))
     else:
         print(human)
-
-
-def _mb(value: int) -> str:
-    return f"{value / 1e6:,.0f} MB"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -86,21 +82,21 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"vocabulary {info.vocab_size:,}",
         f"  context length  {info.context_length:,} tokens" if info.context_length else "  context length  unknown",
         f"  tied embeddings {'yes' if info.tied_embeddings else 'no'}",
-        f"  size now        {_mb(info.fp32_bytes)} fp32, {_mb(info.fp16_bytes)} fp16",
+        f"  size now        {format_size(info.fp32_bytes)} fp32, {format_size(info.fp16_bytes)} fp16",
     ]
     for name, size in presets.items():
-        lines.append(f"  INT4 {name:<10} {_mb(size)} ({fp32_onnx / size:.1f}x smaller)  {PRESETS[name].description}")
+        lines.append(f"  INT4 {name:<10} {format_size(size)} ({fp32_onnx / size:.1f}x smaller)  {PRESETS[name].description}")
     free = ram["machine_available"]
     data["fit"] = {step: fit_verdict(ram[step], free) for step in ("export", "run_original", "run_int4")}
     lines += [
-        f"  this machine    {_mb(ram['machine_total'])} RAM, {_mb(free)} free",
-        f"  to export       about {_mb(ram['export'])}: {data['fit']['export']}",
-        f"  to run          original about {_mb(ram['run_original'])}: {data['fit']['run_original']}; "
-        f"INT4 about {_mb(ram['run_int4'])}: {data['fit']['run_int4']}",
+        f"  this machine    {format_size(ram['machine_total'])} RAM, {format_size(free)} free",
+        f"  to export       about {format_size(ram['export'])}: {data['fit']['export']}",
+        f"  to run          original about {format_size(ram['run_original'])}: {data['fit']['run_original']}; "
+        f"INT4 about {format_size(ram['run_int4'])}: {data['fit']['run_int4']}",
     ]
     if ram["gpu_free"] is not None:
         data["fit"]["run_int4_gpu"] = fit_verdict(ram["run_int4"], ram["gpu_free"])
-        lines.append(f"  GPU             {_mb(ram['gpu_free'])} free: INT4 {data['fit']['run_int4_gpu']}")
+        lines.append(f"  GPU             {format_size(ram['gpu_free'])} free: INT4 {data['fit']['run_int4_gpu']}")
     emit(args, data, "\n".join(lines))
     return 0
 
@@ -132,6 +128,7 @@ def _settings_from(args: argparse.Namespace):
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from workbench.run.pipeline import quantize_run
+    from workbench.run.wording import quantized_line
 
     settings = _settings_from(args)
     calibration = Path(args.calibration) if args.calibration else None
@@ -150,28 +147,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             progress=progress,
         )
     data = {
-        "run_dir": record["run_dir"],
-        "original": {"bytes": record["original"]["bytes"], "peak_rss_bytes": record["original"]["peak_rss_bytes"]},
-        "int4": {"bytes": record["int4"]["bytes"], "peak_rss_bytes": record["int4"]["peak_rss_bytes"]},
-        "size_ratio": record["size_ratio"],
-        "ram_ratio": record["ram_ratio"],
-        "bits_per_weight": record["bits_per_weight"],
-        "ops": record["ops"],
-        "timings_s": record["timings_s"],
-        "settings": record["settings"],
+        "run_dir": record.run_dir,
+        "original": {"bytes": record.original.bytes, "peak_rss_bytes": record.original.peak_rss_bytes},
+        "int4": {"bytes": record.int4.bytes, "peak_rss_bytes": record.int4.peak_rss_bytes},
+        "size_ratio": record.size_ratio,
+        "ram_ratio": record.ram_ratio,
+        "bits_per_weight": record.bits_per_weight,
+        "ops": record.ops,
+        "timings_s": record.timings_s,
+        "settings": record.settings.to_dict(),
     }
-    human = (
-        f"{record['run_dir']}: {_mb(record['original']['bytes'])} -> {_mb(record['int4']['bytes'])} "
-        f"({record['size_ratio']:.2f}x smaller, {record['bits_per_weight']:.2f} bits/weight), "
-        f"RAM {record['ram_ratio']:.2f}x less; stages: "
-        + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items())
-    )
-    emit(args, data, human)
+    emit(args, data, quantized_line(record))
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from workbench.run.tune import tune_run
+    from workbench.run.wording import tune_lines
 
     text = args.text or args.calibration
     if text is None:
@@ -185,26 +177,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
             calibration=Path(args.calibration) if args.calibration else None, tokens=args.tokens,
             trust_remote_code=args.trust_remote_code, progress=progress,
         )
-    tune = record["tune"]
+    tune = record.tune
     data = {
-        "run_dir": record["run_dir"],
+        "run_dir": record.run_dir,
         "chosen": tune["chosen"],
         "within_budget": tune["within_budget"],
         "explanation": tune["explanation"],
         "budget_pct": tune["budget_pct"],
         "candidates": tune["candidates"],
-        "size_ratio": record["size_ratio"],
-        "quality": record["quality"][0],
-        "sensitivity": record.get("sensitivity"),
-        "settings": record["settings"],
-        "timings_s": record["timings_s"],
+        "size_ratio": record.size_ratio,
+        "quality": record.quality[0].to_dict(),
+        "sensitivity": record.sensitivity,
+        "settings": record.settings.to_dict(),
+        "timings_s": record.timings_s,
     }
-    lines = [f"{record['run_dir']}: {tune['explanation']}"]
-    for c in tune["candidates"]:
-        figures = (f"{c['int4_bytes'] / 1e6:,.0f} MB, {c['perplexity_increase_pct']:+.1f} %, {c['seconds']:.0f} s"
-                   if c["tried"] else "not needed")
-        lines.append(f"  {'*' if c['label'] == tune['chosen'] else ' '} {c['label']}: {figures}")
-    emit(args, data, "\n".join(lines))
+    emit(args, data, "\n".join(tune_lines(record)))
     return 0
 
 
@@ -226,8 +213,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from workbench.run.report import REPORT_FILE, verdict, write_report
+    from workbench.layout import REPORT_FILE
     from workbench.run.folders import load_run
+    from workbench.run.report import write_report
+    from workbench.run.wording import verdict
 
     run_dir = Path(args.run_dir)
     record = load_run(run_dir)
@@ -292,7 +281,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         lines.append("")
         for key in ("original", "int4"):
             entry = row[key]
-            memory = f", peak RSS {entry['peak_rss_bytes'] / 2**20:,.0f} MiB" if entry["peak_rss_bytes"] else ""
+            memory = f", peak RSS {format_size(entry['peak_rss_bytes'])}" if entry["peak_rss_bytes"] else ""
             lines.append(
                 f"{key:>8}: {entry['tokens']} tokens, TTFT {entry['ttft_s']:.3f} s, {entry['tokens_per_s']:.1f} tok/s, "
                 f"total {entry['total_s']:.2f} s{memory}"
@@ -330,8 +319,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         [
             f"{'':10}{'decode tok/s':>14}{'TTFT s':>10}{'RSS after load':>16}{'peak RSS':>12}",
             *(
-                f"{key:10}{d['tokens_per_s']:>14.1f}{d['ttft_s']:>10.3f}{d['load_rss_bytes'] / 2**20:>12,.0f} MiB"
-                f"{d['peak_rss_bytes'] / 2**20:>8,.0f} MiB"
+                f"{key:10}{d['tokens_per_s']:>14.1f}{d['ttft_s']:>10.3f}{format_size(d['load_rss_bytes']):>16}"
+                f"{format_size(d['peak_rss_bytes']):>12}"
                 for key, d in (("original", original), ("int4", int4))
             ),
             f"INT4 decodes {data['speedup']:.2f}x as fast and needs {data['memory_ratio']:.2f}x less peak RAM "
@@ -352,7 +341,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             progress=progress,
         )
     genai = "with genai_config.json" if result.genai["written"] else f"no genai_config.json: {result.genai['reason']}"
-    human = f"{result.path}: {result.target} bundle, {result.files} files, {_mb(result.bytes)}"
+    human = f"{result.path}: {result.target} bundle, {result.files} files, {format_size(result.bytes)}"
     if result.target == "runner":
         human += f"; {genai}"
     emit(args, result.to_dict(), human)

@@ -27,6 +27,9 @@ SIDE_FILES = (
     "added_tokens.json",
 )
 RUN_FILE = "run.json"
+REPORT_FILE = "report.md"
+CHART_FILE = "memory.png"
+TUNE_CHART_FILE = "tune.png"
 ORIGINAL = "original"
 INT4 = "int4"
 

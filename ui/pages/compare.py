@@ -32,7 +32,7 @@ from PySide6.QtWidgets import (
 from ui.glossary import tip
 from ui.jobs import Job
 from ui.pages import Page
-from ui.widgets import Collapsible, InlineMessage, JobPanel, human_bytes, show_error, term_label, with_tip
+from ui.widgets import Collapsible, InlineMessage, JobPanel, show_error, term_label, with_tip
 from workbench.generation.compare import (
     MODELS,
     TABLE_COLUMNS,
@@ -47,6 +47,7 @@ from workbench.errors import WorkbenchError
 from workbench.generation.engine import GenerationConfig, GenerationError
 from workbench.layout import INT4, ORIGINAL
 from workbench.generation.runtime import cuda_status
+from workbench.units import format_size
 
 COLUMN_TITLES = {ORIGINAL: "Original (32-bit)", INT4: "INT4"}
 DIVERGENCE_COLOUR = "#fff1c2"
@@ -112,9 +113,9 @@ class AnswerColumn(QGroupBox):
             self.text.setPlainText(entry["text"])
         self.metrics["ttft"].setText(f"{entry['ttft_s']:.2f} s")
         self.metrics["speed"].setText(f"{entry['tokens_per_s']:.1f} tokens per second")
-        memory = [human_bytes(entry["peak_rss_bytes"])] if entry["peak_rss_bytes"] else []
+        memory = [format_size(entry["peak_rss_bytes"])] if entry["peak_rss_bytes"] else []
         if entry["gpu_bytes"]:
-            memory.append(f"{human_bytes(entry['gpu_bytes'])} on the GPU")
+            memory.append(f"{format_size(entry['gpu_bytes'])} on the GPU")
         self.metrics["memory"].setText(", ".join(memory) or "not measured")
         ending = FINISH_REASONS.get(entry["finish_reason"], entry["finish_reason"])
         self.metrics["tokens"].setText(f"{entry['tokens']} tokens, {ending}")

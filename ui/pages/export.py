@@ -20,9 +20,9 @@ from PySide6.QtWidgets import (
 from exporters.bundle import BundleResult, build_bundle
 from ui.jobs import Job
 from ui.pages import Page
-from ui.widgets import InlineMessage, JobPanel, human_bytes, open_path, show_error, with_tip
-from workbench.run.report import CHART_FILE, REPORT_FILE, TUNE_CHART_FILE
-from workbench.layout import INT4, ORIGINAL, RUN_FILE, folder_bytes
+from ui.widgets import InlineMessage, JobPanel, open_path, show_error, with_tip
+from workbench.layout import CHART_FILE, INT4, ORIGINAL, REPORT_FILE, RUN_FILE, TUNE_CHART_FILE, folder_bytes
+from workbench.units import format_size
 
 TARGETS = (
     ("runner", "Runs with “python run.py”"),
@@ -172,7 +172,7 @@ class ExportPage(Page):
         self.bundle = result.path
         check = result.check
         lines = [
-            f"Saved <b>{result.path}</b>: {result.files} files, {human_bytes(result.bytes)}.",
+            f"Saved <b>{result.path}</b>: {result.files} files, {format_size(result.bytes)}.",
             f"Checked: asked “{check['prompt']}”, the bundled model answers “{check['text'].strip()}”; "
             "verify expects the same answer.",
         ]
@@ -220,6 +220,6 @@ class ExportPage(Page):
             if not shown:
                 label.clear()
             elif path.is_dir():
-                label.setText(human_bytes(folder_bytes(path)))
+                label.setText(format_size(folder_bytes(path)))
             else:
-                label.setText(human_bytes(path.stat().st_size) if path.is_file() else "missing")
+                label.setText(format_size(path.stat().st_size) if path.is_file() else "missing")

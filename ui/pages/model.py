@@ -22,12 +22,12 @@ from ui.widgets import (
     FitLabel,
     InlineMessage,
     JobPanel,
-    human_bytes,
     human_count,
     show_error,
     term_label,
 )
 from workbench.run.memory import original_sizes, preset_estimates, ram_estimates
+from workbench.units import format_size
 from workbench.settings import PRESETS
 from workbench.sources import DEMO, DEMO_NAME, ResolvedModel, resolve
 
@@ -199,16 +199,16 @@ class ModelPage(Page):
         self.kind.setText(f"{info.architecture}, {info.layers} layers; {KINDS.get(info.kind, info.kind)}")
         self.parameters.setText(human_count(info.parameters))
         self.context.setText(f"{info.context_length:,} tokens" if info.context_length else "not stated")
-        self.size_now.setText(f"{human_bytes(info.fp32_bytes)} (32-bit weights)")
+        self.size_now.setText(f"{format_size(info.fp32_bytes)} (32-bit weights)")
         self.presets.setText(
             "<br>".join(
-                f"{PRESETS[name].title}: <b>{human_bytes(size)}</b> ({facts.original_bytes / size:.1f}x smaller)"
+                f"{PRESETS[name].title}: <b>{format_size(size)}</b> ({facts.original_bytes / size:.1f}x smaller)"
                 for name, size in facts.preset_bytes.items()
             )
         )
         ram = facts.ram
         self.machine.setText(
-            f"{human_bytes(ram['machine_total'])} of RAM, {human_bytes(ram['machine_available'])} free now"
+            f"{format_size(ram['machine_total'])} of RAM, {format_size(ram['machine_available'])} free now"
         )
         self.fit_export.set_fit(ram["export"], ram["machine_available"])
         self.fit_original.set_fit(ram["run_original"], ram["machine_available"])

@@ -29,7 +29,6 @@ from ui.pages import Page
 from ui.widgets import (
     Collapsible,
     InlineMessage,
-    human_bytes,
     human_duration,
     show_error,
     with_tip,
@@ -39,6 +38,8 @@ from workbench.run.pipeline import quantize_run
 from workbench.run.folders import check_output_dir
 from workbench.settings import PRESETS, preset_settings
 from workbench.run.tune import CANDIDATES, tune_run
+from workbench.run.record import RunRecord
+from workbench.units import format_size
 
 # The pipeline's stages ("stage: message" in its progress) in plain words. Which of them a run
 # goes through is the pipeline's business: a row appears when its stage starts.
@@ -247,7 +248,7 @@ class QuantizePage(Page):
             self.model_label.setText("none yet")
         else:
             info = session.model.info
-            self.model_label.setText(f"{info.name} ({human_bytes(info.fp32_bytes)} now)")
+            self.model_label.setText(f"{info.name} ({format_size(info.fp32_bytes)} now)")
             if not self._name_edited and self._job is None:
                 self.name.setText(default_run_name(session.runs_dir, info.name, self._run_kind()))
         self._describe_settings()
@@ -383,19 +384,19 @@ class QuantizePage(Page):
             text += f" · about {human_duration(remaining)} left"
         self.times.setText(text)
 
-    def _finished(self, record: dict) -> None:
+    def _finished(self, record: RunRecord) -> None:
         for name, row in self.rows.items():
-            row.set_state(DONE, human_duration(record["timings_s"].get(name, 0.0)))
+            row.set_state(DONE, human_duration(record.timings_s.get(name, 0.0)))
         self.overall.setValue(1000)
         self.times.setText(f"Finished in {human_duration(time.monotonic() - self._began)}.")
         self.result.note(
-            f"Done: {human_bytes(record['original']['bytes'])} → {human_bytes(record['int4']['bytes'])} on disk "
-            f"({record['size_ratio']:.1f}x smaller), {record['ram_ratio']:.1f}x less RAM. "
-            f"Saved in {record['run_dir']}. Next: compare the two models' answers."
-            + (f"\n{record['tune']['explanation']}" if "tune" in record else "")
+            f"Done: {format_size(record.original.bytes)} → {format_size(record.int4.bytes)} on disk "
+            f"({record.size_ratio:.1f}x smaller), {record.ram_ratio:.1f}x less RAM. "
+            f"Saved in {record.run_dir}. Next: compare the two models' answers."
+            + (f"\n{record.tune['explanation']}" if record.tune else "")
         )
         self._name_edited = False
-        self.session.set_run(Path(record["run_dir"]), record)
+        self.session.set_run(Path(record.run_dir), record)
 
     def _failed(self, message: str, details: str) -> None:
         self._stop_rows()

@@ -28,16 +28,16 @@ from ui.widgets import (
     ChartView,
     InlineMessage,
     JobPanel,
-    human_bytes,
     open_path,
     show_error,
     term_label,
 )
 from workbench.generation.bench import NEW_TOKENS, bench_run
 from workbench.quality.evaluate import evaluate_run
-from workbench.run.report import CHART_FILE, REPORT_FILE, TUNE_CHART_FILE, verdict
-from workbench.layout import INT4, ORIGINAL
+from workbench.layout import CHART_FILE, REPORT_FILE, TUNE_CHART_FILE
 from workbench.run.folders import load_run
+from workbench.run.record import Speed
+from workbench.run.wording import figure_rows, quality_cells, speed_note, speed_rows, verdict
 
 QUALITY_COLUMNS = (
     ("Text", None),
@@ -204,7 +204,7 @@ class ReportPage(Page):
         self.changed.emit()
         return job.start()
 
-    def _show_speed(self, speed: dict | None) -> None:
+    def _show_speed(self, speed: Speed | None) -> None:
         if speed is None:
             self.speed_table.hide()
             self.speed_note.setText(
@@ -212,20 +212,9 @@ class ReportPage(Page):
             )
             self.speed_button.setText("Measure speed")
             return
-        original, int4 = speed[ORIGINAL], speed[INT4]
-        rows = {
-            "tokens_per_s": (f"{original['tokens_per_s']:.1f} tokens/s", f"{int4['tokens_per_s']:.1f} tokens/s",
-                             f"{speed['speedup']:.1f}x as fast"),
-            "ttft_s": (f"{original['ttft_s']:.2f} s", f"{int4['ttft_s']:.2f} s", ""),
-            "peak_rss_bytes": (human_bytes(original["peak_rss_bytes"]), human_bytes(int4["peak_rss_bytes"]),
-                               f"{speed['memory_ratio']:.1f}x less"),
-        }
-        fill(self.speed_figures, rows)
+        fill(self.speed_figures, speed_rows(speed))
         self.speed_table.show()
-        self.speed_note.setText(
-            f"After a {speed['prompt_tokens']}-token prompt, {speed['new_tokens']} new tokens, on "
-            f"{speed['provider'].upper()} ({speed['provider_reason']}); the middle of {speed['rounds']} rounds."
-        )
+        self.speed_note.setText(speed_note(speed))
         self.speed_button.setText("Measure again")
 
     def _pick_text(self) -> None:
@@ -252,23 +241,15 @@ class ReportPage(Page):
     def _show_run(self) -> None:
         record = self.session.record
         self.verdict.setText(verdict(record))
-        self._show_speed(record.get("speed"))
+        self._show_speed(record.speed)
         self.chart.load(self.session.run_dir / CHART_FILE)
-        tune = record.get("tune")
+        tune = record.tune
         self.tune.setVisible(tune is not None)
         if tune is not None:
             self.tune_note.setText(tune["explanation"])
             self.tune_chart.load(self.session.run_dir / TUNE_CHART_FILE)
-        original, int4 = record[ORIGINAL], record[INT4]
-        rows = {
-            "disk": (human_bytes(original["bytes"]), human_bytes(int4["bytes"]),
-                     f"{record['size_ratio']:.1f}x smaller"),
-            "ram": (human_bytes(original["peak_rss_bytes"]), human_bytes(int4["peak_rss_bytes"]),
-                    f"{record['ram_ratio']:.1f}x less"),
-            "bits": ("32", f"{record['bits_per_weight']:.1f}", ""),
-        }
-        fill(self.figures, rows)
-        qualities = record["quality"]
+        fill(self.figures, figure_rows(record))
+        qualities = record.quality
         self.quality.setVisible(bool(qualities))
         self.quality_note.setText(
             "Lower perplexity is better; a few per cent more after INT4 is normal."
@@ -277,15 +258,7 @@ class ReportPage(Page):
         )
         self.quality.setRowCount(len(qualities))
         for row, q in enumerate(qualities):
-            cells = (
-                q["text"],
-                f"{q['tokens']:,}",
-                f"{q['original']['perplexity']:.2f} → {q['int4']['perplexity']:.2f}",
-                f"{q['perplexity_increase_pct']:+.1f} %",
-                f"{q['top1_agreement'] * 100:.1f} %",
-                f"{q['mean_kl']:.4f}",
-            )
-            for column, text in enumerate(cells):
+            for column, text in enumerate(quality_cells(q)):
                 item = QTableWidgetItem(text)
                 if column:
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)

@@ -28,12 +28,13 @@ from ui.glossary import METHOD_TERMS, tip
 from ui.pages import Page
 from ui.pages.calibration import FILE_FILTER
 from ui.session import TuneChoice
-from ui.widgets import Collapsible, InlineMessage, human_bytes, term_label, with_tip
+from ui.widgets import Collapsible, InlineMessage, term_label, with_tip
 from workbench.quantization.calibration import check_text_file
 from workbench.errors import WorkbenchError
 from workbench.quantization.sizes import int4_bytes
 from workbench.settings import MAX_SENSITIVE_8BIT_PCT, METHODS, PRESETS, Preset, QuantSettings, preset_settings
 from workbench.run.tune import CANDIDATES
+from workbench.units import format_size
 
 METHOD_TITLES = {
     "gptq": "GPTQ: learns from example text (slower, best quality)",
@@ -326,18 +327,18 @@ class SettingsPage(Page):
             return
         for name, card in self.cards.items():
             size = facts.preset_bytes[name]
-            card.size.setText(f"about {human_bytes(size)} · {facts.original_bytes / size:.1f}x smaller")
+            card.size.setText(f"about {format_size(size)} · {facts.original_bytes / size:.1f}x smaller")
         if self.session.tune is not None:
             sizes = [int4_bytes(model.info, settings) for settings in CANDIDATES]
             self.estimate.setText(
-                f"Auto-tune tries {len(CANDIDATES)} settings, from about <b>{human_bytes(min(sizes))}</b> "
-                f"({facts.original_bytes / min(sizes):.1f}x smaller) to about <b>{human_bytes(max(sizes))}</b> "
+                f"Auto-tune tries {len(CANDIDATES)} settings, from about <b>{format_size(min(sizes))}</b> "
+                f"({facts.original_bytes / min(sizes):.1f}x smaller) to about <b>{format_size(max(sizes))}</b> "
                 f"({facts.original_bytes / max(sizes):.1f}x smaller), and keeps the smallest whose perplexity on your "
                 f"text rises no more than {self.session.tune.max_quality_loss_pct:g} %."
             )
             return
         size = int4_bytes(model.info, self.session.settings)
         self.estimate.setText(
-            f"After INT4: about <b>{human_bytes(size)}</b>, {facts.original_bytes / size:.1f}x smaller than the "
-            f"{human_bytes(facts.original_bytes)} now ({8 * size / model.info.parameters:.1f} bits per weight)."
+            f"After INT4: about <b>{format_size(size)}</b>, {facts.original_bytes / size:.1f}x smaller than the "
+            f"{format_size(facts.original_bytes)} now ({8 * size / model.info.parameters:.1f} bits per weight)."
         )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
+from workbench.run.record import Speed
 from workbench.run.report import update_run
 from workbench.layout import INT4, ORIGINAL
 from workbench.run.folders import machine
@@ -93,7 +94,7 @@ def bench_run(
         "memory_ratio": round(original["peak_rss_bytes"] / int4["peak_rss_bytes"], 3),
         "machine": machine(),
     }
-    update_run(run_dir, lambda record: record.update(speed=speed))
+    update_run(run_dir, lambda record: record.replace(speed=Speed.from_dict(speed)))
     return speed
 
 

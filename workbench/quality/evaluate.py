@@ -16,43 +16,11 @@ from workbench.quantization.calibration import read_texts
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
 from workbench.generation.runtime import OnnxCausalLM
+from workbench.run.record import QualityResult
 
 DEFAULT_WINDOW = 512
 DEFAULT_MAX_TOKENS = 8192
 MIN_TOKENS = 32
-
-
-@dataclass(frozen=True)
-class QualityResult:
-    text: str  # file name of the text
-    tokens: int  # scored positions
-    window: int
-    original_perplexity: float
-    int4_perplexity: float
-    perplexity_increase_pct: float
-    top1_agreement: float
-    mean_kl: float
-
-    def to_dict(self) -> dict:
-        return {
-            "text": self.text,
-            "tokens": self.tokens,
-            "window": self.window,
-            "original": {"perplexity": self.original_perplexity},
-            "int4": {"perplexity": self.int4_perplexity},
-            "perplexity_increase_pct": self.perplexity_increase_pct,
-            "top1_agreement": self.top1_agreement,
-            "mean_kl": self.mean_kl,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> QualityResult:
-        flat = {k: v for k, v in data.items() if k not in ("original", "int4")}
-        return cls(
-            **flat,
-            original_perplexity=data["original"]["perplexity"],
-            int4_perplexity=data["int4"]["perplexity"],
-        )
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -159,10 +127,5 @@ def evaluate_run(
         run_dir / ORIGINAL, run_dir / INT4, text_path, window=window, max_tokens=max_tokens, provider=provider,
         progress=progress, cancelled=cancelled,
     )
-    entry = result.to_dict()
-
-    def keep(record: dict) -> None:
-        record["quality"] = [q for q in record["quality"] if q["text"] != entry["text"]] + [entry]
-
-    update_run(run_dir, keep)
+    update_run(run_dir, lambda record: record.with_quality(result))
     return result

@@ -17,8 +17,9 @@ import psutil
 
 from workbench.errors import WorkbenchError
 from workbench.layout import RUN_FILE
+from workbench.run.record import RUN_SCHEMA_VERSION, RunRecord
+from workbench.units import format_size
 
-RUN_SCHEMA_VERSION = 1
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 VERSIONED_PACKAGES = ("int4-workbench", "onnxruntime-gpu", "onnxruntime", "onnx", "optimum-onnx", "transformers", "torch")
 
@@ -37,8 +38,8 @@ def check_output_dir(path: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(parent).free
     if free < needed_bytes:
         raise WorkbenchError(
-            f"Not enough disk space in {parent}: this run needs about {needed_bytes / 1e9:.1f} GB, "
-            f"{free / 1e9:.1f} GB are free. Free some space or choose another output folder."
+            f"Not enough disk space in {parent}: this run needs about {format_size(needed_bytes)}, "
+            f"{format_size(free)} are free. Free some space or choose another output folder."
         )
 
 
@@ -98,25 +99,36 @@ def write_json(path: Path, data: dict) -> None:
         raise _disk_error(error, path) from error
 
 
-def load_run(run_dir: Path) -> dict:
-    path = Path(run_dir) / RUN_FILE
+def load_versioned_json(path: Path, version: int, *, missing: str, remedy: str, other_version: str) -> dict:
+    """A JSON file carrying `schema_version`, refused with a message saying what to do when it is
+    missing (`missing`), damaged (`remedy`) or of another version (`other_version`)."""
     if not path.is_file():
-        raise WorkbenchError(f"{run_dir} is not a run folder (no {RUN_FILE}). Give a folder made by `quantize`.")
+        raise WorkbenchError(missing)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise WorkbenchError(f"{path} is damaged ({error}); quantize the model again.") from error
-    version = record.get("schema_version")
-    if version != RUN_SCHEMA_VERSION:
+        raise WorkbenchError(f"{path} is damaged ({error}); {remedy}.") from error
+    found = data.get("schema_version") if isinstance(data, dict) else None
+    if found != version:
         raise WorkbenchError(
-            f"{path} has schema version {version!r}; this workbench reads version {RUN_SCHEMA_VERSION}. "
-            "Open it with the workbench version that made it, or quantize again."
+            f"{path} has schema version {found!r}; this workbench reads version {version}. {other_version}"
         )
-    return record
+    return data
 
 
-def save_run(run_dir: Path, record: dict) -> None:
-    write_json(Path(run_dir) / RUN_FILE, record)
+def load_run(run_dir: Path) -> RunRecord:
+    data = load_versioned_json(
+        Path(run_dir) / RUN_FILE,
+        RUN_SCHEMA_VERSION,
+        missing=f"{run_dir} is not a run folder (no {RUN_FILE}). Give a folder made by `quantize`.",
+        remedy="quantize the model again",
+        other_version="Open it with the workbench version that made it, or quantize again.",
+    )
+    return RunRecord.from_dict(data, run_dir=str(Path(run_dir).absolute()))
+
+
+def save_run(run_dir: Path, record: RunRecord) -> None:
+    write_json(Path(run_dir) / RUN_FILE, record.to_dict())
 
 
 def list_runs(runs_dir: Path) -> list[Path]:

@@ -16,6 +16,7 @@ from workbench.layout import MODEL_FILE
 from workbench.jobs import Cancelled, Progress, never_cancelled, no_progress
 from workbench.quantization.int4_graph import module_name
 from workbench.quantization.sizes import COMPONENTS, int4_bytes
+from workbench.units import MIB, format_size
 from workbench.settings import PRESETS, QuantSettings
 from workbench.sources import ModelInfo
 
@@ -176,13 +177,13 @@ def draw_memory_chart(path: Path, original: dict, int4: dict, title: str) -> Non
         parts = list(dict.fromkeys([*original[key], *int4[key]]))
         bottoms = np.zeros(2)
         for colour, part in zip(colours, parts):
-            values = np.array([original[key].get(part, 0), int4[key].get(part, 0)]) / 2**20
+            values = np.array([original[key].get(part, 0), int4[key].get(part, 0)]) / MIB
             if not values.any():
                 continue
             axis.bar(["original", "INT4"], values, bottom=bottoms, color=colour, label=part, width=0.55)
             bottoms += values
         for x, total in enumerate(bottoms):
-            axis.text(x, total, f"{total:,.0f} MiB", ha="center", va="bottom", fontsize=9)
+            axis.text(x, total, format_size(total * MIB), ha="center", va="bottom", fontsize=9)
         axis.set_title(label)
         axis.set_ylabel("MiB")
         axis.set_ylim(0, bottoms.max() * 1.15)

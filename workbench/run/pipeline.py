@@ -28,8 +28,8 @@ from workbench.run.memory import graph_sizes, measure_session_memory, ram_compon
 from workbench.quantization.int4_graph import QuantizeResult, layer_plan, quantize_onnx
 from workbench.run.report import write_report
 from workbench.layout import INT4, ORIGINAL, folder_model_bytes
+from workbench.run.record import ModelFigures, RunRecord, RunSource
 from workbench.run.folders import (
-    RUN_SCHEMA_VERSION,
     check_output_dir,
     machine,
     save_run,
@@ -69,7 +69,7 @@ def quantize_run(
     preset: str | None = None,
     progress: Progress = no_progress,
     cancelled: Cancelled = never_cancelled,
-) -> dict:
+) -> RunRecord:
     """Quantize a model into `run_dir`; return the run record (also saved as run.json)."""
     run_dir = Path(run_dir)
     check_output_dir(run_dir, 0)  # before the (possibly long) model resolution
@@ -101,8 +101,7 @@ def quantize_run(
         source.torch_model = None  # the ONNX steps need its memory
         record = finish_run(work, stages, source, settings, result, cancelled,
                             preset=preset, extra={"sensitivity": sensitivity} if sensitivity else {})
-    record["run_dir"] = str(run_dir.absolute())
-    return record
+    return record.replace(run_dir=str(run_dir.absolute()))
 
 
 def method_stages(settings: QuantSettings) -> list[tuple[str, float]]:
@@ -176,34 +175,37 @@ def quantize_int4(stages: Stages, source: Source, dest: Path, settings: QuantSet
 
 
 def finish_run(work: Path, stages: Stages, source: Source, settings: QuantSettings, result: QuantizeResult,
-               cancelled: Cancelled, *, preset: str | None, extra: dict) -> dict:
+               cancelled: Cancelled, *, preset: str | None, extra: dict) -> RunRecord:
     """Stages "fuse" and "measure" on `work`/original and `work`/int4, then run.json (with the
-    `extra` sections) and the report."""
+    `extra` sections: RunRecord fields) and the report."""
     int4_dir = work / INT4
     # After quantization, which maps MatMuls to modules by node name.
     fusion = stages.run("fuse", lambda p: _fuse(source.original_dir, int4_dir, p, cancelled))
     measured = stages.run("measure", lambda p: _measure(source.original_dir, int4_dir, source.info, p, cancelled))
     check(cancelled)
     model, info = source.model, source.info
-    record = {
-        "schema_version": RUN_SCHEMA_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"spec": model.spec, "kind": info.kind, "name": info.name, "path": str(model.path)},
-        "model": info.to_dict(),
-        "preset": preset,
-        "settings": settings.to_dict(),
-        "calibration": source.calibration,
-        **measured,
-        "graph": fusion,
-        "int4_layers": result.layer_bits,
-        "shared_embeddings": result.shared_embeddings,
-        "ops": result.ops,
-        "timings_s": stages.timings,
-        "quality": [],
-        "machine": machine(),
-        "versions": versions(),
+    record = RunRecord(
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        source=RunSource(spec=model.spec, kind=info.kind, name=info.name, path=str(model.path)),
+        model=info,
+        preset=preset,
+        settings=settings,
+        calibration=source.calibration,
+        original=ModelFigures(**measured[ORIGINAL]),
+        int4=ModelFigures(**measured[INT4]),
+        size_ratio=measured["size_ratio"],
+        ram_ratio=measured["ram_ratio"],
+        bits_per_weight=measured["bits_per_weight"],
+        graph=fusion,
+        int4_layers=result.layer_bits,
+        shared_embeddings=result.shared_embeddings,
+        ops=result.ops,
+        timings_s=stages.timings,
+        quality=(),
+        machine=machine(),
+        versions=versions(),
         **extra,
-    }
+    )
     save_run(work, record)
     write_report(work, record)
     return record

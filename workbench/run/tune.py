@@ -31,6 +31,7 @@ from workbench.quantization.int4_graph import QuantizeResult
 from workbench.quantization.sizes import estimate_int4, int4_bytes
 from workbench.layout import INT4
 from workbench.run.folders import check_output_dir, staged_dir
+from workbench.run.record import RunRecord
 from workbench.quantization.sensitivity import (
     LayerSensitivity,
     eight_bit_layers,
@@ -92,7 +93,7 @@ def tune_run(
     candidates: tuple[QuantSettings, ...] = CANDIDATES,
     progress: Progress = no_progress,
     cancelled: Cancelled = never_cancelled,
-) -> dict:
+) -> RunRecord:
     """Make the candidates from one export, keep the smallest within the budget in `run_dir`;
     return the run record (also saved as run.json)."""
     text = Path(text)
@@ -127,14 +128,13 @@ def tune_run(
         kept.tried.folder.rename(work / INT4)
         shutil.rmtree(work / CANDIDATE_FOLDER)
         tune = _tune_section(every, kept, max_quality_loss_pct, text, tokens)
-        extra = {"quality": [kept.tried.quality.to_dict()], "tune": tune}
+        extra = {"quality": (kept.tried.quality,), "tune": tune}
         if kept.tried.sensitivity:
             extra["sensitivity"] = kept.tried.sensitivity
         preset = next((name for name, p in PRESETS.items() if p.settings == kept.settings), None)
         record = finish_run(work, stages, source, kept.settings, kept.tried.result, cancelled, preset=preset,
                             extra=extra)
-    record["run_dir"] = str(run_dir.absolute())
-    return record
+    return record.replace(run_dir=str(run_dir.absolute()))
 
 
 class _Tuner:
