@@ -29,10 +29,10 @@ from exporters.bundle import (
     RUNNER_DIR,
     RUNNER_FILES,
     build_bundle,
-    chat_format_of,
-    genai_unsupported,
     verify_bundle,
 )
+from exporters.bundle.chat_template import chat_format_of
+from exporters.bundle.genai import genai_unsupported
 from exporters.runner import chat_format
 from workbench.generation import engine
 from workbench.generation.bench import bench_run
@@ -412,7 +412,7 @@ def test_a_bundle_answering_unlike_the_workbench_is_not_written(tiny_run, tmp_pa
         chat["generation_prompt"] += " "
         return chat
 
-    monkeypatch.setattr("exporters.bundle.chat_format_of", skewed)
+    monkeypatch.setattr("exporters.bundle.write.chat_format_of", skewed)
     with pytest.raises(WorkbenchError, match="bug in the bundle writer"):
         build_bundle(tiny_run, tmp_path / "bundle")
     assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from exporters.bundle import Layout, model_card
+from exporters.bundle import Layout
+from exporters.bundle.card import model_card
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.layout import REPORT_FILE, RUN_FILE

@@ -2,7 +2,7 @@
 
 This file needs only the standard library: a bundle ships it unchanged next to its runner. The
 workbench renders the model's Jinja chat template once, at bundle time, with placeholder messages
-and keeps the text around them (exporters.bundle.chat_format); here those pieces are joined
+and keeps the text around them (exporters.bundle.chat_template); here those pieces are joined
 around real messages. The workbench checks, for conversations of each shape it allows, that the
 joined text equals the template's own rendering.
 

@@ -67,7 +67,7 @@ def staged_dir(final: Path) -> Iterator[Path]:
         temporary.rename(final)
     except OSError as error:
         if error.errno in DISK_FULL:
-            raise _disk_error(error, final) from error
+            raise disk_error(error, final) from error
         raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -79,7 +79,7 @@ def _umask() -> int:
     return mask
 
 
-def _disk_error(error: OSError, target: Path) -> WorkbenchError:
+def disk_error(error: OSError, target: Path) -> WorkbenchError:
     if error.errno in DISK_FULL:
         return WorkbenchError(
             f"Writing {target} failed: {error.strerror}. Nothing was kept. Free some disk space or "
@@ -96,7 +96,7 @@ def write_json(path: Path, data: dict) -> None:
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        raise _disk_error(error, path) from error
+        raise disk_error(error, path) from error
 
 
 def load_versioned_json(path: Path, version: int, *, missing: str, remedy: str, other_version: str) -> dict:
