@@ -22,7 +22,7 @@ from ui.pages.calibration import CalibrationPage
 from ui.pages.compare import ComparePage
 from ui.pages.export import ExportPage
 from ui.pages.model import ModelPage
-from ui.pages.quantize import DONE, STAGES, QuantizePage
+from ui.pages.quantize import DONE, QuantizePage
 from ui.pages.report import ReportPage
 from ui.pages.settings import METHOD_TITLES, SettingsPage
 from workbench.run.memory import FITS, NO_FIT, TIGHT, fit_verdict
@@ -30,6 +30,7 @@ from workbench.run.folders import list_runs
 from workbench.generation.bench import bench_run
 from workbench.errors import WorkbenchError
 from workbench.jobs import check
+from workbench.run import stages
 from workbench.run.pipeline import quantize_run
 from workbench.run.folders import load_run
 from workbench.settings import METHODS, PRESETS, QuantSettings
@@ -122,8 +123,8 @@ def test_fit_verdict_thresholds():
 def test_every_method_and_stage_is_explained_in_plain_words():
     for method in METHODS:
         assert method in METHOD_TITLES and tip(METHOD_TERMS[method])
-    for _title, term in STAGES.values():
-        assert term is None or tip(term)
+    for stage in (*stages.ALL, stages.candidate(1, 3)):
+        assert stage.title and (stage.term is None or tip(stage.term))
 
 
 def test_steps_unlock_in_order(window, qtbot, tiny_llama):
@@ -170,7 +171,7 @@ def test_the_whole_wizard_from_model_to_report(window, qtbot, tiny_llama, prose,
 
     run_dir = runs_dir / "my-first-run"
     assert (run_dir / "run.json").is_file() and (run_dir / "int4" / "model.onnx").is_file()
-    assert list(quantize.rows) == list(window.session.record["timings_s"])  # a row per stage run
+    assert list(quantize.rows) == list(window.session.record.timings_s)  # a row per stage run
     assert "export" in quantize.rows and all(row.state == DONE for row in quantize.rows.values())
     assert "smaller" in quantize.result.text()
     assert window.runs.count() == 1 and window.runs.item(0).text() == "my-first-run"
@@ -400,7 +401,7 @@ def counting(n, *, progress, cancelled):
 def test_the_job_runner_reports_every_outcome(qtbot):
     job = Job(counting, 200)
     seen = []
-    job.signals.progress.connect(lambda f, m: seen.append(m))
+    job.signals.progress.connect(lambda event: seen.append(event.message))
     with qtbot.waitSignal(job.signals.finished, timeout=10_000) as result:
         job.start()
     assert result.args == [200] and 0 < len(seen) < 200  # progress is thinned out, not flooded

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 
 from workbench.errors import JobCancelled, WorkbenchError
+from workbench.jobs import ProgressEvent
 
 # Progress faster than this is dropped (the core may report per node or per token), except a
 # report from a new stage, so every stage's start reaches the screen.
@@ -26,7 +27,7 @@ _running: set[Job] = set()
 
 
 class JobSignals(QObject):
-    progress = Signal(float, str)
+    progress = Signal(object)  # a ProgressEvent: fraction of the whole job, message, and the stage (or None)
     partial = Signal(object)  # a piece of the result while it is being made: the streaming callback's arguments
     finished = Signal(object)
     failed = Signal(str, str)  # message for the user, details (a traceback; empty for a WorkbenchError)
@@ -48,7 +49,8 @@ class Job(QRunnable):
         if partial:
             self._kwargs[partial] = lambda *values: self.signals.partial.emit(values)
         self._cancel = threading.Event()
-        self._last_report = (0.0, "")
+        self._last_report = (0.0, None)
+        self._progress = _ProgressSink(self._report)
         self.signals.ended.connect(lambda: _running.discard(self))
 
     def start(self) -> Job:
@@ -83,13 +85,22 @@ class Job(QRunnable):
         finally:
             self.signals.ended.emit()
 
-    def _progress(self, fraction: float, message: str) -> None:
+    def _report(self, event: ProgressEvent) -> None:
         now = time.monotonic()
-        last_time, last_message = self._last_report
-        new_stage = message.partition(":")[0] != last_message.partition(":")[0]
-        if new_stage or now - last_time >= PROGRESS_INTERVAL_S or fraction >= 1.0:
-            self._last_report = (now, message)
-            self.signals.progress.emit(fraction, message)
+        last_time, last_stage = self._last_report
+        if event.stage != last_stage or now - last_time >= PROGRESS_INTERVAL_S or event.fraction >= 1.0:
+            self._last_report = (now, event.stage)
+            self.signals.progress.emit(event)
+
+
+class _ProgressSink:
+    """The `progress` a job's step gets: plain reports and staged events both become ProgressEvents."""
+
+    def __init__(self, report):
+        self.event = report
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.event(ProgressEvent(fraction, message))
 
 
 def running() -> list[Job]:

@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
 
 from ui.glossary import tip
 from ui.jobs import Job
+from workbench.jobs import ProgressEvent
 from workbench.run.memory import FITS, NO_FIT, TIGHT, fit_verdict
 from workbench.units import format_size
 
@@ -209,7 +210,7 @@ class JobPanel(QWidget):
         self.message.setText(message)
         self.cancel_button.setEnabled(True)
         # A job replaced by a newer one may still report; only the followed job counts.
-        job.signals.progress.connect(lambda fraction, text: self._progress(job, fraction, text))
+        job.signals.progress.connect(lambda event: self._progress(job, event))
         job.signals.ended.connect(lambda: self._ended(job))
         self.show()
 
@@ -219,12 +220,13 @@ class JobPanel(QWidget):
             self.cancel_button.setEnabled(False)
             self.message.setText("Stopping…")
 
-    def _progress(self, job: Job, fraction: float, message: str) -> None:
+    def _progress(self, job: Job, event: ProgressEvent) -> None:
         if job is not self._job or job.cancel_requested:
             return
         self.bar.setRange(0, 1000)
-        self.bar.setValue(round(fraction * 1000))
-        self.message.setText(f"{message} · {human_duration(self._clock.elapsed() / 1000)}")
+        self.bar.setValue(round(event.fraction * 1000))
+        doing = f"{event.stage.title}: {event.message}" if event.stage else event.message
+        self.message.setText(f"{doing} · {human_duration(self._clock.elapsed() / 1000)}")
 
     def _ended(self, job: Job) -> None:
         if job is self._job:

@@ -41,6 +41,7 @@ from workbench.generation.runtime import context_length_of, eos_token_ids_of
 from workbench.jobs import Cancelled, Progress, Stages, never_cancelled, no_progress
 from workbench.layout import INT4, MODEL_FILE, SIDE_FILES
 from workbench.run.folders import DISK_FULL, check_output_dir, disk_error, load_run, staged_dir, write_json
+from workbench.run import stages as stage
 from workbench.run.record import RunRecord
 from workbench.run.wording import verdict
 
@@ -87,7 +88,7 @@ def build_bundle(
     size = sum((model_dir / f).stat().st_size for f in model_files)
     check_output_dir(final, needed_bytes=int(size * (2.1 if zip_file else 1.1)))
     layout = Layout.for_target(target, triton.model_name(name or f"{record.source.name}-int4"))
-    stages = Stages(progress, [("copy", 6), ("check", 2), ("checksums", 2), ("zip", 4 if zip_file else 0)])
+    stages = Stages(progress, [(stage.COPY, 6), (stage.CHECK, 2), (stage.CHECKSUMS, 2), (stage.ZIP, 4 if zip_file else 0)])
     with _scratch(final) if zip_file else staged_dir(final) as work:
         stages.run("copy", lambda p: _copy_model(model_dir, work, layout, model_files, p, cancelled))
         settings = _runner_settings(model_dir, layout)

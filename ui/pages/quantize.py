@@ -34,6 +34,7 @@ from ui.widgets import (
     with_tip,
 )
 from workbench.errors import WorkbenchError
+from workbench.jobs import ProgressEvent, Stage
 from workbench.run.pipeline import quantize_run
 from workbench.run.folders import check_output_dir
 from workbench.settings import PRESETS, preset_settings
@@ -41,32 +42,10 @@ from workbench.run.tune import CANDIDATES, tune_run
 from workbench.run.record import RunRecord
 from workbench.units import format_size
 
-# The pipeline's stages ("stage: message" in its progress) in plain words. Which of them a run
-# goes through is the pipeline's business: a row appears when its stage starts.
-STAGES = {
-    "model": ("Open the model", None),
-    "export": ("Export to ONNX", "ONNX"),
-    "calibration": ("Prepare the example text", "calibration"),
-    "sensitivity": ("Find the layers that need 8 bits", "eight bit"),
-    "gptq": ("GPTQ rounding", "GPTQ"),
-    "awq": ("AWQ scaling and rounding", "AWQ"),
-    "int4": ("Write the INT4 weights", "INT4"),
-    "fuse": ("Speed up attention", "fused attention"),
-    "measure": ("Measure size and RAM", "RAM"),
-}
-CANDIDATE_STAGE = re.compile(r"^candidate (\d+)$")  # auto-tune's stage per setting tried
 SECONDS_SUFFIX = re.compile(r" \(\d+ s\)$")  # the core's elapsed-time counter in long messages
 MIN_FRACTION_FOR_ESTIMATE = 0.03
 RUNNING, DONE, STOPPED = "running", "done", "stopped"
 STATE_MARKS = {RUNNING: "◐", DONE: "✓", STOPPED: "✕"}
-
-
-def stage_title(name: str) -> tuple[str, str | None]:
-    """A stage's plain name and the glossary term that explains it."""
-    candidate = CANDIDATE_STAGE.match(name)
-    if candidate:
-        return f"Try setting {candidate.group(1)} of {len(CANDIDATES)} and judge it", "perplexity"
-    return STAGES.get(name, (name, None))
 
 
 def default_run_name(runs_dir: Path, model_name: str, preset: str) -> str:
@@ -80,15 +59,14 @@ def default_run_name(runs_dir: Path, model_name: str, preset: str) -> str:
 
 
 class StageRow:
-    """One stage: a mark, its name, a bar (busy while it runs) and what it is doing or took."""
+    """One stage, as the core names it: a mark, its title, a bar (busy while it runs) and what it is doing or took."""
 
-    def __init__(self, grid: QGridLayout, name: str):
-        title, term = stage_title(name)
+    def __init__(self, grid: QGridLayout, stage: Stage):
         self.mark = QLabel()
         self.mark.setObjectName("stageMark")
-        self.title = QLabel(title)
-        if term:
-            with_tip(self.title, term)
+        self.title = QLabel(stage.title)
+        if stage.term:
+            with_tip(self.title, stage.term)
         self.bar = QProgressBar()
         self.bar.setTextVisible(False)
         self.bar.setMaximumWidth(220)
@@ -348,23 +326,24 @@ class QuantizePage(Page):
             self.stage_grid.takeAt(0).widget().deleteLater()
         self.rows = {}
 
-    def _progress(self, fraction: float, message: str) -> None:
-        stage, separator, detail = message.partition(": ")
-        if not separator:
+    def _progress(self, event: ProgressEvent) -> None:
+        """A row per stage, in the order the stages start; the ones before a new stage are over."""
+        stage = event.stage
+        if stage is None:
             return
-        if stage not in self.rows:  # a new stage: the ones before it are over
+        if stage.name not in self.rows:
             for earlier in self.rows.values():
                 self._finish_row(earlier)
-            self.rows[stage] = StageRow(self.stage_grid, stage)
-        row = self.rows[stage]
-        if detail == "done":
+            self.rows[stage.name] = StageRow(self.stage_grid, stage)
+        row = self.rows[stage.name]
+        if event.message == "done":
             self._finish_row(row)
         elif row.state == RUNNING:
-            row.detail.setText(detail)
-        self._fraction = fraction
-        self.overall.setValue(round(fraction * 1000))
-        self.status.emit(f"Quantizing: {fraction:.0%}, {stage_title(stage)[0].lower()}")
-        self._log(message)
+            row.detail.setText(event.message)
+        self._fraction = event.fraction
+        self.overall.setValue(round(event.fraction * 1000))
+        self.status.emit(f"Quantizing: {event.fraction:.0%}, {stage.title.lower()}")
+        self._log(f"{stage.title}: {event.message}")
 
     def _finish_row(self, row: StageRow) -> None:
         if row.state != DONE:

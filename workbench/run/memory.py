@@ -17,7 +17,7 @@ from workbench.jobs import Cancelled, Progress, never_cancelled, no_progress
 from workbench.quantization.int4_graph import module_name
 from workbench.quantization.sizes import COMPONENTS, int4_bytes
 from workbench.units import MIB, format_size
-from workbench.settings import PRESETS, QuantSettings
+from workbench.settings import PRESETS
 from workbench.sources import ModelInfo
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ from exporters.onnx_export import export_onnx
 from workbench.jobs import (
     Cancelled,
     Progress,
+    Stage,
     Stages,
     check,
     never_cancelled,
@@ -28,6 +29,7 @@ from workbench.run.memory import graph_sizes, measure_session_memory, ram_compon
 from workbench.quantization.int4_graph import QuantizeResult, layer_plan, quantize_onnx
 from workbench.run.report import write_report
 from workbench.layout import INT4, ORIGINAL, folder_model_bytes
+from workbench.run import stages as stage
 from workbench.run.record import ModelFigures, RunRecord, RunSource
 from workbench.run.folders import (
     check_output_dir,
@@ -77,13 +79,13 @@ def quantize_run(
     stages = Stages(
         progress,
         [
-            ("model", 1),
-            ("export", 6),
-            ("calibration", 2 if calibrated else 0),
-            ("sensitivity", 3 if settings.sensitive_8bit_pct else 0),
+            (stage.MODEL, 1),
+            (stage.EXPORT, 6),
+            (stage.CALIBRATION, 2 if calibrated else 0),
+            (stage.SENSITIVITY, 3 if settings.sensitive_8bit_pct else 0),
             *method_stages(settings),
-            ("fuse", 1),
-            ("measure", 2),
+            (stage.FUSE, 1),
+            (stage.MEASURE, 2),
         ],
     )
     model = resolve_model(spec, run_dir, stages, trust_remote_code, cancelled)
@@ -104,10 +106,10 @@ def quantize_run(
     return record.replace(run_dir=str(run_dir.absolute()))
 
 
-def method_stages(settings: QuantSettings) -> list[tuple[str, float]]:
+def method_stages(settings: QuantSettings) -> list[tuple[Stage, float]]:
     """The weighted stages of `quantize_int4` for these settings."""
-    return [("gptq", 8 if settings.method == "gptq" else 0), ("awq", 4 if settings.method == "awq" else 0),
-            ("int4", 2)]
+    return [(stage.GPTQ, 8 if settings.method == "gptq" else 0), (stage.AWQ, 4 if settings.method == "awq" else 0),
+            (stage.INT4, 2)]
 
 
 def resolve_model(spec: str | ResolvedModel, run_dir: Path, stages: Stages, trust_remote_code: bool,

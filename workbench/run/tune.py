@@ -31,6 +31,7 @@ from workbench.quantization.int4_graph import QuantizeResult
 from workbench.quantization.sizes import estimate_int4, int4_bytes
 from workbench.layout import INT4
 from workbench.run.folders import check_output_dir, staged_dir
+from workbench.run import stages as stage
 from workbench.run.record import RunRecord
 from workbench.quantization.sensitivity import (
     LayerSensitivity,
@@ -102,8 +103,9 @@ def tune_run(
     check_output_dir(run_dir, 0)
     stages = Stages(
         progress,
-        [("model", 1), ("export", 6), ("calibration", 2),
-         *((f"candidate {i + 1}", 12) for i in range(len(candidates))), ("fuse", 1), ("measure", 2)],
+        [(stage.MODEL, 1), (stage.EXPORT, 6), (stage.CALIBRATION, 2),
+         *((stage.candidate(i + 1, len(candidates)), 12) for i in range(len(candidates))), (stage.FUSE, 1),
+         (stage.MEASURE, 2)],
     )
     model = resolve_model(spec, run_dir, stages, trust_remote_code, cancelled)
     _check_text_length(model, text)
@@ -163,8 +165,8 @@ class _Tuner:
     def try_candidate(self, candidate: _Candidate, progress: Progress) -> None:
         settings, source, cancelled = candidate.settings, self.source, self.cancelled
         needs_measuring = bool(settings.sensitive_8bit_pct) and self._sensitivity(settings) is None
-        stages = Stages(progress, [("sensitivity", 4 if needs_measuring else 0), *method_stages(settings),
-                                   ("evaluate", 3)])
+        stages = Stages(progress, [(stage.SENSITIVITY, 4 if needs_measuring else 0), *method_stages(settings),
+                                   (stage.EVALUATE, 3)])
         sensitivity = None
         if settings.sensitive_8bit_pct:
             if needs_measuring:
