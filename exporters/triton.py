@@ -102,7 +102,8 @@ def check_config(text: str, name: str, model_path: Path) -> None:
             if written[key] != expected[key]:
                 problems.append(f"{field} {key} is {written[key]}, the graph has {expected[key]}")
     if problems:
-        raise WorkbenchError("The Triton configuration does not match the model: " + "; ".join(sorted(problems)))
+        # The configuration is written from the graph: a mismatch is the writer's bug.
+        raise RuntimeError("The Triton configuration does not match the model: " + "; ".join(sorted(problems)))
 
 
 # -- protobuf text format: the subset the configuration uses ------------------------------------

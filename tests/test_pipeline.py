@@ -12,35 +12,12 @@ import time
 
 import pytest
 
+from conftest import cli, leftovers
 from workbench.errors import JobCancelled
 from workbench.run.pipeline import quantize_run
 from workbench.run.folders import RUN_SCHEMA_VERSION, load_run
 from workbench.settings import QuantSettings
 
-PROSE = "\n\n".join(
-    f"Paragraph {i}. The workbench turns a large language model into a small one. It keeps the weights "
-    f"in four bits, block by block, and measures what the smaller model lost. Teams run it on office "
-    f"machines without a graphics card, and compare the answers side by side before they deploy."
-    for i in range(40)
-)
-
-
-def cli(*args, env=None, preexec_fn=None, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "workbench.cli", *args],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn, timeout=timeout,
-    )
-
-
-def leftovers(parent):
-    return [p.name for p in parent.iterdir() if ".partial-" in p.name]
-
-
-@pytest.fixture
-def prose(tmp_path):
-    path = tmp_path / "prose.txt"
-    path.write_text(PROSE, encoding="utf-8")
-    return path
 
 
 def test_cli_quantize_evaluate_report(tiny_model, tmp_path, prose):

@@ -7,9 +7,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from conftest import calibration_ids, leftovers
 from models import build_model
-from test_gptq import calibration_ids
-from test_pipeline import leftovers
 from workbench.quantization.blockquant import rtn_quantize
 from workbench.errors import JobCancelled
 from workbench.quantization.sizes import estimate_int4

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import PROSE, cli, leftovers, open_model, wait_for_jobs
 from models import build_model
-from test_pipeline import PROSE, cli, leftovers, prose  # noqa: F401 (a fixture)
 from workbench.errors import JobCancelled, WorkbenchError
 from workbench.run.folders import load_run
 from workbench.settings import QuantSettings
@@ -134,7 +134,6 @@ def test_the_report_step_shows_the_tune_chart(qtbot, trained, tmp_path, prose):
 
 
 def test_the_wizard_runs_auto_tune(qtbot, trained, tmp_path, prose):
-    from test_ui import open_model, wait_for_jobs
     from ui.main_window import STEP_PAGES, MainWindow
     from ui.pages.quantize import QuantizePage
     from ui.pages.settings import SettingsPage

@@ -13,18 +13,18 @@ import pytest
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QMessageBox
 
+from conftest import JOB_TIMEOUT_MS, open_model, prose_text, wait_for_jobs
 from ui import jobs
 from ui.app import create_app
-from ui.glossary import METHOD_TERMS, tip
+from ui.glossary import tip
 from ui.jobs import Job
 from ui.main_window import STEP_PAGES, MainWindow
 from ui.pages.calibration import CalibrationPage
 from ui.pages.compare import ComparePage
 from ui.pages.export import ExportPage
-from ui.pages.model import ModelPage
 from ui.pages.quantize import DONE, QuantizePage
 from ui.pages.report import ReportPage
-from ui.pages.settings import METHOD_TITLES, SettingsPage
+from ui.pages.settings import SettingsPage
 from workbench.run.memory import FITS, NO_FIT, TIGHT, fit_verdict
 from workbench.run.folders import list_runs
 from workbench.generation.bench import bench_run
@@ -33,16 +33,10 @@ from workbench.jobs import check
 from workbench.run import stages
 from workbench.run.pipeline import quantize_run
 from workbench.run.folders import load_run
+from workbench.quantization.methods import METHODS as METHOD_TABLE
 from workbench.settings import METHODS, PRESETS, QuantSettings
 
-PROSE = "\n\n".join(
-    f"Paragraph {i}. The workbench turns a large language model into a small one. It keeps the weights "
-    f"in four bits, block by block, and measures what the smaller model lost. Teams run it on office "
-    f"machines without a graphics card, and compare the answers side by side before they deploy."
-    for i in range(12)
-)
 RTN = QuantSettings(method="rtn")
-JOB_TIMEOUT_MS = 120_000
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +64,7 @@ def window(qtbot, runs_dir):
 @pytest.fixture
 def prose(tmp_path) -> Path:
     path = tmp_path / "prose.txt"
-    path.write_text(PROSE, encoding="utf-8")
+    path.write_text(prose_text(12), encoding="utf-8")
     return path
 
 
@@ -80,18 +74,6 @@ def finished_run(tiny_llama, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("finished") / "runs" / "tiny-rtn"
     quantize_run(str(tiny_llama), run_dir, RTN, preset="balanced")
     return run_dir
-
-
-def wait_for_jobs(qtbot) -> None:
-    """Until the background work ended, whatever the outcome (the page then shows it)."""
-    qtbot.waitUntil(lambda: not jobs.running(), timeout=JOB_TIMEOUT_MS)
-
-
-def open_model(window, qtbot, spec) -> ModelPage:
-    page = window.page(ModelPage)
-    page.load(str(spec))
-    wait_for_jobs(qtbot)
-    return page
 
 
 def use_rtn(window) -> None:
@@ -122,7 +104,7 @@ def test_fit_verdict_thresholds():
 
 def test_every_method_and_stage_is_explained_in_plain_words():
     for method in METHODS:
-        assert method in METHOD_TITLES and tip(METHOD_TERMS[method])
+        assert METHOD_TABLE[method].title and tip(METHOD_TABLE[method].term)
     for stage in (*stages.ALL, stages.candidate(1, 3)):
         assert stage.title and (stage.term is None or tip(stage.term))
 

@@ -72,9 +72,6 @@ TERMS = {
     "(32 for the original).",
 }
 
-# QuantSettings.method -> the term explaining it
-METHOD_TERMS = {"rtn": "RTN", "hqq": "HQQ", "gptq": "GPTQ", "awq": "AWQ"}
-
 
 def tip(term: str) -> str:
     return TERMS[term]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QElapsedTimer, Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QPixmap
@@ -23,6 +25,9 @@ from ui.jobs import Job
 from workbench.jobs import ProgressEvent
 from workbench.run.memory import FITS, NO_FIT, TIGHT, fit_verdict
 from workbench.units import format_size
+
+if TYPE_CHECKING:
+    from ui.pages import Page
 
 FIT_COLOURS = {FITS: "#2e7d32", TIGHT: "#b26a00", NO_FIT: "#c62828"}
 
@@ -232,3 +237,86 @@ class JobPanel(QWidget):
         if job is self._job:
             self._job = None
             self.hide()
+
+
+class PageJob:
+    """A page's one background job at a time, and its whole lifecycle.
+
+    A page says what to run and what to do with the result (`start(job, message, done=...)`); this
+    follows the job in the page's JobPanel, ignores whatever a replaced job still reports, shows a
+    failure (`problem`, then a dialog: always with `explain_always`, else only for an unexpected
+    error's details), and when the job ends forgets it, calls `ended` and tells the window.
+    """
+
+    def __init__(
+        self,
+        page: Page,
+        *,
+        failure_title: str,
+        problem: Callable[[str], None],
+        panel: JobPanel | None = None,
+        ended: Callable[[], None] | None = None,
+        explain_always: bool = False,
+    ):
+        self.page, self.panel, self.failure_title = page, panel, failure_title
+        self._problem, self._on_end, self._explain_always = problem, ended, explain_always
+        self.job: Job | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.job is not None
+
+    def start(
+        self,
+        job: Job,
+        message: str = "",
+        *,
+        done: Callable[[object], None] | None = None,
+        cancelled: Callable[[], None] | None = None,
+        replace: bool = False,
+    ) -> Job | None:
+        """Start `job` (None if one is running, unless `replace` drops that one); `done(result)` when it finishes."""
+        if self.job is not None:
+            if not replace:
+                return None
+            self.drop()
+        self.job = job
+
+        def current() -> bool:
+            return job is self.job
+
+        if done is not None:
+            job.signals.finished.connect(lambda result: done(result) if current() else None)
+        if cancelled is not None:
+            job.signals.cancelled.connect(lambda: cancelled() if current() else None)
+        job.signals.failed.connect(lambda message, details: self._failed(message, details) if current() else None)
+        job.signals.ended.connect(lambda: self._ended(job))
+        if self.panel is not None:
+            self.panel.follow(job, message)
+        self.page.changed.emit()
+        return job.start()
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+
+    def drop(self) -> None:
+        """Stop the job the user no longer wants; what it still reports is ignored."""
+        if self.job is not None:
+            if self.panel is not None:
+                self.panel.cancel()
+            else:
+                self.job.cancel()
+            self.job = None
+
+    def _failed(self, message: str, details: str) -> None:
+        self._problem(message)
+        if details or self._explain_always:
+            show_error(self.page, self.failure_title, message, details)
+
+    def _ended(self, job: Job) -> None:
+        if job is self.job:
+            self.job = None
+            if self._on_end is not None:
+                self._on_end()
+            self.page.changed.emit()

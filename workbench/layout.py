@@ -26,6 +26,8 @@ SIDE_FILES = (
     "merges.txt",
     "added_tokens.json",
 )
+# The operator set of MatMulNBits, GatherBlockQuantized and GroupQueryAttention in our graphs.
+MS_DOMAIN = "com.microsoft"
 RUN_FILE = "run.json"
 REPORT_FILE = "report.md"
 CHART_FILE = "memory.png"
@@ -54,6 +56,14 @@ def save_model(model: onnx.ModelProto, dest_dir: Path) -> None:
         location=f"{MODEL_FILE}.data",
         size_threshold=1024,
     )
+
+
+def use_ms_domain(model: onnx.ModelProto) -> None:
+    """Declare the com.microsoft operator set in `model`, once."""
+    from onnx import helper
+
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def folder_bytes(folder: Path) -> int:

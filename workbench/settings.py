@@ -7,9 +7,9 @@ import fnmatch
 from dataclasses import dataclass, field
 
 from workbench.errors import WorkbenchError
+from workbench.quantization.methods import METHODS as METHOD_TABLE
 
-METHODS = ("rtn", "hqq", "gptq", "awq")
-CALIBRATED_METHODS = ("gptq", "awq")
+METHODS = tuple(METHOD_TABLE)
 SETTINGS_VERSION = 1
 MAX_SENSITIVE_8BIT_PCT = 100.0  # all 8 bits costs about 90 % more than all 4 bits
 
@@ -58,7 +58,7 @@ class QuantSettings:
     @property
     def needs_calibration(self) -> bool:
         """Calibrated methods, and the sensitivity measurement, read calibration samples."""
-        return self.method in CALIBRATED_METHODS or self.sensitive_8bit_pct > 0
+        return METHOD_TABLE[self.method].calibrated or self.sensitive_8bit_pct > 0
 
     def bits_for(self, layer: str) -> int | None:
         """4 or 8 for a layer name, None when it stays fp32."""

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from exporters.bundle.layout import CHECK_PROMPT, CHECK_TOKENS
 from exporters.runner import chat_format
-from workbench.errors import WorkbenchError
 from workbench.generation import engine
 from workbench.generation.runtime import ChatModel, choose_provider
 from workbench.jobs import Progress
@@ -25,7 +24,7 @@ def record_check(work: Path, model_dir: Path, settings: dict, progress: Progress
     prompt_ids = workbench.encode(CHECK_PROMPT)
     expected = workbench.generate(prompt_ids, engine.GenerationConfig(max_new_tokens=CHECK_TOKENS))
     if (recorded["prompt_ids"], recorded["tokens"]) != (prompt_ids, expected.tokens):
-        raise WorkbenchError(
+        raise RuntimeError(
             f"The bundle answers the check prompt with {recorded['text']!r}, the run's model in the workbench with "
             f"{expected.text!r}. Nothing was written; this is a bug in the bundle writer, please report it."
         )

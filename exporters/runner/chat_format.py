@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-ROLES = ("system", "user", "assistant")
-
 
 class ChatFormatError(ValueError):
     """A conversation this format cannot express; the message says why."""

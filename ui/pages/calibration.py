@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (
 
 from ui.jobs import Job
 from ui.pages import Page
-from ui.widgets import InlineMessage, JobPanel, show_error, with_tip
+from ui.widgets import InlineMessage, JobPanel, PageJob, with_tip
 from workbench.quantization.calibration import SUPPORTED_EXTENSIONS, CalibrationPreview, preview
 
 FILE_FILTER = f"Text files ({' '.join('*' + e for e in SUPPORTED_EXTENSIONS)});;All files (*)"
@@ -47,7 +47,6 @@ class CalibrationPage(Page):
 
     def __init__(self, session, parent=None):
         super().__init__(session, parent)
-        self._job: Job | None = None
         self.not_used = InlineMessage()
         self.body.addWidget(self.not_used)
 
@@ -70,6 +69,7 @@ class CalibrationPage(Page):
         problem_row.setContentsMargins(28, 0, 0, 0)  # under the field it is about
         problem_row.addWidget(self.problem)
         self.panel = JobPanel()
+        self.jobs = PageJob(self, panel=self.panel, failure_title="The file could not be read", problem=self._refuse)
         box = QVBoxLayout(self.choice)
         box.setSpacing(10)
         box.addWidget(self.self_written)
@@ -103,7 +103,7 @@ class CalibrationPage(Page):
     def blocker(self) -> str | None:
         if not self.session.settings.needs_calibration:
             return None
-        if self._job is not None:
+        if self.jobs.running:
             return "Wait until the file has been read."
         return self.session.calibration_problem
 
@@ -111,21 +111,15 @@ class CalibrationPage(Page):
         """Preview `path` in the background; it becomes the calibration text if it can be read."""
         self.from_file.setChecked(True)
         self.path.setText(str(path))
-        self._drop_job()
+        self.jobs.drop()
         self.problem.clear()
         self.preview_box.hide()
         if self.session.model is None:
             self._refuse("Choose a model first: the preview counts tokens with its tokenizer.")
             return None
-        job = Job(preview_file, path, self.session.model.path)
-        self._job = job
-        job.signals.finished.connect(lambda result: self._previewed(job, result))
-        job.signals.failed.connect(lambda message, details: self._failed(job, message, details))
-        job.signals.ended.connect(lambda: self._ended(job))
-        self.panel.follow(job, f"Reading {path.name}…")
         self.session.set_calibration(None, "Wait until the file has been read.")
-        self.changed.emit()
-        return job.start()
+        job = Job(preview_file, path, self.session.model.path)
+        return self.jobs.start(job, f"Reading {path.name}…", done=self._previewed)
 
     def use_self_written(self) -> None:
         self.self_written.setChecked(True)
@@ -140,7 +134,7 @@ class CalibrationPage(Page):
         self.path.setEnabled(not writes_own)
         self.browse.setEnabled(not writes_own)
         if writes_own:
-            self._drop_job()
+            self.jobs.drop()
             self.problem.clear()
             self.preview_box.hide()
             self.session.set_calibration(None)
@@ -165,9 +159,7 @@ class CalibrationPage(Page):
         if self.from_file.isChecked() and self.path.text():
             self.use_file(Path(self.path.text()))  # token counts depend on the model's tokenizer
 
-    def _previewed(self, job: Job, result: CalibrationPreview) -> None:
-        if job is not self._job:
-            return
+    def _previewed(self, result: CalibrationPreview) -> None:
         tokens = f"{result.tokens:,} tokens" if result.tokens is not None else "tokens not counted"
         self.summary.setText(
             f"<b>{result.samples:,} samples</b>, {tokens}, {result.characters:,} characters "
@@ -185,25 +177,7 @@ class CalibrationPage(Page):
         self.preview_box.show()
         self.session.set_calibration(result.path)
 
-    def _failed(self, job: Job, message: str, details: str) -> None:
-        if job is not self._job:
-            return
-        self._refuse(message)
-        if details:
-            show_error(self, "The file could not be read", message, details)
-
     def _refuse(self, message: str) -> None:
         self.problem.problem(message)
         self.session.set_calibration(None, f"The example text cannot be used: {message}")
         self.changed.emit()
-
-    def _drop_job(self) -> None:
-        """Stop reading a file the user no longer wants; its result, if it still comes, is ignored."""
-        if self._job is not None:
-            self.panel.cancel()
-            self._job = None
-
-    def _ended(self, job: Job) -> None:
-        if job is self._job:
-            self._job = None
-            self.changed.emit()

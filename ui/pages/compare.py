@@ -32,7 +32,7 @@ from PySide6.QtWidgets import (
 from ui.glossary import tip
 from ui.jobs import Job
 from ui.pages import Page
-from ui.widgets import Collapsible, InlineMessage, JobPanel, show_error, term_label, with_tip
+from ui.widgets import Collapsible, InlineMessage, JobPanel, PageJob, term_label, with_tip
 from workbench.generation.compare import (
     MODELS,
     TABLE_COLUMNS,
@@ -138,7 +138,6 @@ class ComparePage(Page):
 
     def __init__(self, session, parent=None):
         super().__init__(session, parent)
-        self._job: Job | None = None
         self._result: CompareResult | None = None
         self._prompt_index = 0
         self._cuda_checked = False
@@ -175,6 +174,8 @@ class ComparePage(Page):
         self.body.addWidget(Collapsible("Generation settings", self._settings_form()))
         self.problem = InlineMessage()
         self.panel = JobPanel()
+        self.jobs = PageJob(self, panel=self.panel, failure_title="The comparison stopped",
+                            problem=self.problem.problem, ended=self._ended)
         self.body.addWidget(self.problem)
         self.body.addWidget(self.panel)
 
@@ -252,7 +253,7 @@ class ComparePage(Page):
         return widget
 
     def blocker(self) -> str | None:
-        return "Wait until both models have answered (or cancel)." if self._job else None
+        return "Wait until both models have answered (or cancel)." if self.jobs.running else None
 
     def entered(self) -> None:
         if not self._cuda_checked:
@@ -317,7 +318,7 @@ class ComparePage(Page):
         return self._start(prompts)
 
     def _start(self, prompts: list[str]) -> Job | None:
-        if self._job is not None or self.session.run_dir is None:
+        if self.jobs.running or self.session.run_dir is None:
             return None
         try:
             options = self.options()
@@ -333,18 +334,14 @@ class ComparePage(Page):
         self.suite.setVisible(len(prompts) > 1)
         self.table.setRowCount(0)
         job = Job(compare, self.session.run_dir, prompts, options, partial="on_token")
-        self._job = job
         job.signals.partial.connect(self._token)
-        job.signals.finished.connect(self._finished)
-        job.signals.failed.connect(self._failed)
-        job.signals.cancelled.connect(lambda: self.problem.note("Stopped; the unfinished prompt is not compared."))
-        job.signals.ended.connect(self._ended)
         many = f" ({len(prompts)} prompts)" if len(prompts) > 1 else ""
-        self.panel.follow(job, f"Loading both models{many}…")
         for button in (self.run_button, self.file_button):
             button.setEnabled(False)
-        self.changed.emit()
-        return job.start()
+        return self.jobs.start(
+            job, f"Loading both models{many}…", done=self._finished,
+            cancelled=lambda: self.problem.note("Stopped; the unfinished prompt is not compared."),
+        )
 
     def _token(self, values: tuple) -> None:
         model, index, _token, piece = values
@@ -385,16 +382,9 @@ class ComparePage(Page):
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.table.setItem(r, c, item)
 
-    def _failed(self, message: str, details: str) -> None:
-        self.problem.problem(message)
-        if details:
-            show_error(self, "The comparison stopped", message, details)
-
     def _ended(self) -> None:
-        self._job = None
         for button in (self.run_button, self.file_button):
             button.setEnabled(True)
-        self.changed.emit()
 
     def _run_changed(self) -> None:
         """Another run is open: answers of the previous one no longer apply."""

@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (
 from exporters.bundle import BundleResult, build_bundle
 from ui.jobs import Job
 from ui.pages import Page
-from ui.widgets import InlineMessage, JobPanel, open_path, show_error, with_tip
+from ui.widgets import InlineMessage, JobPanel, PageJob, open_path, with_tip
 from workbench.layout import CHART_FILE, INT4, ORIGINAL, REPORT_FILE, RUN_FILE, TUNE_CHART_FILE, folder_bytes
 from workbench.units import format_size
 
@@ -56,7 +56,6 @@ class ExportPage(Page):
 
     def __init__(self, session, parent=None):
         super().__init__(session, parent)
-        self._job: Job | None = None
         self.bundle: Path | None = None  # the last bundle built for this run
 
         bundle_box = QGroupBox("Bundle")
@@ -86,6 +85,8 @@ class ExportPage(Page):
         controls.addStretch(1)
         self.problem = InlineMessage()
         self.panel = JobPanel()
+        self.jobs = PageJob(self, panel=self.panel, failure_title="The bundle could not be written",
+                            problem=self.problem.problem, ended=lambda: self.build_button.setEnabled(True))
         self.result = QLabel()
         self.result.setWordWrap(True)
         self.result.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -139,26 +140,21 @@ class ExportPage(Page):
         session.run_changed.connect(self._show_run)
 
     def blocker(self) -> str | None:
-        return "Wait until the bundle is written." if self._job else None
+        return "Wait until the bundle is written." if self.jobs.running else None
 
     def build(self, parent: Path) -> Job | None:
         """Write the run's bundle into the folder `parent` in the background, under a new name."""
         run_dir = self.session.run_dir
-        if run_dir is None or self._job is not None:
+        if run_dir is None or self.jobs.running:
             return None
         target, zip_file = self.target.currentData(), self.zip.isChecked()
         out = bundle_path(Path(parent), run_dir, target)
         self.problem.clear()
         self.result.hide()
         self.open_bundle_button.hide()
-        self._job = job = Job(build_bundle, run_dir, out, target=target, zip_file=zip_file)
-        job.signals.finished.connect(lambda result: self._built(run_dir, result))
-        job.signals.failed.connect(self._failed)
-        job.signals.ended.connect(self._ended)
-        self.panel.follow(job, f"Writing {out.name}…")
         self.build_button.setEnabled(False)
-        self.changed.emit()
-        return job.start()
+        return self.jobs.start(Job(build_bundle, run_dir, out, target=target, zip_file=zip_file),
+                               f"Writing {out.name}…", done=lambda result: self._built(run_dir, result))
 
     def _pick_folder(self) -> None:
         start = str(self.session.run_dir.parent) if self.session.run_dir else ""
@@ -189,16 +185,6 @@ class ExportPage(Page):
     def _open_bundle(self) -> None:
         if self.bundle is not None:
             open_path(self.bundle if self.bundle.is_dir() else self.bundle.parent)
-
-    def _failed(self, message: str, details: str) -> None:
-        self.problem.problem(message)
-        if details:
-            show_error(self, "The bundle could not be written", message, details)
-
-    def _ended(self) -> None:
-        self._job = None
-        self.build_button.setEnabled(True)
-        self.changed.emit()
 
     def _show_run(self) -> None:
         self.bundle = None

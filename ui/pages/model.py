@@ -22,8 +22,8 @@ from ui.widgets import (
     FitLabel,
     InlineMessage,
     JobPanel,
+    PageJob,
     human_count,
-    show_error,
     term_label,
 )
 from workbench.run.memory import original_sizes, preset_estimates, ram_estimates
@@ -61,7 +61,6 @@ class ModelPage(Page):
 
     def __init__(self, session, parent=None):
         super().__init__(session, parent)
-        self._job: Job | None = None
 
         sources = QGroupBox("Which model?")
         self.demo_button = QPushButton(f"Use the demo model ({DEMO_NAME})")
@@ -94,6 +93,8 @@ class ModelPage(Page):
         )
         self.problem = InlineMessage()
         self.panel = JobPanel()
+        self.jobs = PageJob(self, panel=self.panel, failure_title="The model could not be opened",
+                            problem=self.problem.problem)
         box = QVBoxLayout(sources)
         box.setSpacing(12)
         box.addLayout(buttons)
@@ -142,7 +143,7 @@ class ModelPage(Page):
         self.hub_id.returnPressed.connect(lambda: self.load(self.hub_id.text()))
 
     def blocker(self) -> str | None:
-        if self._job is not None:
+        if self.jobs.running:
             return "Wait until the model is open."
         return None if self.session.model else "Choose a model first."
 
@@ -151,18 +152,12 @@ class ModelPage(Page):
         if not spec.strip():
             self.problem.problem("Type a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, or pick a folder or file.")
             return None
-        if self._job is not None:
-            self._job.cancel()
         self.problem.clear()
         trust = self.trust.isChecked()
-        job = Job(open_model, spec, trust)
-        self._job = job
-        job.signals.finished.connect(lambda result: self._opened(job, result, trust))
-        job.signals.failed.connect(lambda message, details: self._failed(job, message, details))
-        job.signals.ended.connect(lambda: self._ended(job))
-        self.panel.follow(job, "Reading the model…" if spec != DEMO else "Preparing the demo model…")
-        self.changed.emit()
-        return job.start()
+        return self.jobs.start(
+            Job(open_model, spec, trust), "Reading the model…" if spec != DEMO else "Preparing the demo model…",
+            done=lambda result: self._opened(result, trust), replace=True,
+        )
 
     def _pick_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Open a Hugging Face model folder")
@@ -174,24 +169,10 @@ class ModelPage(Page):
         if path:
             self.load(path)
 
-    def _opened(self, job: Job, result: tuple[ResolvedModel, ModelFacts], trust_remote_code: bool) -> None:
-        if job is not self._job:
-            return
+    def _opened(self, result: tuple[ResolvedModel, ModelFacts], trust_remote_code: bool) -> None:
         model, facts = result
         self._show(model, facts)
         self.session.set_model(model, facts, trust_remote_code)
-
-    def _failed(self, job: Job, message: str, details: str) -> None:
-        if job is not self._job:
-            return
-        self.problem.problem(message)
-        if details:
-            show_error(self, "The model could not be opened", message, details)
-
-    def _ended(self, job: Job) -> None:
-        if job is self._job:
-            self._job = None
-            self.changed.emit()
 
     def _show(self, model: ResolvedModel, facts: ModelFacts) -> None:
         info = model.info

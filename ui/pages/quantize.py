@@ -23,17 +23,18 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
 )
 
-from ui.glossary import METHOD_TERMS, tip
+from ui.glossary import tip
 from ui.jobs import Job
 from ui.pages import Page
 from ui.widgets import (
     Collapsible,
     InlineMessage,
+    PageJob,
     human_duration,
-    show_error,
     with_tip,
 )
 from workbench.errors import WorkbenchError
+from workbench.quantization.methods import METHODS
 from workbench.jobs import ProgressEvent, Stage
 from workbench.run.pipeline import quantize_run
 from workbench.run.folders import check_output_dir
@@ -98,7 +99,8 @@ class QuantizePage(Page):
 
     def __init__(self, session, parent=None):
         super().__init__(session, parent)
-        self._job: Job | None = None
+        self.jobs = PageJob(self, failure_title="Quantizing stopped", problem=self._failed, ended=self._ended,
+                            explain_always=True)
         self._began = 0.0
         self._fraction = 0.0
         self._name_edited = False
@@ -183,7 +185,7 @@ class QuantizePage(Page):
     # The plan ---------------------------------------------------------------------------------
 
     def blocker(self) -> str | None:
-        return "Wait until quantizing finishes (or cancel it)." if self._job else None
+        return "Wait until quantizing finishes (or cancel it)." if self.jobs.running else None
 
     def _start_blocker(self) -> str | None:
         session = self.session
@@ -227,7 +229,7 @@ class QuantizePage(Page):
         else:
             info = session.model.info
             self.model_label.setText(f"{info.name} ({format_size(info.fp32_bytes)} now)")
-            if not self._name_edited and self._job is None:
+            if not self._name_edited and not self.jobs.running:
                 self.name.setText(default_run_name(session.runs_dir, info.name, self._run_kind()))
         self._describe_settings()
         if not self._reads_calibration():
@@ -252,7 +254,7 @@ class QuantizePage(Page):
         changed = " (changed)" if settings != preset_settings(session.preset) else ""
         eight_bit = f", kept at 8 bits: {', '.join(settings.eight_bit)}" if settings.eight_bit else ""
         self.settings_label.setToolTip(
-            "\n\n".join(tip(term) for term in (METHOD_TERMS[settings.method], "block size", "symmetric"))
+            "\n\n".join(tip(term) for term in (METHODS[settings.method].term, "block size", "symmetric"))
         )
         self.settings_label.setText(
             f"{PRESETS[session.preset].title}{changed}: {settings.method.upper()}, blocks of {settings.block_size}, "
@@ -269,7 +271,7 @@ class QuantizePage(Page):
         else:
             self.name_problem.clear()
         blocker = self._start_blocker()
-        self.start_button.setEnabled(self._job is None and blocker is None)
+        self.start_button.setEnabled(not self.jobs.running and blocker is None)
         self.start_button.setToolTip(blocker or "Export, shrink and measure the model.")
 
     def _pick_folder(self) -> None:
@@ -281,7 +283,7 @@ class QuantizePage(Page):
 
     def start(self) -> Job | None:
         blocker = self._start_blocker()
-        if blocker or self._job is not None:
+        if blocker or self.jobs.running:
             self.result.problem(blocker or "Already quantizing.")
             return None
         session = self.session
@@ -293,12 +295,7 @@ class QuantizePage(Page):
         else:
             job = Job(quantize_run, session.model, run_dir, session.settings, calibration=calibration,
                       trust_remote_code=session.trust_remote_code, preset=session.preset)
-        self._job = job
         job.signals.progress.connect(self._progress)
-        job.signals.finished.connect(self._finished)
-        job.signals.failed.connect(self._failed)
-        job.signals.cancelled.connect(self._cancelled)
-        job.signals.ended.connect(self._ended)
         self._reset_rows()
         self.log.clear()
         self._last_logged = ""
@@ -312,12 +309,11 @@ class QuantizePage(Page):
         self.name.setEnabled(False)
         self.folder_button.setEnabled(False)
         session.set_busy(True)
-        self.changed.emit()
-        return job.start()
+        return self.jobs.start(job, done=self._finished, cancelled=self._cancelled)
 
     def cancel(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        if self.jobs.running:
+            self.jobs.cancel()
             self.cancel_button.setEnabled(False)
             self.times.setText("Stopping… the current step ends its piece of work first.")
 
@@ -377,11 +373,10 @@ class QuantizePage(Page):
         self._name_edited = False
         self.session.set_run(Path(record.run_dir), record)
 
-    def _failed(self, message: str, details: str) -> None:
+    def _failed(self, message: str) -> None:
         self._stop_rows()
         self.times.setText("Stopped by a problem; nothing was kept.")
         self.result.problem(message)
-        show_error(self, "Quantizing stopped", message, details)
 
     def _cancelled(self) -> None:
         self._stop_rows()
@@ -394,7 +389,6 @@ class QuantizePage(Page):
                 row.set_state(STOPPED, "stopped")
 
     def _ended(self) -> None:
-        self._job = None
         self._clock.stop()
         self.cancel_button.setEnabled(False)
         self.name.setEnabled(True)
@@ -402,7 +396,6 @@ class QuantizePage(Page):
         self.session.set_busy(False)
         self.status.emit(self.times.text())
         self._refresh_plan_after_run()
-        self.changed.emit()
 
     def _refresh_plan_after_run(self) -> None:
         """A new default name (the old folder now exists), the rows kept as the run left them."""

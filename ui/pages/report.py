@@ -28,8 +28,8 @@ from ui.widgets import (
     ChartView,
     InlineMessage,
     JobPanel,
+    PageJob,
     open_path,
-    show_error,
     term_label,
 )
 from workbench.generation.bench import NEW_TOKENS, bench_run
@@ -79,7 +79,6 @@ class ReportPage(Page):
 
     def __init__(self, session, parent=None):
         super().__init__(session, parent)
-        self._job: Job | None = None
         self.verdict = QLabel()
         self.verdict.setObjectName("verdict")
         self.verdict.setWordWrap(True)
@@ -101,6 +100,8 @@ class ReportPage(Page):
         self.body.addLayout(buttons)
         self.problem = InlineMessage()
         self.panel = JobPanel()
+        self.jobs = PageJob(self, panel=self.panel, failure_title="Quality could not be measured",
+                            problem=self.problem.problem, ended=self._ended)
         self.body.addWidget(self.problem)
         self.body.addWidget(self.panel)
 
@@ -172,37 +173,26 @@ class ReportPage(Page):
         session.run_changed.connect(self._show_run)
 
     def blocker(self) -> str | None:
-        return "Wait until the quality has been measured." if self._job else None
+        return "Wait until the quality has been measured." if self.jobs.running else None
 
     def measure(self, text: Path) -> Job | None:
         """Measure quality on `text` in the background; the figures land in run.json and here."""
-        run_dir = self.session.run_dir
-        job = self._start(Job(evaluate_run, run_dir, Path(text)), f"Reading {Path(text).name} with both models…")
-        if job is not None:
-            job.signals.finished.connect(lambda _result: self._reload(run_dir))
-        return job
+        return self._start(Job(evaluate_run, self.session.run_dir, Path(text)),
+                           f"Reading {Path(text).name} with both models…")
 
     def measure_speed(self) -> Job | None:
         """The core's speed bench (as `int4-workbench bench` runs it) in the background."""
-        run_dir = self.session.run_dir
-        job = self._start(Job(bench_run, run_dir), "Timing both models…")
-        if job is not None:
-            job.signals.finished.connect(lambda _speed: self._reload(run_dir))
-        return job
+        return self._start(Job(bench_run, self.session.run_dir), "Timing both models…")
 
     def _start(self, job: Job, message: str) -> Job | None:
-        """One measurement at a time; the page shows its progress and, on failure, why."""
-        if self.session.run_dir is None or self._job is not None:
+        """One measurement at a time; its figures land in run.json, and then here."""
+        run_dir = self.session.run_dir
+        if run_dir is None or self.jobs.running:
             return None
         self.problem.clear()
-        self._job = job
-        job.signals.failed.connect(self._failed)
-        job.signals.ended.connect(self._ended)
-        self.panel.follow(job, message)
         self.measure_button.setEnabled(False)
         self.speed_button.setEnabled(False)
-        self.changed.emit()
-        return job.start()
+        return self.jobs.start(job, message, done=lambda _figures: self._reload(run_dir))
 
     def _show_speed(self, speed: Speed | None) -> None:
         if speed is None:
@@ -227,16 +217,9 @@ class ReportPage(Page):
         if self.session.run_dir == run_dir:
             self.session.set_run(run_dir, load_run(run_dir))
 
-    def _failed(self, message: str, details: str) -> None:
-        self.problem.problem(message)
-        if details:
-            show_error(self, "Quality could not be measured", message, details)
-
     def _ended(self) -> None:
-        self._job = None
         self.measure_button.setEnabled(True)
         self.speed_button.setEnabled(True)
-        self.changed.emit()
 
     def _show_run(self) -> None:
         record = self.session.record

@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ui.glossary import METHOD_TERMS, tip
+from ui.glossary import tip
 from ui.pages import Page
 from ui.pages.calibration import FILE_FILTER
 from ui.session import TuneChoice
@@ -32,16 +32,11 @@ from ui.widgets import Collapsible, InlineMessage, term_label, with_tip
 from workbench.quantization.calibration import check_text_file
 from workbench.errors import WorkbenchError
 from workbench.quantization.sizes import int4_bytes
-from workbench.settings import MAX_SENSITIVE_8BIT_PCT, METHODS, PRESETS, Preset, QuantSettings, preset_settings
+from workbench.quantization.methods import METHODS
+from workbench.settings import MAX_SENSITIVE_8BIT_PCT, PRESETS, Preset, QuantSettings, preset_settings
 from workbench.run.tune import CANDIDATES
 from workbench.units import format_size
 
-METHOD_TITLES = {
-    "gptq": "GPTQ: learns from example text (slower, best quality)",
-    "rtn": "RTN: plain rounding (fastest)",
-    "hqq": "HQQ: fitted rounding, no example text",
-    "awq": "AWQ: protects what example text needs most",
-}
 ACCURACY_TITLES = {
     4: "4: 8-bit inputs (fastest on CPU)",
     3: "3: bfloat16 inputs",
@@ -67,7 +62,7 @@ class PresetCard(QFrame):
         super().__init__(parent)
         self.name = preset.name
         self.setObjectName("card")
-        method = METHOD_TERMS[preset.settings.method]
+        method = METHODS[preset.settings.method].term
         self.setToolTip(f"{method}, blocks of {preset.settings.block_size} weights. {tip(method)}")
         self.radio = QRadioButton(preset.title)
         self.radio.setObjectName("cardTitle")
@@ -120,9 +115,9 @@ class SettingsPage(Page):
         self.body.addWidget(self._tune_box())
 
         self.method = QComboBox()
-        for method in METHODS:
-            self.method.addItem(METHOD_TITLES[method], method)
-            self.method.setItemData(self.method.count() - 1, tip(METHOD_TERMS[method]), Qt.ItemDataRole.ToolTipRole)
+        for method in METHODS.values():
+            self.method.addItem(method.title, method.name)
+            self.method.setItemData(self.method.count() - 1, tip(method.term), Qt.ItemDataRole.ToolTipRole)
         self.block_size = QComboBox()
         for size in BLOCK_SIZES:
             self.block_size.addItem(f"{size} weights", size)
@@ -284,7 +279,7 @@ class SettingsPage(Page):
     def _edited(self) -> None:
         if self._loading:
             return
-        self.act_order.setEnabled(self.method.currentData() == "gptq")
+        self.act_order.setEnabled(METHODS[self.method.currentData()].act_order)
         try:
             settings = preset_settings(self.session.preset).replace(
                 method=self.method.currentData(),
@@ -316,7 +311,7 @@ class SettingsPage(Page):
     def _update_sizes(self) -> None:
         """The cards' sizes and the estimate for the current settings, from the model's weight shapes."""
         self._set_problem(None)
-        self.act_order.setEnabled(self.session.settings.method == "gptq")
+        self.act_order.setEnabled(METHODS[self.session.settings.method].act_order)
         changed = self.session.settings != preset_settings(self.session.preset)
         title = PRESETS[self.session.preset].title
         self.custom_note.setText(f"Changed in Advanced: no longer the plain “{title}” preset." if changed else "")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import statistics
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from workbench.errors import WorkbenchError
 from workbench.generation.engine import GenerationConfig, GenerationResult
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
 from workbench.layout import INT4, ORIGINAL
+from workbench.quantization.calibration import jsonl_records
 
 log = logging.getLogger(__name__)
 MODELS = (ORIGINAL, INT4)
@@ -79,16 +79,12 @@ def read_prompts(path: Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise WorkbenchError(f"Prompt file not found: {path}. Check the path.")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    content = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".txt":
-        prompts = lines
+        prompts = [line.strip() for line in content.splitlines() if line.strip()]
     elif path.suffix.lower() == ".jsonl":
         prompts = []
-        for number, line in enumerate(lines, 1):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise WorkbenchError(f"{path.name} line {number} is not JSON ({error.msg}); fix or remove it.") from error
+        for number, entry in jsonl_records(content, path.name, 'an object with a "prompt" or "text" string'):
             text = entry.get("prompt") or entry.get("text") if isinstance(entry, dict) else None
             if not isinstance(text, str):
                 raise WorkbenchError(f'{path.name} line {number} has no "prompt" or "text" string.')

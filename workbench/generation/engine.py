@@ -487,12 +487,10 @@ def generate_batch(
         ids[i, width - len(row):] = row
         mask[i, width - len(row):] = 1
     samplers = [Sampler(config) for _ in rows]
-    streams = [TextStream(tokenizer, config.stop) for _ in rows]
-    eos = set(eos_token_ids)
+    # Every row's next step reads the whole padded width: the rows share one cache.
+    answers = [_Answer(width, config, model.context_length, tokenizer, eos_token_ids, None, cancelled) for _ in rows]
+    done = [False] * len(rows)
     cache = model.new_cache(len(rows), width + config.max_new_tokens)
-    generated: list[list[int]] = [[] for _ in rows]
-    finish: list[str | None] = [None] * len(rows)
-    texts = [""] * len(rows)
     ttft = 0.0
     feed, feed_mask = ids, mask
     while True:
@@ -500,30 +498,22 @@ def generate_batch(
         if not ttft:
             ttft = time.perf_counter() - began
         next_ids = np.full((len(rows), 1), pad, np.int64)
-        for i in range(len(rows)):
-            if finish[i] is not None:
+        for i, answer in enumerate(answers):
+            if done[i]:
                 continue
-            token = samplers[i](logits[i], rows[i] + generated[i])
-            ended = token in eos
-            if not ended:
-                generated[i].append(token)
-            reason, done = _finish(ended, len(generated[i]), config, cache.length + 1, model.context_length, cancelled)
-            texts[i] += streams[i].push(generated[i], final=done)
-            if streams[i].stopped:
-                reason, done = "stop", True
-            if done:
-                finish[i] = reason
+            token = samplers[i](logits[i], rows[i] + answer.tokens)
+            done[i] = answer.add(token)
             next_ids[i, 0] = token
-        if all(f is not None for f in finish):
+        if all(done):
             break
         feed, feed_mask = next_ids, None
     total = time.perf_counter() - began
     return [
         GenerationResult(
-            tokens=generated[i], text=texts[i], finish_reason=finish[i], prompt_tokens=len(rows[i]), ttft_s=ttft,
-            total_s=total, truncated_prompt_tokens=fitted[i][1],
+            tokens=answer.tokens, text=answer.text, finish_reason=answer.finish, prompt_tokens=len(row), ttft_s=ttft,
+            total_s=total, truncated_prompt_tokens=truncated,
         )
-        for i in range(len(rows))
+        for answer, row, (_, truncated) in zip(answers, rows, fitted)
     ]
 
 

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from workbench.quantization.blockquant import QuantizedWeight, rtn_quantize
+from workbench.quantization.eval_mode import evaluating
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
 from workbench.quantization.layerwise import (
@@ -120,18 +121,13 @@ def awq_quantize(
         else:
             head_fold = _head_fold(model, resolved, name)
     quantizer = _Quantizer(model, modules, block_size, symmetric, results, overrides, cancelled)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            run_layers(
-                model, calibration, resolved, method=METHOD,
-                process_layer=lambda step: quantizer.layer(step, folds.get(step.index, [])),
-                process_head=lambda hidden: quantizer.head(hidden, resolved.head, head_fold),
-                progress=progress, cancelled=cancelled,
-            )
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        run_layers(
+            model, calibration, resolved, method=METHOD,
+            process_layer=lambda step: quantizer.layer(step, folds.get(step.index, [])),
+            process_head=lambda hidden: quantizer.head(hidden, resolved.head, head_fold),
+            progress=progress, cancelled=cancelled,
+        )
     progress(1.0, "done")
     return AwqResult(precomputed=results, overrides=overrides)
 
@@ -455,3 +451,11 @@ class _Quantizer:
         for parameter, value in values.items():
             if parameter.removesuffix(".weight") not in targets:  # norms' gains, scaled biases
                 self.overrides[parameter] = value.float().cpu().numpy()
+
+
+def quantize_with_settings(model: nn.Module, calibration: torch.Tensor, plan: dict[str, int], settings, *,
+                           progress: Progress, cancelled: Cancelled) -> tuple[dict[str, QuantizedWeight], dict]:
+    """AWQ as workbench.quantization.methods calls a method."""
+    result = awq_quantize(model, calibration, plan, block_size=settings.block_size, symmetric=settings.symmetric,
+                          progress=progress, cancelled=cancelled)
+    return result.precomputed, result.overrides

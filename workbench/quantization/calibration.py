@@ -20,6 +20,7 @@ import numpy as np
 
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
+from workbench.quantization.eval_mode import evaluating
 
 if TYPE_CHECKING:
     import torch
@@ -177,24 +178,19 @@ def self_written_samples(
     tokens = torch.empty((n_samples, seq_len), dtype=torch.long)
     tokens[:, : start.shape[1]] = start
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
+    with evaluating(model):
+        check(cancelled)
+        inputs = start.to(device)
+        past = None
+        for position in range(start.shape[1], seq_len):
+            output = model(input_ids=inputs, past_key_values=past, use_cache=True)
+            past = output.past_key_values
+            # Sampling on the CPU with a CPU generator keeps one seed's output the same on any device.
+            logits = output.logits[:, -1, :vocab_size].float().cpu()
+            tokens[:, position] = _sample_top_p(logits, generator)
+            inputs = tokens[:, position : position + 1].to(device)
             check(cancelled)
-            inputs = start.to(device)
-            past = None
-            for position in range(start.shape[1], seq_len):
-                output = model(input_ids=inputs, past_key_values=past, use_cache=True)
-                past = output.past_key_values
-                # Sampling on the CPU with a CPU generator keeps one seed's output the same on any device.
-                logits = output.logits[:, -1, :vocab_size].float().cpu()
-                tokens[:, position] = _sample_top_p(logits, generator)
-                inputs = tokens[:, position : position + 1].to(device)
-                check(cancelled)
-                progress((position + 1) / seq_len, f"model writing calibration text: token {position + 1} of {seq_len}")
-    finally:
-        model.train(was_training)
+            progress((position + 1) / seq_len, f"model writing calibration text: token {position + 1} of {seq_len}")
     progress(1.0, f"model wrote {n_samples} samples of {seq_len} tokens")
     return tokens.numpy()
 
@@ -282,18 +278,26 @@ def _parse_txt(text: str, name: str) -> list[str]:
     return re.split(r"\n\s*\n", text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
-def _parse_jsonl(text: str, name: str) -> list[str]:
-    texts = []
+def jsonl_records(text: str, name: str, expected: str) -> list[tuple[int, object]]:
+    """(line number, value) of every non-empty line of a JSON Lines text; a line that is not JSON is
+    refused with a message saying what each line should be (`expected`)."""
+    records = []
     # Not splitlines(): it also splits on U+2028 and friends, which may sit inside JSON strings.
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            records.append((number, json.loads(line)))
         except json.JSONDecodeError as error:
             raise WorkbenchError(
-                f"{name}, line {number}: not valid JSON ({error.msg}). Each line should be {_EXPECTED_RECORD}."
+                f"{name}, line {number}: not valid JSON ({error.msg}). Each line should be {expected}."
             ) from None
+    return records
+
+
+def _parse_jsonl(text: str, name: str) -> list[str]:
+    texts = []
+    for number, record in jsonl_records(text, name, _EXPECTED_RECORD):
         sample = _record_text(record)
         if sample is None:
             raise WorkbenchError(

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from workbench.quantization.blockquant import QuantizedWeight, grid_params
+from workbench.quantization.eval_mode import evaluating
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
 from workbench.quantization.layerwise import (
@@ -102,16 +103,11 @@ def gptq_quantize(
     validate_calibration(calibration, METHOD)
     validate_block_size(block_size)
     if not 0 < damp < 1:
-        raise WorkbenchError(f"GPTQ dampening must be between 0 and 1 (usually 0.01), not {damp}.")
+        raise ValueError(f"GPTQ dampening must be between 0 and 1 (usually 0.01), not {damp}.")
     resolved = resolve_plan(model, plan, METHOD)
     results: dict[str, QuantizedWeight] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            _run(model, calibration, resolved, results, block_size, symmetric, act_order, damp, progress, cancelled)
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        _run(model, calibration, resolved, results, block_size, symmetric, act_order, damp, progress, cancelled)
     progress(1.0, "done")
     return results
 
@@ -355,3 +351,10 @@ def _solve_rows(weight, inverse, perm, dead, row_bits, block_size, symmetric):
     if blocks * block_size > k:
         codes[k:] = zeros[-1:]
     return codes.t(), scales.t(), zeros.t(), dequantized.t()
+
+
+def quantize_with_settings(model: nn.Module, calibration: torch.Tensor, plan: dict[str, int], settings, *,
+                           progress: Progress, cancelled: Cancelled) -> tuple[dict[str, QuantizedWeight], None]:
+    """GPTQ as workbench.quantization.methods calls a method."""
+    return gptq_quantize(model, calibration, plan, block_size=settings.block_size, symmetric=settings.symmetric,
+                         act_order=settings.act_order, progress=progress, cancelled=cancelled), None

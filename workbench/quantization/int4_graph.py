@@ -20,15 +20,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from workbench.layout import MODEL_FILE, SIDE_FILES, folder_bytes, save_model
+from workbench.layout import MODEL_FILE, MS_DOMAIN, SIDE_FILES, folder_bytes, save_model, use_ms_domain
 from workbench.quantization.blockquant import QuantizedWeight, rtn_quantize
-from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
+from workbench.quantization.methods import METHODS
 from workbench.settings import QuantSettings
 from workbench.sources import ModelInfo
 
 log = logging.getLogger(__name__)
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,6 @@ class Target:
 @dataclass(frozen=True)
 class QuantizeResult:
     bytes: int
-    ops: dict[str, int]
     layer_bits: dict[str, int | None]  # every target: 4, 8 or None (kept fp32)
     shared_embeddings: bool
 
@@ -126,7 +124,7 @@ def _attribute(node: onnx.NodeProto, name: str, default):
 
 def zero_point_kind(settings: QuantSettings, *, for_gather: bool) -> str:
     """How a weight's zero points are stored: see `quantized_bytes`."""
-    if settings.method == "hqq":
+    if METHODS[settings.method].float_zero_points:
         # GatherBlockQuantized needs integer zero points; HQQ's are floats, so gathers use RTN.
         return "packed" if for_gather else "float"
     return "none" if settings.symmetric else "packed"
@@ -220,18 +218,23 @@ def quantize_onnx(
     graph.node.extend(rewritten)
     graph.initializer.extend(new_initializers)
     _drop_unused(graph)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    use_ms_domain(model)
     progress(0.95, "saving")
     save_model(model, dest_dir)
     copy_side_files(source_dir, dest_dir)
-    ops = collections.Counter(n.op_type for n in model.graph.node)
     return QuantizeResult(
         bytes=folder_bytes(dest_dir),
-        ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
         layer_bits={t.layer: plan.get(t.layer) for t in targets},
         shared_embeddings=shared,
     )
+
+
+def written_op_counts(model_dir: Path) -> dict[str, int]:
+    """Nodes per operator type of the graph in `model_dir` as it is on disk (after any later
+    rewrite, such as attention fusion), the most used first."""
+    graph = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    return dict(sorted(ops.items(), key=lambda kv: -kv[1]))
 
 
 def _override_parameters(
@@ -258,7 +261,7 @@ def _override_parameters(
                     node.input[position] = name
                     replaced += 1
         if not replaced:
-            raise WorkbenchError(f"Internal: no graph node reads {parameter}; the export's names are unexpected.")
+            raise RuntimeError(f"no graph node reads {parameter}; the export's names are unexpected")
         created.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
     return created
 
@@ -358,12 +361,3 @@ def copy_side_files(source_dir: Path, dest_dir: Path) -> None:
         if (source_dir / name).is_file():
             shutil.copy2(source_dir / name, dest_dir / name)
 
-
-def check_graph(dest_dir: Path) -> None:
-    """Load the written model in ONNX Runtime once, so a broken graph fails here and not later."""
-    import onnxruntime as ort
-
-    try:
-        ort.InferenceSession(str(dest_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
-    except Exception as error:  # ORT raises its own exception types
-        raise WorkbenchError(f"The INT4 model does not load in ONNX Runtime: {error}") from error

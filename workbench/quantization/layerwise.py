@@ -82,18 +82,20 @@ class LayerStep:
 # --- checks and the model's structure -----------------------------------------------------------
 
 
+# Arguments the pipeline always gets right (it builds them from checked settings): a wrong one is a
+# caller's bug, so ValueError rather than WorkbenchError.
 def validate_calibration(calibration: torch.Tensor, method: str) -> None:
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.numel() == 0:
-        raise WorkbenchError(
+        raise ValueError(
             f"{method} needs calibration token ids as a (samples, tokens) tensor with at least one token."
         )
     if calibration.dtype not in (torch.int64, torch.int32):
-        raise WorkbenchError(f"Calibration must hold integer token ids, not {calibration.dtype}.")
+        raise ValueError(f"Calibration must hold integer token ids, not {calibration.dtype}.")
 
 
 def validate_block_size(block_size: int) -> None:
     if block_size < 16 or block_size & (block_size - 1):
-        raise WorkbenchError(f"Block size {block_size} is not supported; use a power of two of at least 16.")
+        raise ValueError(f"Block size {block_size} is not supported; use a power of two of at least 16.")
 
 
 def decoder_layers(model: nn.Module, method: str) -> tuple[str, nn.ModuleList]:
@@ -121,12 +123,12 @@ def resolve_plan(model: nn.Module, plan: dict[str, int], method: str) -> Plan:
     resolved = Plan(layers_name=layers_name, layers=layers)
     for name, bits in plan.items():
         module = modules.get(name)
-        if not isinstance(module, nn.Linear):
-            raise WorkbenchError(
+        if not isinstance(module, nn.Linear):  # the plan is made from the model's own linears
+            raise ValueError(
                 f"{name!r} is not a linear layer of this model; {method} quantizes nn.Linear modules only."
             )
         if bits not in SUPPORTED_BITS:
-            raise WorkbenchError(f"{name}: {bits} bits is not supported; use 4 or 8.")
+            raise ValueError(f"{name}: {bits} bits is not supported; use 4 or 8.")
         if module is head:
             resolved.head = (name, module, bits)
             continue

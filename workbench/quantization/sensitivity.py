@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from workbench.quantization.blockquant import rtn_quantize
+from workbench.quantization.eval_mode import evaluating
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
 from workbench.quantization.int4_graph import layer_plan
 from workbench.quantization.sizes import estimate_int4
@@ -63,12 +64,8 @@ def measure_sensitivity(
     validate_calibration(calibration, METHOD)
     validate_block_size(block_size)
     plan = resolve_plan(model, dict.fromkeys(layers, 4), METHOD)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model, no_grad=False):  # the Fisher probes need gradients
         return _measure(model, calibration, plan, block_size, symmetric, probes, progress, cancelled)
-    finally:
-        model.train(was_training)
 
 
 def _measure(model, calibration, plan, block_size, symmetric, probes, progress: Progress, cancelled: Cancelled):

@@ -26,7 +26,7 @@ from workbench.jobs import (
     no_progress,
 )
 from workbench.run.memory import graph_sizes, measure_session_memory, ram_components
-from workbench.quantization.int4_graph import QuantizeResult, layer_plan, quantize_onnx
+from workbench.quantization.int4_graph import QuantizeResult, layer_plan, quantize_onnx, written_op_counts
 from workbench.run.report import write_report
 from workbench.layout import INT4, ORIGINAL, folder_model_bytes
 from workbench.run import stages as stage
@@ -38,6 +38,7 @@ from workbench.run.folders import (
     staged_dir,
     versions,
 )
+from workbench.quantization.methods import METHODS
 from workbench.quantization.sensitivity import eight_bit_layers, measure_layers, with_eight_bit
 from workbench.settings import QuantSettings
 from workbench.sources import ResolvedModel, resolve
@@ -108,7 +109,7 @@ def quantize_run(
 
 def method_stages(settings: QuantSettings) -> list[tuple[Stage, float]]:
     """The weighted stages of `quantize_int4` for these settings."""
-    return [(stage.GPTQ, 8 if settings.method == "gptq" else 0), (stage.AWQ, 4 if settings.method == "awq" else 0),
+    return [*((m.stage, m.weight if m.name == settings.method else 0) for m in METHODS.values() if m.stage),
             (stage.INT4, 2)]
 
 
@@ -147,26 +148,18 @@ def prepare(model: ResolvedModel, work: Path, stages: Stages, settings: QuantSet
 
 def quantize_int4(stages: Stages, source: Source, dest: Path, settings: QuantSettings, sensitivity: dict | None,
                   cancelled: Cancelled) -> QuantizeResult:
-    """GPTQ or AWQ on the PyTorch model when the method needs it, then the INT4 graph in `dest`
-    (stages of `method_stages`); the layers chosen in a `sensitivity` section stay at 8 bits."""
+    """The method's own pass on the PyTorch model when it has one (GPTQ, AWQ), then the INT4 graph in
+    `dest` (stages of `method_stages`); the layers chosen in a `sensitivity` section stay at 8 bits."""
     settings = with_eight_bit(settings, eight_bit_layers(sensitivity))
+    method = METHODS[settings.method]
     precomputed = overrides = None
-    if settings.method in ("awq", "gptq"):
+    if method.function:
         import torch
 
-        inputs = (source.torch_model, torch.as_tensor(source.samples), _torch_plan(source.info, settings))
-        options = {"block_size": settings.block_size, "symmetric": settings.symmetric, "cancelled": cancelled}
-        if settings.method == "awq":
-            from workbench.quantization.awq import awq_quantize
-
-            awq = stages.run("awq", lambda p: awq_quantize(*inputs, **options, progress=p))
-            precomputed, overrides = awq.precomputed, awq.overrides
-        else:
-            from workbench.quantization.gptq import gptq_quantize
-
-            precomputed = stages.run(
-                "gptq", lambda p: gptq_quantize(*inputs, **options, act_order=settings.act_order, progress=p)
-            )
+        inputs = (source.torch_model, torch.as_tensor(source.samples), _torch_plan(source.info, settings), settings)
+        precomputed, overrides = stages.run(
+            method.stage.name, lambda p: method.run(*inputs, progress=p, cancelled=cancelled)
+        )
     return stages.run(
         "int4",
         lambda p: quantize_onnx(
@@ -201,12 +194,11 @@ def finish_run(work: Path, stages: Stages, source: Source, settings: QuantSettin
         graph=fusion,
         int4_layers=result.layer_bits,
         shared_embeddings=result.shared_embeddings,
-        ops=result.ops,
+        ops=written_op_counts(int4_dir),
         timings_s=stages.timings,
-        quality=(),
         machine=machine(),
         versions=versions(),
-        **extra,
+        **{"quality": (), **extra},
     )
     save_run(work, record)
     write_report(work, record)
@@ -263,7 +255,7 @@ def _measure(original_dir: Path, int4_dir: Path, info, progress: Progress, cance
         disk = graph_sizes(folder, info)
         memory = measure_session_memory(
             folder,
-            progress=lambda f, m, i=index: progress((i + f) / 2, f"{key}: {m}"),
+            progress=lambda f, m, i=index, k=key: progress((i + f) / 2, f"{k}: {m}"),
             cancelled=cancelled,
         )
         record[key] = {

@@ -8,14 +8,13 @@ the ones that start.
 from __future__ import annotations
 
 from workbench.jobs import Stage
+from workbench.quantization.methods import METHODS
 
 # Making a run (quantize_run, and tune_run around each candidate).
 MODEL = Stage("model", "Open the model")
 EXPORT = Stage("export", "Export to ONNX", "ONNX")
 CALIBRATION = Stage("calibration", "Prepare the example text", "calibration")
 SENSITIVITY = Stage("sensitivity", "Find the layers that need 8 bits", "eight bit")
-GPTQ = Stage("gptq", "GPTQ rounding", "GPTQ")
-AWQ = Stage("awq", "AWQ scaling and rounding", "AWQ")
 INT4 = Stage("int4", "Write the INT4 weights", "INT4")
 FUSE = Stage("fuse", "Speed up attention", "fused attention")
 MEASURE = Stage("measure", "Measure size and RAM", "RAM")
@@ -27,7 +26,10 @@ CHECK = Stage("check", "Record the check answer")
 CHECKSUMS = Stage("checksums", "Checksum every file")
 ZIP = Stage("zip", "Zip the bundle")
 
-ALL = (MODEL, EXPORT, CALIBRATION, SENSITIVITY, GPTQ, AWQ, INT4, FUSE, MEASURE, EVALUATE, COPY, CHECK, CHECKSUMS, ZIP)
+# The methods' own stages (GPTQ, AWQ) come with their entries in workbench.quantization.methods.
+METHOD_STAGES = tuple(m.stage for m in METHODS.values() if m.stage)
+ALL = (MODEL, EXPORT, CALIBRATION, SENSITIVITY, *METHOD_STAGES, INT4, FUSE, MEASURE, EVALUATE, COPY, CHECK, CHECKSUMS,
+       ZIP)
 
 
 def candidate(number: int, of: int) -> Stage:
