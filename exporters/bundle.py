@@ -28,10 +28,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-import onnx
 
 from exporters import triton
 from exporters.onnx_export import MODEL_FILE, SIDE_FILES
+from exporters.onnx_export import model_files as checked_model_files  # `model_files` names the list here
 from exporters.runner import chat_format
 from workbench import __version__
 from workbench.generation import engine
@@ -104,10 +104,8 @@ def build_bundle(
     run_dir, out = Path(run_dir), Path(out)
     record = load_run(run_dir)
     model_dir = run_dir / INT4
-    if not (model_dir / MODEL_FILE).is_file():
-        raise WorkbenchError(f"{model_dir / MODEL_FILE} is missing; the run folder is incomplete. Quantize the model again.")
     final = out.with_name(out.name if out.suffix == ".zip" else out.name + ".zip") if zip_file else out
-    model_files = [MODEL_FILE, *external_data_files(model_dir / MODEL_FILE)]
+    model_files = checked_model_files(model_dir)
     size = sum((model_dir / f).stat().st_size for f in model_files)
     check_output_dir(final, needed_bytes=int(size * (2.1 if zip_file else 1.1)))
     layout = Layout.for_target(target, triton.model_name(name or f"{record['source']['name']}-int4"))
@@ -151,16 +149,6 @@ class Layout:
 
     def model(self, file: str = MODEL_FILE) -> str:
         return str(PurePosixPath(self.model_dir) / file)
-
-
-def external_data_files(model_path: Path) -> list[str]:
-    """Files holding the graph's external weights, as the graph names them."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    found = []
-    for tensor in graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            found += [entry.value for entry in tensor.external_data if entry.key == "location"]
-    return list(dict.fromkeys(found))
 
 
 def _copy_model(model_dir: Path, work: Path, layout: Layout, model_files: list[str], progress: Progress, cancelled) -> None:

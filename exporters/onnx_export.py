@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 
 from workbench.errors import WorkbenchError
+from workbench.run.folders import write_errno
 from workbench.jobs import Cancelled, Progress, never_cancelled, no_progress
 from workbench.sources import EXPORT_TASK
 
@@ -75,6 +76,8 @@ def export_in_process(model_dir: str, dest: str, trust_remote_code: bool, progre
             trust_remote_code=trust_remote_code,
         )
     except (ValueError, OSError, RuntimeError) as error:
+        if write_errno(error):
+            raise  # the disk, not the model: the run folder's own message names it (staged_dir)
         raise WorkbenchError(f"Exporting the model to ONNX failed: {error}") from error
     for name in SIDE_FILES:
         source, target = Path(model_dir) / name, Path(dest) / name
@@ -104,6 +107,37 @@ def save_model(model: onnx.ModelProto, dest_dir: Path) -> None:
         location=f"{MODEL_FILE}.data",
         size_threshold=1024,
     )
+
+
+def model_files(model_dir: Path) -> list[str]:
+    """model.onnx and the files holding its external weights, checked to be there in full.
+
+    A folder missing its weights (a partial copy, a deleted file) is refused here in plain words rather
+    than by ONNX Runtime's "external data path validation failed" when a session opens it.
+    """
+    path = Path(model_dir) / MODEL_FILE
+    incomplete = (f"{model_dir} is incomplete: {{}}. The folder was damaged or only partly copied: copy it again. "
+                  "Quantize the model again if you have no intact copy.")
+    if not path.is_file():
+        raise WorkbenchError(incomplete.format(f"{MODEL_FILE} is missing"))
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as error:  # onnx raises its own DecodeError for a damaged protobuf
+        raise WorkbenchError(incomplete.format(f"{MODEL_FILE} cannot be read ({error})")) from error
+    needed: dict[str, int] = {}
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entry = {e.key: e.value for e in tensor.external_data}
+            end = int(entry.get("offset", 0)) + int(entry.get("length", 0))
+            needed[entry["location"]] = max(needed.get(entry["location"], 0), end)
+    for name, end in needed.items():
+        data = Path(model_dir) / name
+        if not data.is_file():
+            raise WorkbenchError(incomplete.format(f"{name}, which holds the model's weights, is missing"))
+        if data.stat().st_size < end:
+            raise WorkbenchError(incomplete.format(
+                f"{name}, which holds the model's weights, has {data.stat().st_size:,} of {end:,} bytes"))
+    return [MODEL_FILE, *needed]
 
 
 def folder_bytes(folder: Path) -> int:

@@ -7,3 +7,15 @@ class WorkbenchError(Exception):
 
 class JobCancelled(Exception):
     """Raised inside a long step when its `cancelled()` callable returned True."""
+
+
+class NotSaved(WorkbenchError):
+    """The work finished but its result could not be saved; `result` holds it so it can still be shown."""
+
+    def __init__(self, message: str, result: object):
+        super().__init__(message)
+        self.result = result
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a service manager or `kill` stopping the process): unwound and cleaned up as Ctrl-C is."""

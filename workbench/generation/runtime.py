@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.onnx_export import MODEL_FILE
+from exporters.onnx_export import MODEL_FILE, model_files
 from workbench.generation import engine
 from workbench.errors import WorkbenchError
 from workbench.generation.engine import (
@@ -110,8 +110,7 @@ class OnnxCausalLM(engine.CausalLM):
         self.model_dir = Path(model_dir)
         self.provider = choose_provider(provider)
         path = self.model_dir / MODEL_FILE
-        if not path.is_file():
-            raise WorkbenchError(f"{path} is missing; the run folder is incomplete. Quantize the model again.")
+        model_files(self.model_dir)
         super().__init__(
             str(path), providers=self.provider.providers, threads=threads, context_length=_context_length(self.model_dir)
         )

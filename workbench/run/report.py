@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from workbench.run.memory import draw_memory_chart, pyplot
-from workbench.run.folders import INT4, ORIGINAL, load_run, save_run
+from workbench.run.folders import INT4, ORIGINAL, load_run, save_run, write_failed
 
 REPORT_FILE = "report.md"
 CHART_FILE = "memory.png"
@@ -14,16 +14,19 @@ TUNE_CHART_FILE = "tune.png"
 
 
 def write_report(run_dir: Path, record: dict) -> None:
-    draw_memory_chart(
-        run_dir / CHART_FILE,
-        {"disk": record[ORIGINAL]["components"], "ram": record[ORIGINAL]["ram_components"]},
-        {"disk": record[INT4]["components"], "ram": record[INT4]["ram_components"]},
-        f"{record['source']['name']}: {record['size_ratio']:.1f}x smaller on disk, "
-        f"{record['ram_ratio']:.1f}x less RAM",
-    )
-    if "tune" in record:
-        draw_tune_chart(run_dir / TUNE_CHART_FILE, record["tune"])
-    (run_dir / REPORT_FILE).write_text(render_report(record), encoding="utf-8")
+    try:
+        draw_memory_chart(
+            run_dir / CHART_FILE,
+            {"disk": record[ORIGINAL]["components"], "ram": record[ORIGINAL]["ram_components"]},
+            {"disk": record[INT4]["components"], "ram": record[INT4]["ram_components"]},
+            f"{record['source']['name']}: {record['size_ratio']:.1f}x smaller on disk, "
+            f"{record['ram_ratio']:.1f}x less RAM",
+        )
+        if "tune" in record:
+            draw_tune_chart(run_dir / TUNE_CHART_FILE, record["tune"])
+        (run_dir / REPORT_FILE).write_text(render_report(record), encoding="utf-8")
+    except OSError as error:
+        raise write_failed(error, Path(error.filename or run_dir)) from error
 
 
 def draw_tune_chart(path: Path, tune: dict) -> None:
