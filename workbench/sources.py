@@ -213,7 +213,7 @@ def _converted(gguf: Path, folder: Path, *, progress: Progress, cancelled: Cance
                 expected_seconds=max(10.0, gguf.stat().st_size / 5e6),
                 message="converting GGUF to fp32",
             )
-            if folder.exists():  # a conversion cut short before this version's lock: ours replaces it
+            if folder.exists():  # a damaged earlier conversion (no config.json): ours replaces it
                 shutil.rmtree(folder)
             temporary.rename(folder)
         finally:
@@ -351,15 +351,13 @@ def _check_tokenizer(folder: Path, trust_remote_code: bool) -> None:
         )
     try:
         AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except ValueError as error:
+    except (ValueError, OSError, ImportError) as error:
         if "trust_remote_code" in str(error):
             raise WorkbenchError(
                 "This model's tokenizer needs to run Python code shipped inside the model folder (remote code), "
                 "which the workbench refuses by default because that code can do anything on this machine. "
                 "If you trust its author, run again with --trust-remote-code (GUI: tick 'Trust remote code')."
             ) from error
-        raise WorkbenchError(f"The model's tokenizer could not be loaded: {error}. Copy the tokenizer files again.") from error
-    except (OSError, ImportError) as error:
         raise WorkbenchError(f"The model's tokenizer could not be loaded: {error}. Copy the tokenizer files again.") from error
 
 

@@ -163,7 +163,8 @@ def compare(
     choice = choose_provider(options.provider)
     progress(0.0, f"loading both models on {choice.name}")
     models = {key: ChatModel(run_dir / key, choice.name) for key in MODELS}
-    encoded = [_fitted(models[ORIGINAL], number, p, options) for number, p in enumerate(prompts, 1)]
+    encoded = [_fitted(models[ORIGINAL], f"Prompt {number}: " if len(prompts) > 1 else "", p, options)
+               for number, p in enumerate(prompts, 1)]
     memory = _measure_memory(run_dir, choice.name, encoded[0], options, progress, cancelled) if options.measure_memory else {}
     result = CompareResult(choice.name, choice.reason)
     if options.batch_size > 1:
@@ -185,14 +186,14 @@ def compare(
     return result
 
 
-def _fitted(model, number: int, prompt: str, options: CompareOptions) -> list[int]:
+def _fitted(model, label: str, prompt: str, options: CompareOptions) -> list[int]:
     """The prompt's tokens, cut to the model's context with `truncate`, before anything (memory too) runs."""
     from workbench.generation.engine import GenerationError, fit_prompt
 
     try:
         return fit_prompt(model.lm, model.encode(prompt, options.system), options.truncate)[0]
     except GenerationError as error:
-        raise WorkbenchError(f"Prompt {number}: {error} On the command line: compare --truncate.") from error
+        raise WorkbenchError(f"{label}{error} On the command line: compare --truncate.") from error
 
 
 def _one_by_one(models, encoded, options: CompareOptions, on_token, progress, cancelled) -> dict:

@@ -147,7 +147,7 @@ def clean_up_stopped(folders: list[Path]) -> str:
         return ""
     what = "an unfinished folder" if len(removed) == 1 else f"{len(removed)} unfinished folders"
     where = ", ".join(sorted({str(p.parent) for p in removed}))
-    amount = f"{freed / 1e6:,.1f} MB" if freed >= 1e5 else f"{freed / 1e3:,.0f} kB"
+    amount = f"{freed / 1e6:,.1f} MB" if freed >= 1e5 else f"{freed / 1e3:,.1f} kB"
     return (f"Removed {what} left in {where} by a run that was stopped before it could clean up: "
             f"{amount} of disk space given back.")
 
