@@ -23,8 +23,9 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("model weights quantization block scale memory text token layer answer prompt the of and a to in is "
-         "small large fast slow calibration sample window file disk data people city river mountain history").split()
+WORDS = ("model", "weights", "quantization", "block", "scale", "memory", "text", "token", "layer", "answer", "prompt",
+         "the", "of", "and", "a", "to", "in", "is", "small", "large", "fast", "slow", "calibration", "sample", "window",
+         "file", "disk", "data", "people", "city", "river", "mountain", "history")
 SAMPLE_SECONDS = 0.25
 
 

@@ -36,7 +36,7 @@ TEXT = "The quick brown fox jumps over the lazy dog, and the workbench measures 
 
 def cli(*args: str, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True, timeout=600, check=False,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, **popen,
     )
 

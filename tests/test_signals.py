@@ -76,7 +76,7 @@ def test_sigkill_takes_the_child_along_and_the_next_run_cleans_up(tiny_llama, ru
     # The next run, even one refused at once, removes it and says what it gave back.
     done = subprocess.run(
         [sys.executable, "-m", "workbench.cli", "quantize", str(runs / "no-such-model"), "-o", str(runs / "next"), "-q"],
-        capture_output=True, text=True, timeout=WAIT_SECONDS, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=WAIT_SECONDS, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert "Removed an unfinished folder left in" in done.stderr and "of disk space given back" in done.stderr
     assert list(runs.iterdir()) == []
