@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 
 from workbench.errors import WorkbenchError
+from workbench.errors import write_errno
 from workbench.jobs import Cancelled, Progress, never_cancelled, no_progress
 from workbench.layout import MODEL_FILE, SIDE_FILES, folder_bytes, save_model
 from workbench.sources import EXPORT_TASK
@@ -62,6 +63,8 @@ def export_in_process(model_dir: str, dest: str, trust_remote_code: bool, progre
             trust_remote_code=trust_remote_code,
         )
     except (ValueError, OSError, RuntimeError) as error:
+        if write_errno(error):
+            raise  # the disk, not the model: the run folder's own message names it (staged_dir)
         raise WorkbenchError(f"Exporting the model to ONNX failed: {error}") from error
     for name in SIDE_FILES:
         source, target = Path(model_dir) / name, Path(dest) / name

@@ -33,7 +33,9 @@ from ui.pages.settings import SettingsPage
 from ui.session import Session
 from ui.widgets import show_error
 from workbench.errors import WorkbenchError
+from workbench.partial import clean_up_stopped
 from workbench.run.folders import list_runs, load_run
+from workbench.sources import conversion_folders
 
 STEP_PAGES = (ModelPage, SettingsPage, CalibrationPage, QuantizePage, ComparePage, ReportPage, ExportPage)
 NEEDS = {
@@ -116,7 +118,9 @@ class MainWindow(QMainWindow):
         layout.addWidget(sidebar)
         layout.addLayout(main, 1)
         self.setCentralWidget(central)
-        self.statusBar().showMessage(f"Runs are saved in {runs_dir}")
+        # What runs stopped by a kill or a crash left behind; the app is where a user would otherwise never see it.
+        cleaned = clean_up_stopped([Path(runs_dir), *conversion_folders()])
+        self.statusBar().showMessage(" ".join(filter(None, [f"Runs are saved in {runs_dir}.", cleaned])))
 
         self.steps.currentRowChanged.connect(self._show_step)
         self.back_button.clicked.connect(lambda: self.go(self.current - 1))

@@ -9,12 +9,13 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from workbench import __version__
-from workbench.errors import JobCancelled, WorkbenchError
+from workbench.errors import JobCancelled, NotSaved, Terminated, WorkbenchError
 from workbench.jobs import Progress
 from workbench.units import format_size
 from workbench.settings import DEFAULT_PRESET, METHODS, PRESETS, preset_settings
@@ -47,6 +48,25 @@ def emit(args: argparse.Namespace, data: dict, human: str) -> None:
         print(json.dumps(data, indent=2))
     else:
         print(human)
+
+
+class _Kept:
+    """Figures measured but not saved (a read-only run folder) are still shown, then the reason why not."""
+
+    def __init__(self) -> None:
+        self.error: NotSaved | None = None
+
+    def __call__(self, step):
+        try:
+            return step()
+        except NotSaved as error:
+            self.error = error
+            return error.result
+
+    def finish(self) -> int:
+        if self.error is not None:
+            raise self.error
+        return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -135,7 +155,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if calibration is not None:
         from workbench.quantization.calibration import read_texts
 
-        read_texts(calibration)  # a bad file is refused before minutes of export
+        read_texts(calibration, tokens=settings.calibration_token_count)  # a bad file is refused before minutes of export
     with progress_bar(not args.quiet) as progress:
         record = quantize_run(
             args.model,
@@ -198,18 +218,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from workbench.quality.evaluate import evaluate_run
 
+    kept = _Kept()
     with progress_bar(not args.quiet) as progress:
-        result = evaluate_run(
+        result = kept(lambda: evaluate_run(
             Path(args.run_dir), Path(args.text), window=args.window, max_tokens=args.max_tokens,
             provider=args.provider, progress=progress,
-        )
+        ))
     human = (
         f"{result.text}, {result.tokens:,} tokens: perplexity {result.original_perplexity:.2f} -> "
         f"{result.int4_perplexity:.2f} ({result.perplexity_increase_pct:+.1f} %), top-1 agreement "
         f"{result.top1_agreement * 100:.1f} %, mean KL {result.mean_kl:.4f}"
     )
     emit(args, result.to_dict(), human)
-    return 0
+    return kept.finish()
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -309,11 +330,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from workbench.generation.bench import bench_run
 
+    kept = _Kept()
     with progress_bar(not args.quiet) as progress:
-        data = bench_run(
+        data = kept(lambda: bench_run(
             Path(args.run_dir), provider=args.provider, rounds=args.rounds, threads=args.threads,
             new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, progress=progress,
-        )
+        ))
     original, int4 = data["original"], data["int4"]
     human = "\n".join(
         [
@@ -329,7 +351,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ]
     )
     emit(args, data, human)
-    return 0
+    return kept.finish()
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
@@ -381,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("model", help="'demo', a Hugging Face folder, a .gguf file or a hub id (org/name)")
     quantize.add_argument("-o", "--output", required=True, help="run folder to create (must not exist)")
     quantize.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
-                          help="; ".join(f"{n}: {p.description}" for n, p in PRESETS.items()))
+                          help="; ".join(f"{n}: {p.description}" for n, p in PRESETS.items()).replace("%", "%%"))
     quantize.add_argument("--method", choices=METHODS, help="rounding method (overrides the preset)")
     quantize.add_argument("--block-size", type=int, help="weights per scale: 16-256, powers of two")
     symmetry = quantize.add_mutually_exclusive_group()
@@ -486,14 +508,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("onnxruntime", "optimum", "transformers", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    signal.signal(signal.SIGTERM, _terminated)
     try:
+        _clean_up_stopped(args)
         return args.func(args)
     except WorkbenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("stopped (SIGTERM); nothing was written.", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (JobCancelled, KeyboardInterrupt):
         print("cancelled; nothing was written.", file=sys.stderr)
         return 130
+
+
+def _terminated(signum: int, frame) -> None:
+    raise Terminated()
+
+
+def _clean_up_stopped(args: argparse.Namespace) -> None:
+    """Before writing a run or converting a model: remove what stopped runs left there (see staged_dir)."""
+    from workbench.partial import clean_up_stopped
+    from workbench.sources import conversion_folders
+
+    folders = [Path(args.output).absolute().parent] if getattr(args, "output", None) else []
+    if getattr(args, "model", None):
+        folders += conversion_folders()
+    message = clean_up_stopped(folders)
+    if message:
+        print(message, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ A model folder holds model.onnx with its weights in model.onnx.data, plus the to
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,7 +69,13 @@ def use_ms_domain(model: onnx.ModelProto) -> None:
 
 
 def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    """Bytes of the files under `folder`; files that vanish meanwhile (a folder being removed) count as none."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 def folder_model_bytes(folder: Path) -> int:

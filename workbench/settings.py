@@ -60,6 +60,11 @@ class QuantSettings:
         """Calibrated methods, and the sensitivity measurement, read calibration samples."""
         return METHOD_TABLE[self.method].calibrated or self.sensitive_8bit_pct > 0
 
+    @property
+    def calibration_token_count(self) -> int:
+        """Tokens of calibration text the samples take, all together."""
+        return self.calibration_samples * self.calibration_tokens
+
     def bits_for(self, layer: str) -> int | None:
         """4 or 8 for a layer name, None when it stays fp32."""
         if any(fnmatch.fnmatchcase(layer, p) for p in self.exclude):
@@ -67,6 +72,20 @@ class QuantSettings:
         if any(fnmatch.fnmatchcase(layer, p) for p in self.eight_bit):
             return 8
         return 4
+
+    def check_patterns(self, layers: list[str]) -> None:
+        """Refuse an `eight_bit` or `exclude` pattern that matches none of these layer names: a typo
+        would otherwise quietly give a different model than the one asked for."""
+        for option, patterns in (("--eight-bit", self.eight_bit), ("--exclude", self.exclude)):
+            for pattern in patterns:
+                if not any(fnmatch.fnmatchcase(layer, pattern) for layer in layers):
+                    # The first block's names show the pattern of all the others.
+                    sample = [n for n in layers if ".layers." not in n or ".layers.0." in n]
+                    raise WorkbenchError(
+                        f"The layer pattern {pattern!r} ({option}) matches no layer of this model. Its "
+                        f"{len(layers)} layers are named like: {', '.join(sample)} (and the same for each block: "
+                        "model.layers.1.*, ...). Correct the pattern (shell wildcards: *, ?)."
+                    )
 
     def replace(self, **changes) -> QuantSettings:
         return dataclasses.replace(self, **changes)

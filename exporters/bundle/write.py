@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import onnx
-
 from exporters import triton
 from exporters.bundle.card import base_model, model_card
 from exporters.bundle.chat_template import chat_format_of
@@ -38,9 +36,11 @@ from exporters.bundle.layout import (
 from workbench import __version__
 from workbench.errors import WorkbenchError
 from workbench.generation.runtime import context_length_of, eos_token_ids_of
+from workbench.generation.runtime import model_files as checked_model_files  # `model_files` names the list here
 from workbench.jobs import Cancelled, Progress, Stages, never_cancelled, no_progress
-from workbench.layout import INT4, MODEL_FILE, SIDE_FILES
-from workbench.run.folders import DISK_FULL, check_output_dir, disk_error, load_run, staged_dir, write_json
+from workbench.layout import INT4, SIDE_FILES
+from workbench.errors import DISK_FULL
+from workbench.run.folders import check_output_dir, load_run, staged_dir, write_failed, write_json
 from workbench.run import stages as stage
 from workbench.run.record import RunRecord
 from workbench.run.wording import verdict
@@ -81,10 +81,8 @@ def build_bundle(
     run_dir, out = Path(run_dir), Path(out)
     record = load_run(run_dir)
     model_dir = run_dir / INT4
-    if not (model_dir / MODEL_FILE).is_file():
-        raise WorkbenchError(f"{model_dir / MODEL_FILE} is missing; the run folder is incomplete. Quantize the model again.")
     final = out.with_name(out.name if out.suffix == ".zip" else out.name + ".zip") if zip_file else out
-    model_files = [MODEL_FILE, *external_data_files(model_dir / MODEL_FILE)]
+    model_files = checked_model_files(model_dir)
     size = sum((model_dir / f).stat().st_size for f in model_files)
     check_output_dir(final, needed_bytes=int(size * (2.1 if zip_file else 1.1)))
     layout = Layout.for_target(target, triton.model_name(name or f"{record.source.name}-int4"))
@@ -112,16 +110,6 @@ def _scratch(near: Path) -> Iterator[Path]:
     near.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{near.name}.partial-", dir=near.parent) as folder:
         yield Path(folder)
-
-
-def external_data_files(model_path: Path) -> list[str]:
-    """Files holding the graph's external weights, as the graph names them."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    found = []
-    for tensor in graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            found += [entry.value for entry in tensor.external_data if entry.key == "location"]
-    return list(dict.fromkeys(found))
 
 
 def _copy_model(model_dir: Path, work: Path, layout: Layout, model_files: list[str], progress: Progress, cancelled) -> None:
@@ -243,7 +231,7 @@ def _zip(work: Path, final: Path, progress: Progress, cancelled: Cancelled) -> N
         os.replace(temporary, final)
     except OSError as error:
         if error.errno in DISK_FULL:
-            raise disk_error(error, final) from error
+            raise write_failed(error, final) from error
         raise
     finally:
         temporary.unlink(missing_ok=True)

@@ -161,8 +161,9 @@ class CalibrationPage(Page):
 
     def _previewed(self, result: CalibrationPreview) -> None:
         tokens = f"{result.tokens:,} tokens" if result.tokens is not None else "tokens not counted"
+        where = "in pieces read across this large file, as calibration reads it" if result.sampled else "in the file"
         self.summary.setText(
-            f"<b>{result.samples:,} samples</b>, {tokens}, {result.characters:,} characters "
+            f"<b>{result.samples:,} samples</b>, {tokens}, {result.characters:,} characters {where} "
             f"({result.format.upper()} file). The first samples:"
         )
         while self.samples.count():

@@ -10,7 +10,7 @@ import logging
 import statistics
 from pathlib import Path
 
-from workbench.errors import WorkbenchError
+from workbench.errors import NotSaved, WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
 from workbench.run.record import Speed
 from workbench.run.report import update_run
@@ -94,7 +94,10 @@ def bench_run(
         "memory_ratio": round(original["peak_rss_bytes"] / int4["peak_rss_bytes"], 3),
         "machine": machine(),
     }
-    update_run(run_dir, lambda record: record.replace(speed=Speed.from_dict(speed)))
+    try:
+        update_run(run_dir, lambda record: record.replace(speed=Speed.from_dict(speed)))
+    except WorkbenchError as error:
+        raise NotSaved(f"The figures were measured but could not be saved in the run folder. {error}", speed) from error
     return speed
 
 
@@ -126,18 +129,22 @@ def measure_in_process(
     from workbench.generation.runtime import OnnxCausalLM, gpu_memory_bytes, user_errors
 
     baseline = peak_rss()
-    if prompt_ids is None:  # before the model, as a runner would: loading it trims what tokenizing freed
+    own_prompt = prompt_ids is None
+    if own_prompt:  # before the model, as a runner would: loading it trims what tokenizing freed
         from tokenizers import Tokenizer
 
         prompt_ids = bench_prompt(Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")), prompt_tokens)
     progress(0.1, "loading")
     model = OnnxCausalLM(Path(model_dir), provider, threads)
     load_rss = peak_rss()
-    if model.context_length is not None and prompt_tokens + new_tokens + 1 > model.context_length:
-        raise WorkbenchError(
-            f"{prompt_tokens} prompt and {new_tokens} new tokens do not fit this model's context of "
-            f"{model.context_length}; measure with fewer."
-        )
+    room = None if model.context_length is None else model.context_length - prompt_tokens - 1
+    if room is not None and new_tokens > room:
+        if own_prompt:
+            raise WorkbenchError(
+                f"{prompt_tokens} prompt and {new_tokens} new tokens do not fit this model's context of "
+                f"{model.context_length}; measure with fewer (--prompt-tokens, --new-tokens)."
+            )
+        new_tokens = max(room, 1)  # a given prompt's answer stops at the context, here as where it is compared
     progress(0.3, "warming up")
     with user_errors():
         generate(model, prompt_ids[:16], GenerationConfig(max_new_tokens=WARMUP_TOKENS))

@@ -145,6 +145,10 @@ def compare(
     run_dir = Path(run_dir)
     if not prompts:
         raise WorkbenchError("Give at least one prompt.")
+    blank = [number for number, prompt in enumerate(prompts, 1) if not prompt.strip()]
+    if blank:
+        which = "The prompt" if len(prompts) == 1 else f"Prompt {blank[0]}"
+        raise WorkbenchError(f"{which} is empty; write a question or an instruction for both models to answer.")
     if options.batch_size < 1:
         raise WorkbenchError(f"batch size must be at least 1, not {options.batch_size}.")
     if options.batch_size > 1 and (options.json_schema or options.speculative):
@@ -155,7 +159,8 @@ def compare(
     choice = choose_provider(options.provider)
     progress(0.0, f"loading both models on {choice.name}")
     models = {key: ChatModel(run_dir / key, choice.name) for key in MODELS}
-    encoded = [models[ORIGINAL].encode(p, options.system) for p in prompts]
+    encoded = [_fitted(models[ORIGINAL], f"Prompt {number}: " if len(prompts) > 1 else "", p, options)
+               for number, p in enumerate(prompts, 1)]
     memory = _measure_memory(run_dir, choice.name, encoded[0], options, progress, cancelled) if options.measure_memory else {}
     result = CompareResult(choice.name, choice.reason)
     if options.batch_size > 1:
@@ -175,6 +180,16 @@ def compare(
         result.rows.append(row)
     progress(1.0, "done")
     return result
+
+
+def _fitted(model, label: str, prompt: str, options: CompareOptions) -> list[int]:
+    """The prompt's tokens, cut to the model's context with `truncate`, before anything (memory too) runs."""
+    from workbench.generation.engine import GenerationError, fit_prompt
+
+    try:
+        return fit_prompt(model.lm, model.encode(prompt, options.system), options.truncate)[0]
+    except GenerationError as error:
+        raise WorkbenchError(f"{label}{error} On the command line: compare --truncate.") from error
 
 
 def _one_by_one(models, encoded, options: CompareOptions, on_token, progress, cancelled) -> dict:

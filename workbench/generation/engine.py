@@ -358,7 +358,7 @@ class TextStream:
 # -- the loops ------------------------------------------------------------------------------------
 
 
-def _fit_prompt(model: CausalLM, prompt: Sequence[int], truncate: bool) -> tuple[list[int], int]:
+def fit_prompt(model: CausalLM, prompt: Sequence[int], truncate: bool) -> tuple[list[int], int]:
     prompt = list(prompt)
     if not prompt:
         raise GenerationError("The prompt is empty.")
@@ -393,7 +393,7 @@ def generate(
     `cancelled` is asked after every token; a True ends the generation with what was made.
     """
     began = time.perf_counter()
-    prompt, dropped = _fit_prompt(model, prompt, truncate)
+    prompt, dropped = fit_prompt(model, prompt, truncate)
     sampler = Sampler(config)
     answer = _Answer(len(prompt), config, model.context_length, tokenizer, eos_token_ids, on_token, cancelled)
     cache = model.new_cache(1, len(prompt) + config.max_new_tokens)
@@ -477,7 +477,7 @@ def generate_batch(
     one tensor. Timings are the batch's: every row reports the batch's first-token and total time.
     """
     began = time.perf_counter()
-    fitted = [_fit_prompt(model, p, truncate) for p in prompts]
+    fitted = [fit_prompt(model, p, truncate) for p in prompts]
     rows = [p for p, _ in fitted]
     width = max(len(p) for p in rows)
     pad = next(iter(eos_token_ids), 0)
@@ -541,7 +541,7 @@ def generate_speculative(
     if draft_tokens < 1:
         raise GenerationError(f"draft_tokens must be at least 1, not {draft_tokens}.")
     began = time.perf_counter()
-    prompt, dropped = _fit_prompt(target, prompt, truncate)
+    prompt, dropped = fit_prompt(target, prompt, truncate)
     answer = _Answer(len(prompt), config, target.context_length, tokenizer, eos_token_ids, on_token, cancelled)
     # Room for a last round of proposals beyond the answer's budget.
     capacity = len(prompt) + config.max_new_tokens + draft_tokens + 1

@@ -103,6 +103,39 @@ def _captured_stderr() -> Iterator[Callable[[], list[str]]]:
             lines.extend(sink.read().splitlines())
 
 
+def model_files(model_dir: Path) -> list[str]:
+    """model.onnx and the files holding its external weights, checked to be there in full.
+
+    A folder missing its weights (a partial copy, a deleted file) is refused here in plain words rather
+    than by ONNX Runtime's "external data path validation failed" when a session opens it.
+    """
+    import onnx
+
+    path = Path(model_dir) / MODEL_FILE
+    incomplete = (f"{model_dir} is incomplete: {{}}. The folder was damaged or only partly copied: copy it again. "
+                  "Quantize the model again if you have no intact copy.")
+    if not path.is_file():
+        raise WorkbenchError(incomplete.format(f"{MODEL_FILE} is missing"))
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as error:  # onnx raises its own DecodeError for a damaged protobuf
+        raise WorkbenchError(incomplete.format(f"{MODEL_FILE} cannot be read ({error})")) from error
+    needed: dict[str, int] = {}
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entry = {e.key: e.value for e in tensor.external_data}
+            end = int(entry.get("offset", 0)) + int(entry.get("length", 0))
+            needed[entry["location"]] = max(needed.get(entry["location"], 0), end)
+    for name, end in needed.items():
+        data = Path(model_dir) / name
+        if not data.is_file():
+            raise WorkbenchError(incomplete.format(f"{name}, which holds the model's weights, is missing"))
+        if data.stat().st_size < end:
+            raise WorkbenchError(incomplete.format(
+                f"{name}, which holds the model's weights, has {data.stat().st_size:,} of {end:,} bytes"))
+    return [MODEL_FILE, *needed]
+
+
 class OnnxCausalLM(engine.CausalLM):
     """One exported model folder (model.onnx + config.json) in an ORT session on a chosen provider."""
 
@@ -110,8 +143,7 @@ class OnnxCausalLM(engine.CausalLM):
         self.model_dir = Path(model_dir)
         self.provider = choose_provider(provider)
         path = self.model_dir / MODEL_FILE
-        if not path.is_file():
-            raise WorkbenchError(f"{path} is missing; the run folder is incomplete. Quantize the model again.")
+        model_files(self.model_dir)
         super().__init__(
             str(path), providers=self.provider.providers, threads=threads, context_length=context_length_of(self.model_dir)
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from workbench.quantization.calibration import read_texts
-from workbench.errors import WorkbenchError
+from workbench.errors import NotSaved, WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
 from workbench.generation.runtime import OnnxCausalLM
 from workbench.run.record import QualityResult
@@ -48,9 +48,21 @@ class _Totals:
         self.kl += float((np.exp(log_p) * (log_p - log_q)).sum())
 
 
-def text_tokens(text_path: Path, tokenizer) -> np.ndarray:
-    """All tokens of a text file (any format the calibration reader takes)."""
-    text = "\n\n".join(read_texts(text_path))
+def check_sizes(window: int, max_tokens: int) -> None:
+    """Refuse, before any work, a window or a token budget that cannot give figures."""
+    if window < 1:
+        raise WorkbenchError(f"The window must be at least 1 token (--window), not {window}; {DEFAULT_WINDOW} is usual.")
+    if max_tokens < MIN_TOKENS:
+        raise WorkbenchError(
+            f"Quality needs at least {MIN_TOKENS} tokens of text (--max-tokens), not {max_tokens}; "
+            f"{DEFAULT_MAX_TOKENS} gives steady figures."
+        )
+
+
+def text_tokens(text_path: Path, tokenizer, max_tokens: int | None = None) -> np.ndarray:
+    """The tokens of a text file (any format the calibration reader takes): all, or with `max_tokens`
+    at least that many from its start (a large file is not read whole)."""
+    text = "\n\n".join(read_texts(text_path, tokens=max_tokens, across=False))
     return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
 
 
@@ -67,9 +79,10 @@ def evaluate(
 ) -> QualityResult:
     from transformers import AutoTokenizer
 
+    check_sizes(window, max_tokens)
     progress(0.0, "reading the text")
     tokenizer = AutoTokenizer.from_pretrained(original_dir)
-    tokens = text_tokens(Path(text_path), tokenizer)[:max_tokens]
+    tokens = text_tokens(Path(text_path), tokenizer, max_tokens)[:max_tokens]
     if len(tokens) < MIN_TOKENS:
         raise WorkbenchError(
             f"{Path(text_path).name} has only {len(tokens)} tokens; quality needs at least {MIN_TOKENS} "
@@ -123,9 +136,13 @@ def evaluate_run(
 
     run_dir = Path(run_dir)
     load_run(run_dir)  # refuse a folder that is not a run before minutes of work
+    check_sizes(window, max_tokens)
     result = evaluate(
         run_dir / ORIGINAL, run_dir / INT4, text_path, window=window, max_tokens=max_tokens, provider=provider,
         progress=progress, cancelled=cancelled,
     )
-    update_run(run_dir, lambda record: record.with_quality(result))
+    try:
+        update_run(run_dir, lambda record: record.with_quality(result))
+    except WorkbenchError as error:
+        raise NotSaved(f"The figures were measured but could not be saved in the run folder. {error}", result) from error
     return result

@@ -20,6 +20,7 @@ import numpy as np
 
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
+from workbench.units import format_size
 from workbench.quantization.eval_mode import evaluating
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".csv", ".json")
 PREVIEW_SAMPLES = 3
 PREVIEW_CHARACTERS = 200
+PREVIEW_TOKENS = 2**18  # files up to 4 MB are counted whole; larger ones from pieces, as calibration reads them
 TEMPERATURE = 1.0
 TOP_P = 0.95
 
@@ -38,6 +40,11 @@ _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 # Control bytes plain text does not use (tab, newlines, form feed and escape are allowed).
 _CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\r\f\x1b") + b"\x7f"
 _SNIFF_SIZE = 65536  # bytes or characters looked at to guess what a file holds
+# Bytes of file read per token needed: text takes 3-5 bytes a token; the rest covers markup the
+# parsers drop (JSON keys, CSV columns) and windows lost at sample boundaries.
+BYTES_PER_TOKEN = 16
+SAMPLE_PIECES = 64  # a file larger than needed is read in this many pieces spread over it
+JSON_WHOLE_LIMIT = 64 * 2**20  # .json cannot be sampled in pieces; larger ones are refused
 _JSON_LIST_KEYS = ("data", "samples", "texts")
 _EXPECTED_RECORD = (
     'an object with "text", or "prompt" (and optionally "completion" or "response"), '
@@ -60,24 +67,110 @@ def check_text_file(path: Path) -> Path:
     return path
 
 
-def read_texts(path: Path) -> list[str]:
+def read_texts(path: Path, tokens: int | None = None, *, across: bool = True) -> list[str]:
     """The calibration samples in a .txt, .jsonl, .csv or .json file, empty ones dropped.
 
     .txt: paragraphs separated by blank lines. .jsonl: one object per line with "text", or
     "prompt" (+ "completion"/"response"), or chat "messages". .csv: the `text` column, or the
     only column holding text; the first row is the header. .json: a list of strings or of such
     objects, possibly under "data", "samples" or "texts".
+
+    With `tokens`, about enough text for that many tokens is kept, sampled across the whole file:
+    a file larger than that is read in pieces at evenly spaced offsets, never whole, so a file of
+    gigabytes costs no more memory than one of a few hundred kilobytes. `across=False` keeps the
+    file's start instead (one contiguous text, as quality measurements read it).
     """
     path = check_text_file(path)
-    parse = _PARSERS[path.suffix.lower()]
-    text = _decode(path)
+    suffix = path.suffix.lower()
+    parse = _PARSERS[suffix]
+    budget = None if tokens is None else _budget(tokens)
+    size = _size(path)
+    if is_sampled(path, tokens):
+        text = _sampled(path, size, budget, suffix, SAMPLE_PIECES if across else 1)
+    else:
+        if suffix == ".json" and budget is not None and size > JSON_WHOLE_LIMIT:
+            raise WorkbenchError(
+                f"{path.name} is {format_size(size)}; a .json file can only be read whole, which at this size "
+                "takes too much memory. Save the samples as .jsonl (one per line): the workbench then reads "
+                "only the parts it needs."
+            )
+        text = _decode(path)
     if not text.strip():
         raise WorkbenchError(f"{path.name} is empty; choose a file with some text in it.")
     texts = [t for t in (t.strip() for t in parse(text, path.name)) if t]
     if not texts:
         raise WorkbenchError(f"No text found in {path.name}; check that it holds the samples you meant.")
+    if budget is not None and across:
+        texts = _spread(texts, budget)
     logger.info("read %d calibration samples from %s", len(texts), path)
     return texts
+
+
+def is_sampled(path: Path, tokens: int | None) -> bool:
+    """Whether `read_texts(path, tokens)` reads only pieces of the file (it is larger than needed)."""
+    return tokens is not None and path.suffix.lower() != ".json" and _size(path) > _budget(tokens)
+
+
+def _budget(tokens: int) -> int:
+    return max(tokens * BYTES_PER_TOKEN, _SNIFF_SIZE)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as error:
+        raise WorkbenchError(
+            f"Cannot read {path}: {error.strerror or error}. Check that the file is readable and try again."
+        ) from None
+
+
+def _sampled(path: Path, size: int, budget: int, suffix: str, pieces: int) -> str:
+    """About `budget` bytes of `path` as text: `pieces` pieces at evenly spaced offsets, each
+    trimmed to whole records (lines; for .txt, lines or words), joined as separate records."""
+    piece = budget // pieces
+    boundaries = (b"\n", b" ") if suffix == ".txt" else (b"\n",)
+    joiner = "\n\n" if suffix == ".txt" else "\n"
+    texts = []
+    with path.open("rb") as handle:
+        for index in range(pieces):
+            start = index * size // pieces
+            handle.seek(start)
+            data = handle.read(piece)
+            if index == 0:
+                _check_not_binary(data, path.name)
+            elif start:  # resync: drop the record cut by the offset
+                data = _after_boundary(data, boundaries)
+            if start + piece < size:  # and the one cut by the piece's end
+                data = _before_boundary(data, boundaries)
+            if data:
+                texts.append(_decode_bytes(data, path.name, start))
+    logger.info("sampled %d pieces of %s (%d bytes) across %s", len(texts), path.name, size, path)
+    return joiner.join(texts)
+
+
+def _after_boundary(data: bytes, boundaries: tuple[bytes, ...]) -> bytes:
+    for boundary in boundaries:
+        cut = data.find(boundary)
+        if cut >= 0:
+            return data[cut + len(boundary):]
+    return b""
+
+
+def _before_boundary(data: bytes, boundaries: tuple[bytes, ...]) -> bytes:
+    for boundary in boundaries:
+        cut = data.rfind(boundary)
+        if cut >= 0:
+            return data[:cut]
+    return b""
+
+
+def _spread(texts: list[str], budget: int) -> list[str]:
+    """Samples evenly spaced over `texts`, about `budget` characters in all (in their order)."""
+    total = sum(len(t) for t in texts)
+    if total <= budget:
+        return texts
+    keep = max(1, len(texts) * budget // total)
+    return [texts[i * len(texts) // keep] for i in range(keep)]
 
 
 @dataclass(frozen=True)
@@ -90,12 +183,13 @@ class CalibrationPreview:
     characters: int
     tokens: int | None  # None when no tokenizer was given
     first_samples: tuple[str, ...]  # the first few, each cut to about PREVIEW_CHARACTERS
+    sampled: bool = False  # the file is too large to read whole: the counts are of pieces read across it
 
 
 def preview(path: Path, tokenizer: Any = None) -> CalibrationPreview:
     """Read `path` and summarize it; tokens are counted with `tokenizer` when one is given."""
     path = Path(path)
-    texts = read_texts(path)
+    texts = read_texts(path, tokens=PREVIEW_TOKENS)
     tokens = None
     if tokenizer is not None:
         tokens = sum(len(ids) for ids in _encode(tokenizer, texts))
@@ -106,6 +200,7 @@ def preview(path: Path, tokenizer: Any = None) -> CalibrationPreview:
         characters=sum(len(t) for t in texts),
         tokens=tokens,
         first_samples=tuple(_shorten(t, PREVIEW_CHARACTERS) for t in texts[:PREVIEW_SAMPLES]),
+        sampled=is_sampled(path, PREVIEW_TOKENS),
     )
 
 
@@ -247,22 +342,33 @@ def _decode(path: Path) -> str:
         raise WorkbenchError(
             f"Cannot read {path}: {error.strerror or error}. Check that the file is readable and try again."
         ) from None
+    _check_not_binary(data, path.name)
+    return _decode_bytes(data, path.name, 0)
+
+
+def _check_not_binary(data: bytes, name: str) -> None:
+    """`data`: the file's first bytes."""
     if data.startswith(_UTF16_BOMS):
         raise WorkbenchError(
-            f"{path.name} is saved as UTF-16, so it looks like a binary file here; save it as UTF-8 and try again."
+            f"{name} is saved as UTF-16, so it looks like a binary file here; save it as UTF-8 and try again."
         )
     if _looks_binary(data[:_SNIFF_SIZE]):
         raise WorkbenchError(
-            f"{path.name} looks like a binary file, not text; choose a text file ({', '.join(SUPPORTED_EXTENSIONS)})."
+            f"{name} looks like a binary file, not text; choose a text file ({', '.join(SUPPORTED_EXTENSIONS)})."
         )
-    skipped = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
+
+
+def _decode_bytes(data: bytes, name: str, start: int) -> str:
+    """`data`, read from offset `start` of the file `name`, as text."""
+    skipped = len(_UTF8_BOM) if start == 0 and data.startswith(_UTF8_BOM) else 0
     try:
         return data[skipped:].decode("utf-8")
     except UnicodeDecodeError as error:
         offset = skipped + error.start
-        line = data.count(b"\n", 0, offset) + 1
+        newlines = data.count(b"\n", 0, offset)
+        where = f"line {newlines + 1}" if start == 0 else "in a part of the file read as a sample"
         raise WorkbenchError(
-            f"{path.name} is not UTF-8 text: the byte at offset {offset} (line {line}) is 0x{data[offset]:02x}. "
+            f"{name} is not UTF-8 text: the byte at offset {start + offset} ({where}) is 0x{data[offset]:02x}. "
             "Save the file as UTF-8 (in most editors: Save As, encoding UTF-8) and try again."
         ) from None
 

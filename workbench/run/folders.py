@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import shutil
@@ -15,12 +15,14 @@ from pathlib import Path
 
 import psutil
 
-from workbench.errors import WorkbenchError
 from workbench.layout import RUN_FILE
 from workbench.run.record import RUN_SCHEMA_VERSION, RunRecord
 from workbench.units import format_size
+from workbench.errors import DISK_FULL, READ_ONLY, WorkbenchError, write_errno
+from workbench.partial import partial_dir
 
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+log = logging.getLogger(__name__)
+
 VERSIONED_PACKAGES = ("int4-workbench", "onnxruntime-gpu", "onnxruntime", "onnx", "optimum-onnx", "transformers", "torch")
 
 
@@ -58,17 +60,18 @@ def staged_dir(final: Path) -> Iterator[Path]:
     """
     final = final.absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    temporary = partial_dir(final)
     temporary.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a run folder is an ordinary folder
     try:
         yield temporary
         if final.exists():
             raise WorkbenchError(f"{final} appeared while the run was working; the new run was discarded.")
         temporary.rename(final)
-    except OSError as error:
-        if error.errno in DISK_FULL:
-            raise disk_error(error, final) from error
-        raise
+    except Exception as error:
+        code = write_errno(error)
+        if code is None:
+            raise
+        raise write_failed(OSError(code, os.strerror(code)), final) from error
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
@@ -79,11 +82,17 @@ def _umask() -> int:
     return mask
 
 
-def disk_error(error: OSError, target: Path) -> WorkbenchError:
+def write_failed(error: OSError, target: Path) -> WorkbenchError:
+    """The user's words for a failed write of `target`."""
     if error.errno in DISK_FULL:
         return WorkbenchError(
-            f"Writing {target} failed: {error.strerror}. Nothing was kept. Free some disk space or "
-            "choose another output folder, then run again."
+            f"Writing {target} failed: {error.strerror}; there is no room for it there. Nothing was kept. Free "
+            "some disk space or choose another output folder, then run again."
+        )
+    if error.errno in READ_ONLY:
+        return WorkbenchError(
+            f"Cannot write {target}: {error.strerror}. Copy the folder to a place you can write to "
+            "(or make it writable) and run again."
         )
     return WorkbenchError(f"Writing {target} failed: {error}. Nothing was kept.")
 
@@ -95,8 +104,9 @@ def write_json(path: Path, data: dict) -> None:
         temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
         os.replace(temporary, path)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise disk_error(error, path) from error
+        with contextlib.suppress(OSError):  # a read-only folder never got it
+            temporary.unlink(missing_ok=True)
+        raise write_failed(error, path) from error
 
 
 def load_versioned_json(path: Path, version: int, *, missing: str, remedy: str, other_version: str) -> dict:

@@ -90,6 +90,7 @@ def quantize_run(
         ],
     )
     model = resolve_model(spec, run_dir, stages, trust_remote_code, cancelled)
+    settings.check_patterns([w.name for w in model.info.weights])
     if calibration is not None and not calibrated:
         log.warning("%s does not use calibration data; %s is ignored", settings.method, calibration)
     with staged_dir(run_dir) as work:
@@ -239,7 +240,8 @@ def _calibration_samples(path, model, tokenizer, settings: QuantSettings, progre
             progress=progress, cancelled=cancelled,
         )
     progress(0.0, f"reading {Path(path).name}")
-    return token_samples(read_texts(Path(path)), tokenizer, settings.calibration_samples, settings.calibration_tokens)
+    texts = read_texts(Path(path), tokens=settings.calibration_token_count)
+    return token_samples(texts, tokenizer, settings.calibration_samples, settings.calibration_tokens)
 
 
 def _torch_plan(info, settings: QuantSettings) -> dict[str, int]:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from workbench.layout import CHART_FILE, REPORT_FILE, TUNE_CHART_FILE
-from workbench.run.folders import load_run, save_run
+from workbench.run.folders import load_run, save_run, write_failed
 from workbench.run.memory import draw_memory_chart, pyplot
 from workbench.run.record import RunRecord
 from workbench.run.wording import render_report
@@ -14,15 +14,18 @@ from workbench.units import MIB
 
 
 def write_report(run_dir: Path, record: RunRecord) -> None:
-    draw_memory_chart(
-        run_dir / CHART_FILE,
-        {"disk": record.original.components, "ram": record.original.ram_components},
-        {"disk": record.int4.components, "ram": record.int4.ram_components},
-        f"{record.source.name}: {record.size_ratio:.1f}x smaller on disk, {record.ram_ratio:.1f}x less RAM",
-    )
-    if record.tune is not None:
-        draw_tune_chart(run_dir / TUNE_CHART_FILE, record.tune)
-    (run_dir / REPORT_FILE).write_text(render_report(record), encoding="utf-8")
+    try:
+        draw_memory_chart(
+            run_dir / CHART_FILE,
+            {"disk": record.original.components, "ram": record.original.ram_components},
+            {"disk": record.int4.components, "ram": record.int4.ram_components},
+            f"{record.source.name}: {record.size_ratio:.1f}x smaller on disk, {record.ram_ratio:.1f}x less RAM",
+        )
+        if record.tune is not None:
+            draw_tune_chart(run_dir / TUNE_CHART_FILE, record.tune)
+        (run_dir / REPORT_FILE).write_text(render_report(record), encoding="utf-8")
+    except OSError as error:
+        raise write_failed(error, Path(error.filename or run_dir)) from error
 
 
 def draw_tune_chart(path: Path, tune: dict) -> None:

@@ -256,13 +256,13 @@ def _check_inputs(budget: float, text: Path, calibration: Path | None, tokens: i
         if path is not None and not Path(path).is_file():
             raise WorkbenchError(f"{path} does not exist or is not a file; give a text file (.txt, .jsonl, .csv, .json).")
         if path is not None:
-            read_texts(Path(path))
+            read_texts(Path(path), tokens=tokens)
 
 
 def _check_text_length(model: ResolvedModel, text: Path) -> None:
     from transformers import AutoTokenizer
 
-    count = len(text_tokens(text, AutoTokenizer.from_pretrained(model.path)))
+    count = len(text_tokens(text, AutoTokenizer.from_pretrained(model.path), MIN_TOKENS))
     if count < MIN_TOKENS:
         raise WorkbenchError(
             f"{text.name} has only {count} tokens; judging quality needs at least {MIN_TOKENS} (a few pages of "
