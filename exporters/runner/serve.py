@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +44,7 @@ RETRY_AFTER_S = 1
 POLL_S = 0.25  # how often a waiting handler looks whether its client is still there
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
 MAX_STOP_STRINGS = 4
+POST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
 
 class ServeError(Exception):
@@ -52,6 +53,32 @@ class ServeError(Exception):
     def __init__(self, status: int, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.retry_after = status, message, retry_after
+
+    def payload(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "code": self.status}}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+def post_route(path: str) -> str:
+    if path not in POST_ROUTES:
+        raise ServeError(404, f"No route {path}; POST to /v1/chat/completions or /v1/completions.")
+    return POST_ROUTES[path]
+
+
+def check_key(key: str | None, authorization: str | None) -> None:
+    """Raises 401 unless `authorization` (the header) carries `key`; nothing to check without a key."""
+    if key is not None and not hmac.compare_digest((authorization or "").encode(), f"Bearer {key}".encode()):
+        raise ServeError(401, "Missing or wrong API key: send the header 'Authorization: Bearer KEY'.")
+
+
+def parse_json(data: bytes) -> dict:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ServeError(400, f"The request body is not valid JSON ({error}).") from error
 
 
 @dataclass(frozen=True)
@@ -82,6 +109,20 @@ class Job:
     def stream_piece(self, _token: int, piece: str) -> None:
         if piece:
             self.events.put(("piece", piece))
+
+    def follow(self, gone: Callable[[], bool] | None = None) -> Iterator[tuple]:
+        """Its events up to the last; `gone()` is asked while waiting, and True (the client left) cancels it."""
+        while True:
+            try:
+                event = self.events.get(timeout=POLL_S)
+            except queue.Empty:
+                if gone is not None and gone():
+                    self.cancelled.set()
+                    raise ConnectionAbortedError("the client disconnected") from None
+                continue
+            yield event
+            if event[0] != "piece":
+                return
 
 
 class Scheduler:
@@ -198,11 +239,18 @@ class Service:
         self.max_prompt = min(limits.max_prompt_tokens, self.scheduler.capacity - 1)
         self.scheduler.start()
 
-    def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": OWNER}]}
+    def check_size(self, length: int) -> None:
+        if length > self.limits.max_body_bytes:
+            raise ServeError(413, f"The request body has {length} bytes; this server takes at most "
+                                  f"{self.limits.max_body_bytes}.")
 
-    def health(self) -> dict:
-        return {"status": "ok", "model": self.name, **self.scheduler.status()}
+    def get(self, path: str) -> dict:
+        """The GET routes: /health (this process's counts) and /v1/models."""
+        if path == "/health":
+            return {"status": "ok", "model": self.name, "pid": os.getpid(), **self.scheduler.status()}
+        if path == "/v1/models":
+            return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": OWNER}]}
+        raise ServeError(404, f"No route {path}; use /v1/chat/completions, /v1/completions, /v1/models or /health.")
 
     def job(self, route: str, body: dict) -> tuple[Job, bool]:
         """Check a request body and queue its job; (job, whether it streams). Raises ServeError."""
@@ -252,11 +300,34 @@ class Service:
             raise ServeError(400, "prompt must be a string (or a list of one string).")
         return self.tokenizer.encode(prompt, add_special_tokens=True).ids
 
-    def answer(self, route: str, job: Job, text: str, finish: str, tokens: int) -> dict:
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if route == "chat"
-                  else {"index": 0, "text": text, "logprobs": None})
-        return {**self._head(route, job, chunk=False), "choices": [{**choice, "finish_reason": FINISH[finish]}],
-                "usage": _usage(job, tokens)}
+    def complete(self, route: str, job: Job, events: Iterable[tuple]) -> dict:
+        """The whole answer from the job's events; an error event raises ServeError."""
+        pieces = []
+        for event in events:
+            if event[0] == "error":
+                raise ServeError(event[1], event[2])
+            if event[0] == "piece":
+                pieces.append(event[1])
+                continue
+            text, finish, tokens = "".join(pieces), event[1], event[2]
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if route == "chat"
+                      else {"index": 0, "text": text, "logprobs": None})
+            return {**self._head(route, job, chunk=False), "choices": [{**choice, "finish_reason": FINISH[finish]}],
+                    "usage": _usage(job, tokens)}
+        raise ServeError(500, "The answer ended without finishing.")
+
+    def sse(self, route: str, job: Job, events: Iterable[tuple]) -> Iterator[bytes]:
+        """The answer as server-sent events, ending with [DONE]; an error travels as an event (the status is sent)."""
+        if route == "chat":
+            yield _event(self.chunk(route, job, None, first=True))
+        for event in events:
+            if event[0] == "piece":
+                yield _event(self.chunk(route, job, event[1]))
+            elif event[0] == "end":
+                yield _event(self.chunk(route, job, None, finish=event[1]))
+            else:
+                yield _event({"error": {"message": event[2], "type": "server_error", "code": event[1]}})
+        yield b"data: [DONE]\n\n"
 
     def chunk(self, route: str, job: Job, piece: str | None, finish: str | None = None, first: bool = False) -> dict:
         if route == "chat":
@@ -303,6 +374,10 @@ def _messages(body: dict) -> list[dict]:
     return plain
 
 
+def _event(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
 def _usage(job: Job, tokens: int) -> dict:
     return {"prompt_tokens": len(job.prompt), "completion_tokens": tokens, "total_tokens": len(job.prompt) + tokens}
 
@@ -327,23 +402,15 @@ class Handler(BaseHTTPRequestHandler):
         self._serve(lambda: self._post())
 
     def _get(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/health":
-            self._json(200, self.server.service.health())
-        elif path == "/v1/models":
-            self._json(200, self.server.service.models())
-        else:
-            raise ServeError(404, f"No route {path}; use /v1/chat/completions, /v1/completions, /v1/models or /health.")
+        self._json(200, self.server.service.get(self.path.split("?", 1)[0]))
 
     def _post(self) -> None:
         path = self.path.split("?", 1)[0]
-        routes = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
-        if path not in routes:
-            raise ServeError(404, f"No route {path}; POST to /v1/chat/completions or /v1/completions.")
+        route = post_route(path)
         body = self._body()
-        job, stream = self.server.service.job(routes[path], body)
+        job, stream = self.server.service.job(route, body)
         try:
-            (self._stream if stream else self._whole)(routes[path], job)
+            (self._stream if stream else self._whole)(route, job)
         finally:
             job.cancelled.set()  # done, or the client left: either way the scheduler may drop it
 
@@ -352,61 +419,27 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding") or length is None or not length.isdigit():
             self.close_connection = True
             raise ServeError(411, "Send the JSON body with a Content-Length header.")
-        limit = self.server.service.limits.max_body_bytes
-        if int(length) > limit:
-            self.close_connection = True  # the body is never read
-            raise ServeError(413, f"The request body has {int(length)} bytes; this server takes at most {limit}.")
-        try:
-            return json.loads(self.rfile.read(int(length)))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ServeError(400, f"The request body is not valid JSON ({error}).") from error
+        self.close_connection = True  # until the body was read: an oversized one never is
+        self.server.service.check_size(int(length))
+        body = parse_json(self.rfile.read(int(length)))
+        self.close_connection = False
+        return body
 
     def _whole(self, route: str, job: Job) -> None:
-        pieces = []
-        for event in self._events(job):
-            if event[0] == "piece":
-                pieces.append(event[1])
-            elif event[0] == "end":
-                self._json(200, self.server.service.answer(route, job, "".join(pieces), event[1], event[2]))
-            else:
-                raise ServeError(event[1], event[2])
+        self._json(200, self.server.service.complete(route, job, job.follow(self._client_left)))
 
     def _stream(self, route: str, job: Job) -> None:
-        service = self.server.service
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         try:
-            if route == "chat":
-                self._event(service.chunk(route, job, None, first=True))
-            for event in self._events(job):
-                if event[0] == "piece":
-                    self._event(service.chunk(route, job, event[1]))
-                elif event[0] == "end":
-                    self._event(service.chunk(route, job, None, finish=event[1]))
-                else:  # the status line is gone already: the error travels as an event
-                    self._event({"error": {"message": event[2], "type": "server_error", "code": event[1]}})
-            self._chunk(b"data: [DONE]\n\n")
+            for data in self.server.service.sse(route, job, job.follow(self._client_left)):
+                self._chunk(data)
             self._chunk(b"")
         except OSError:  # the client left; _post's finally cancels the job
             self.close_connection = True
-
-    def _events(self, job: Job):
-        """The job's events until its end; a client that disconnects meanwhile cancels it."""
-        while True:
-            try:
-                event = job.events.get(timeout=POLL_S)
-            except queue.Empty:
-                if self._client_left():
-                    job.cancelled.set()
-                    self.close_connection = True
-                    raise ConnectionAbortedError("client disconnected") from None
-                continue
-            yield event
-            if event[0] != "piece":
-                return
 
     def _client_left(self) -> bool:
         readable, _, _ = select.select([self.connection], [], [], 0)
@@ -416,9 +449,6 @@ class Handler(BaseHTTPRequestHandler):
             return self.connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True
-
-    def _event(self, payload: dict) -> None:
-        self._chunk(f"data: {json.dumps(payload)}\n\n".encode())
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
@@ -431,26 +461,22 @@ class Handler(BaseHTTPRequestHandler):
             route()
         except ServeError as error:
             self._error(error)
-        except ConnectionError:
+        except OSError:  # the client left
             self.close_connection = True
         except Exception as error:  # a bug in a route answers 500 and leaves the server serving
             log.exception("request failed")
             self._error(ServeError(500, f"Internal error: {error}"))
 
     def _check_key(self) -> None:
-        key = self.server.api_key
-        if key is None:
-            return
-        given = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        try:
+            check_key(self.server.api_key, self.headers.get("Authorization"))
+        except ServeError:
             self.close_connection = True
-            raise ServeError(401, "Missing or wrong API key: send the header 'Authorization: Bearer KEY'.")
+            raise
 
     def _error(self, error: ServeError) -> None:
-        kind = "invalid_request_error" if error.status < 500 else "server_error"
-        headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
         try:
-            self._json(error.status, {"error": {"message": error.message, "type": kind, "code": error.status}}, headers)
+            self._json(error.status, error.payload(), error.headers())
         except OSError:
             self.close_connection = True
 

@@ -282,7 +282,9 @@ class Batch:
     its row. Free rows below the highest busy one ride along masked out. Rows are never moved: on
     a fused graph rotary positions count from the first column, so keys stay where they were written.
     When no row is busy the columns start again from 0, so a sequence alone is decoded exactly as
-    by `generate`.
+    by `generate`. A padded row's logits equal its own within float rounding (~1e-6); where the
+    graph quantizes activations to int8 (MatMulNBits accuracy level 4) such a difference can cross
+    an int8 step now and then, and a word nearly tied with another may then change.
     """
 
     def __init__(self, model: CausalLM, rows: int, capacity: int):
