@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
 
 log = logging.getLogger(__name__)
 RAY_REQUIREMENTS_FILE = "requirements-ray.txt"
@@ -26,6 +27,7 @@ RAY_PACKAGE = "ray[serve]"
 API_KEY_ENV = "INT4_SERVE_API_KEY"  # serve.py's name for it (the bundle cannot import the workbench)
 READY = "Serving "  # the line serve.py prints once it listens
 START_TIMEOUT_S = 120
+POLL_S = 0.2
 
 
 @dataclass
@@ -59,9 +61,11 @@ def is_bundle(path: Path) -> bool:
 
 
 def start_server(bundle: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                 parallel: int | None = None, provider: str = "cpu") -> LocalServer:
+                 parallel: int | None = None, provider: str = "cpu", progress: Progress = no_progress,
+                 cancelled: Cancelled = never_cancelled) -> LocalServer:
     """Start `run.py --serve` of `bundle` and wait until it listens (port 0: one the system picks)."""
     bundle = Path(bundle)
+    progress(0.0, "starting the server")
     if not is_bundle(bundle):
         raise WorkbenchError(f"{bundle} is not a runner bundle with a server (run.py, serve.py, runner.json). "
                              "Make one with `int4-workbench bundle RUN -o FOLDER`.")
@@ -75,10 +79,16 @@ def start_server(bundle: Path, *, host: str = "127.0.0.1", port: int = 8000, api
     process = subprocess.Popen(command, cwd=bundle, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: lines.put(process.stdout.readline()), daemon=True).start()
-    try:
-        line = lines.get(timeout=START_TIMEOUT_S)
-    except queue.Empty:
-        line = ""
+    line, waited = "", 0.0
+    while not line and waited < START_TIMEOUT_S:
+        try:
+            line = lines.get(timeout=POLL_S) or "(it ended)"
+        except queue.Empty:
+            waited += POLL_S
+        if cancelled():
+            process.kill()
+            process.wait()
+            check(cancelled)
     if READY not in line:
         if process.poll() is None:
             process.kill()
@@ -89,6 +99,7 @@ def start_server(bundle: Path, *, host: str = "127.0.0.1", port: int = 8000, api
     url = line.split(" at ", 1)[1].split(" ", 1)[0]
     model = line[len(READY):].split(" at ", 1)[0]
     log.info("serving %s at %s", bundle, url)
+    progress(1.0, f"serving at {url}")
     return LocalServer(process, url, model, api_key)
 
 

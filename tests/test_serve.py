@@ -6,11 +6,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -141,8 +143,10 @@ def test_answers_equal_the_runner_greedy_text(bundle, start):
     assert status == 200 and answer["object"] == "chat.completion"
     assert answer["choices"][0]["message"] == {"role": "assistant", "content": expected_chat}
     assert answer["choices"][0]["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 24
-    text, events = server.stream("/v1/chat/completions", chat(PROMPTS[0], 24))
-    assert text == expected_chat
+    text, events = server.stream("/v1/chat/completions", {**chat(PROMPTS[0], 24),
+                                                          "stream_options": {"include_usage": True}})
+    assert text == expected_chat and events[-1]["usage"]["completion_tokens"] == 24 and not events[-1]["choices"]
+    events.pop()
     assert events[0]["choices"][0]["delta"]["role"] == "assistant" and events[-1]["choices"][0]["finish_reason"] == "length"
     status, _, answer = server.post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 24})
     assert status == 200 and answer["choices"][0]["text"] == expected_plain
@@ -279,3 +283,31 @@ def test_other_addresses_need_an_api_key_checked_on_every_request(bundle, start)
     status, _, answer = server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 4},
                                     {"Authorization": "Bearer s3cret"})
     assert status == 200 and answer["usage"]["completion_tokens"] == 4
+
+
+def test_the_model_card_says_how_to_serve_and_ray_is_an_extra(bundle):
+    card = (bundle / "README.md").read_text()
+    assert "python run.py --serve" in card and "serve run ray_serve:app replicas=2" in card
+    assert "--api-key" in card and "--address auto" in card
+    assert (bundle / "requirements-ray.txt").read_text().splitlines()[-1].startswith("ray[serve]==")
+    assert "ray" not in (bundle / "requirements.txt").read_text()
+
+
+def test_cli_serve_prints_the_url_and_a_curl_line_and_stops_on_ctrl_c(bundle):
+    process = subprocess.Popen([sys.executable, "-m", "workbench.cli", "serve", str(bundle), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line, curl = process.stdout.readline(), process.stdout.readline()
+        assert line.startswith("Serving tiny at http://127.0.0.1:"), line + process.stderr.read()
+        assert curl.startswith("curl http://127.0.0.1:") and "/v1/chat/completions" in curl
+        url = line.split(" at ", 1)[1].split(" ", 1)[0]
+        with urllib.request.urlopen(url + "/models", timeout=30) as response:
+            assert json.loads(response.read())["data"][0]["id"] == "tiny"
+        # The printed curl line works as it is.
+        asked = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60)
+        assert json.loads(asked.stdout)["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/models", timeout=5)

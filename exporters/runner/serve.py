@@ -99,6 +99,7 @@ class Job:
 
     prompt: list[int]
     config: engine.GenerationConfig
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
@@ -288,7 +289,8 @@ class Service:
             )
         except engine.GenerationError as error:
             raise ServeError(400, str(error)) from error
-        job = Job(ids, config)
+        options = _typed(body, "stream_options", dict, {})
+        job = Job(ids, config, include_usage=_typed(options, "include_usage", bool, False))
         self.scheduler.submit(job)
         return job, stream
 
@@ -325,6 +327,8 @@ class Service:
                 yield _event(self.chunk(route, job, event[1]))
             elif event[0] == "end":
                 yield _event(self.chunk(route, job, None, finish=event[1]))
+                if job.include_usage:
+                    yield _event({**self._head(route, job, chunk=True), "choices": [], "usage": _usage(job, event[2])})
             else:
                 yield _event({"error": {"message": event[2], "type": "server_error", "code": event[1]}})
         yield b"data: [DONE]\n\n"
