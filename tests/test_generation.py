@@ -307,7 +307,7 @@ def test_continuous_batch_rows_equal_single_answers(fused_pair, fused):
             if (i == 1 and not rounds) or not batch.fits(len(prompts[i]), budgets[i]):
                 continue
             waiting.remove(i)
-            row, logits = batch.join(prompts[i])
+            [(row, logits)] = batch.join([prompts[i]])
             rows[row] = i
             answers[i].append(int(np.argmax(logits)))
         for row in [r for r, i in rows.items() if len(answers[i]) == budgets[i]]:
@@ -319,3 +319,19 @@ def test_continuous_batch_rows_equal_single_answers(fused_pair, fused):
         rounds += 1
     assert [answers[i] for i in range(len(prompts))] == expected
     assert batch.columns == 0 and not batch.busy
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_several_prompts_join_an_empty_batch_in_one_pass(fused_pair, fused):
+    model = load(fused_pair[1] if fused else fused_pair[0])
+    prompts, config = [PROMPT[:4], PROMPT, PROMPT[2:]], GenerationConfig(max_new_tokens=6)
+    batch = Batch(model, rows=4, capacity=CONTEXT)
+    joined = batch.join(prompts)
+    assert [row for row, _ in joined] == [0, 1, 2] and batch.columns == len(PROMPT)
+    with pytest.raises(GenerationError, match="cannot join"):
+        batch.join([PROMPT[:3], PROMPT[:3]])  # a running batch takes one at a time
+    answers = {row: [int(np.argmax(logits))] for row, logits in joined}
+    for _ in range(5):
+        for row, logits in batch.step({row: tokens[-1] for row, tokens in answers.items()}).items():
+            answers[row].append(int(np.argmax(logits)))
+    assert [answers[row] for row in range(3)] == [generate(model, p, config).tokens for p in prompts]

@@ -136,7 +136,7 @@ class Scheduler:
         self.batch = engine.Batch(model, limits.rows, self.capacity)
         self.waiting: collections.deque[Job] = collections.deque()
         self.active: dict[int, tuple[Job, engine.Sampler, engine.Answer]] = {}  # by row
-        self._joining: Job | None = None  # taken from the queue, not yet active
+        self._joining: list[Job] = []  # taken from the queue, not yet active
         self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0, "peak_active": 0}
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
@@ -147,7 +147,7 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self._wake:
             # Rows that are free take new requests at once; beyond them `queue` requests may wait.
-            taken = len(self.active) + len(self.waiting) + (self._joining is not None)
+            taken = len(self.active) + len(self.waiting) + len(self._joining)
             if taken >= self.limits.rows + self.limits.queue:
                 self.counts["rejected"] += 1
                 raise ServeError(503, f"The server is busy ({len(self.active)} answering, {len(self.waiting)} "
@@ -172,44 +172,55 @@ class Scheduler:
             except Exception as error:  # the server outlives a failed step; its requests get 500
                 log.exception("decode step failed")
                 with self._wake:
-                    failed = [job for job, _, _ in self.active.values()] + [self._joining] * (self._joining is not None)
+                    failed = [job for job, _, _ in self.active.values()] + self._joining
                     for job in failed:
                         job.events.put(("error", 500, f"Generation failed: {error}"))
                     self.counts["failed"] += len(failed)
                     self.active.clear()
-                    self._joining = None
+                    self._joining = []
                     self.batch = engine.Batch(self.model, self.limits.rows, self.capacity)
 
     def _admit(self) -> None:
-        """Join waiting jobs in order while they fit; the first that does not fit waits for the batch to empty."""
-        with self._wake:
-            if not self.active and len(self.waiting) > 1:
-                # A fresh batch starts at the longest prompt, so that the others fit before it.
-                first = sorted(list(self.waiting)[: self.limits.rows], key=lambda j: -len(j.prompt))
-                for _ in first:
-                    self.waiting.popleft()
-                self.waiting.extendleft(reversed(first))
+        """Join waiting jobs in order while they fit; the first that does not fit waits for the batch to empty.
+
+        Into an empty batch, every waiting job that fits joins in one pass (left-padded to the longest).
+        """
         while True:
             with self._wake:
+                while self.waiting and self.waiting[0].cancelled.is_set():
+                    self._end(self.waiting.popleft(), "cancelled", 0)
                 if not self.waiting:
                     return
-                job = self.waiting[0]
-                if job.cancelled.is_set():
-                    self.waiting.popleft()
-                    self._end(job, "cancelled", 0)
-                    continue
-                if not self.batch.fits(len(job.prompt), job.config.max_new_tokens):
-                    return
-                self._joining = self.waiting.popleft()
-            row, logits = self.batch.join(job.prompt)
-            sampler = engine.Sampler(job.config)
-            answer = engine.Answer(len(job.prompt), job.config, self.model.context_length, self.tokenizer, self.eos,
-                                   job.stream_piece, job.cancelled.is_set)
+                if self.batch.busy:
+                    head = self.waiting[0]
+                    if not self.batch.fits(len(head.prompt), head.config.max_new_tokens):
+                        return
+                    self._joining = [self.waiting.popleft()]
+                else:
+                    self._joining = self._first_group()
+                group = self._joining
+            joined = self.batch.join([job.prompt for job in group])
             with self._wake:
-                self.active[row] = (job, sampler, answer)
-                self._joining = None
+                for job, (row, _) in zip(group, joined):
+                    answer = engine.Answer(len(job.prompt), job.config, self.model.context_length, self.tokenizer,
+                                           self.eos, job.stream_piece, job.cancelled.is_set)
+                    self.active[row] = (job, engine.Sampler(job.config), answer)
+                self._joining = []
                 self.counts["peak_active"] = max(self.counts["peak_active"], len(self.active))
-            self._take(row, logits)
+            for row, logits in joined:
+                self._take(row, logits)
+
+    def _first_group(self) -> list[Job]:
+        """The waiting jobs, in order, that fit together into an empty batch (at least the first)."""
+        group = [self.waiting.popleft()]
+        while self.waiting and len(group) < self.limits.rows:
+            candidate = self.waiting[0]
+            columns = max(len(job.prompt) for job in [*group, candidate])
+            if candidate.cancelled.is_set() or any(columns + job.config.max_new_tokens > self.capacity
+                                                   for job in [*group, candidate]):
+                break
+            group.append(self.waiting.popleft())
+        return group
 
     def _step(self) -> None:
         feed = {row: answer.tokens[-1] for row, (_, _, answer) in self.active.items()}

@@ -313,19 +313,28 @@ class Batch:
             return prompt_length + new_tokens <= self.capacity
         return prompt_length <= self.columns and self.columns + new_tokens <= self.capacity
 
-    def join(self, prompt: Sequence[int]) -> tuple[int, np.ndarray]:
-        """Run `prompt` into a free row; its row and the logits (vocab,) after its last token."""
-        length = len(prompt)
-        if not length or not self.fits(length, 1):
-            raise GenerationError(f"A prompt of {length} tokens cannot join this batch now.")
+    def join(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, np.ndarray]]:
+        """Run `prompts` into free rows: several at once into an empty batch (one pass, left-padded to the
+        longest), one into a running batch. Each prompt's row and the logits (vocab,) after its last token."""
+        lengths = [len(p) for p in prompts]
+        if not prompts or (self.busy and len(prompts) > 1) or len(prompts) > self.starts.count(None):
+            raise GenerationError(f"{len(prompts)} prompts cannot join this batch now.")
         if not self.busy:
-            self.columns = length
-        row = self.starts.index(None)
-        mask = np.zeros((1, self.columns), np.int64)
-        mask[0, self.columns - length:] = 1
-        logits = self._forward(np.asarray([prompt], np.int64), mask, row)
-        self.starts[row] = self.columns - length
-        return row, logits[0, -1]
+            self.columns = max(lengths)
+        if not all(lengths) or not all(self.fits(length, 1) for length in lengths):
+            raise GenerationError(f"Prompts of {lengths} tokens cannot join this batch now.")
+        first = self.starts.index(None)
+        ids = np.zeros((len(prompts), self.columns), np.int64)
+        mask = np.zeros((len(prompts), self.columns), np.int64)
+        for i, prompt in enumerate(prompts):
+            ids[i, self.columns - len(prompt):] = prompt
+            mask[i, self.columns - len(prompt):] = 1
+        # A joining row's first tokens are padding: feeding only its own tokens keeps the pass short.
+        width = max(lengths)
+        logits = self._forward(ids[:, -width:], mask, first)
+        for i, length in enumerate(lengths):
+            self.starts[first + i] = self.columns - length
+        return [(first + i, logits[i, -1]) for i in range(len(prompts))]
 
     def step(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
         """Feed each busy row its next token ({row: token}); the logits (vocab,) after it, per row."""
@@ -351,10 +360,10 @@ class Batch:
             self._set_rows(max(self.busy) + 1, {})
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, join_row: int | None) -> np.ndarray:
-        """A step of rows 0.. (join_row None) or a prompt run into `join_row` alone."""
+        """A step of rows 0.. (join_row None) or prompts run into the rows from `join_row` on."""
         model = self.model
         if model.shares_kv:
-            first, width = (0, ids.shape[0]) if join_row is None else (join_row, 1)
+            first, width = (0, ids.shape[0]) if join_row is None else (join_row, ids.shape[0])
             shape = [width, model.kv_heads, self.capacity, model.head_dim]
 
             def bind_rows(binding: ort.IOBinding) -> None:
@@ -368,7 +377,7 @@ class Batch:
         if join_row is None:
             past = self.values
         else:
-            shape = (1, model.kv_heads, mask.shape[1] - ids.shape[1], model.head_dim)
+            shape = (ids.shape[0], model.kv_heads, mask.shape[1] - ids.shape[1], model.head_dim)
             past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, model.kv_dtype), model.device, 0)
                     for _ in model.past_names]
 
@@ -383,8 +392,10 @@ class Batch:
         if join_row is None:
             self.values = present
         else:
-            width = max([join_row, *self.busy]) + 1
-            self._set_rows(width, {join_row: [value.numpy()[0] for value in present]})
+            arrays = [value.numpy() for value in present]
+            joined = range(join_row, join_row + ids.shape[0])
+            self._set_rows(max([*joined, *self.busy]) + 1,
+                           {row: [array[i] for array in arrays] for i, row in enumerate(joined)})
         return logits
 
     def _set_rows(self, width: int, new: dict[int, list[np.ndarray]]) -> None:
