@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "INT4_SERVE_API_KEY"
 OWNER = "int4-workbench"
 RETRY_AFTER_S = 1
+GATHER_S = 0.05  # an empty batch waits this long for requests arriving together, to start them in one pass
 POLL_S = 0.25  # how often a waiting handler looks whether its client is still there
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
 MAX_STOP_STRINGS = 4
@@ -165,6 +166,9 @@ class Scheduler:
             with self._wake:
                 while not self.waiting and not self.active:
                     self._wake.wait()
+                gathered = time.monotonic() + GATHER_S
+                while not self.active and len(self.waiting) < self.limits.rows and time.monotonic() < gathered:
+                    self._wake.wait(max(gathered - time.monotonic(), 0))
             try:
                 self._admit()
                 if self.active:
