@@ -30,8 +30,8 @@ API_KEY_ENV = "INT4_SERVE_API_KEY"  # documented in serve.py and the model card
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_llama, tmp_path_factory) -> Path:
-    """A bundle whose batched rows give the single-stream text exactly: float activations (accuracy level 0).
+def serve_run(tiny_llama, tmp_path_factory) -> Path:
+    """A run whose batched rows give the single-stream text exactly: float activations (accuracy level 0).
 
     With int8 activations (level 4) a row padded in a batch differs by rounding (~1e-6) before the
     int8 step, which now and then moves a value to the next int8 step; the tiny random model's
@@ -39,7 +39,12 @@ def bundle(tiny_llama, tmp_path_factory) -> Path:
     """
     run = tmp_path_factory.mktemp("serve-run") / "run"
     quantize_run(str(tiny_llama), run, QuantSettings(method="rtn", block_size=16, accuracy_level=0))
-    return build_bundle(run, tmp_path_factory.mktemp("serve-bundle") / "tiny").path
+    return run
+
+
+@pytest.fixture(scope="module")
+def bundle(serve_run, tmp_path_factory) -> Path:
+    return build_bundle(serve_run, tmp_path_factory.mktemp("serve-bundle") / "tiny").path
 
 
 class Server:
@@ -311,3 +316,9 @@ def test_cli_serve_prints_the_url_and_a_curl_line_and_stops_on_ctrl_c(bundle):
         assert process.wait(timeout=30) == 0
     with pytest.raises(OSError):
         urllib.request.urlopen(url + "/models", timeout=5)
+
+
+def test_the_triton_card_says_what_a_client_must_do_and_where_serving_is_ready(serve_run, tmp_path):
+    card = (build_bundle(serve_run, tmp_path / "triton", target="triton").path / "README.md").read_text()
+    assert "What a Triton client must do" in card and "present.N.key/value" in card
+    assert "python run.py --serve" in card and "Ray Serve" in card

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from test_serve import PROMPTS, bundle, chat, greedy_text  # noqa: F401 (bundle: the fixture)
+from test_serve import PROMPTS, bundle, chat, greedy_text, serve_run  # noqa: F401 (fixtures)
 
 pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install -r requirements-ray.txt")
 # Starting Ray and two replicas takes a minute on 2 cores.
