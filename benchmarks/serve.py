@@ -7,7 +7,7 @@ BUNDLE is a runner bundle (`int4-workbench bundle RUN -o BUNDLE`). The server (`
 
 - Throughput: N clients stream one greedy answer of --tokens tokens each, started together; decode
   tokens/s = all tokens after each stream's first, over the time from the first first-token to the
-  last token. Medians over --rounds. TTFT p50/p95: every stream of the 8-stream rounds.
+  last token. Medians over --rounds, alternating. TTFT p50/p95: every stream of each stream count's rounds.
 - Soak: 16 clients for --soak-s seconds, random prompts, lengths and streaming, 20 % of them
   disconnecting early. Every answer that was not abandoned must come back complete (finish reason,
   [DONE], the token count asked for or an end of text): otherwise it is `lost`. Its text is compared
@@ -72,8 +72,7 @@ class Client:
         try:
             connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
             if leave_after == 0:  # leave before any answer
-                connection.sock.shutdown(socket.SHUT_RDWR)
-                return {"status": "left"}
+                return _leave(connection)
             response = connection.getresponse()
             if response.status != 200 or not stream:
                 payload = json.loads(response.read())
@@ -103,8 +102,7 @@ class Client:
                         pieces.append(content)
                         chunks += 1
                         if leave_after is not None and chunks >= leave_after:
-                            connection.sock.shutdown(socket.SHUT_RDWR)
-                            return {"status": "left"}
+                            return _leave(connection)
                     finish = choice["finish_reason"] or finish
             return {"status": 200, "text": "".join(pieces), "finish": finish, "first": first, "end": time.perf_counter(),
                     "began": began, "tokens": usage["completion_tokens"] if usage else None, "done": done}
@@ -112,6 +110,15 @@ class Client:
             return {"status": f"{type(error).__name__}: {error}"}
         finally:
             connection.close()
+
+
+def _leave(connection: http.client.HTTPConnection) -> dict:
+    """Hang up; the server may have closed first (its answer was quick), which is a hang-up too."""
+    try:
+        connection.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    return {"status": "left"}
 
 
 class PeakRss:
@@ -240,8 +247,12 @@ def main() -> None:
         client = Client(host, int(port))
         client.ask(PROMPTS[0], 8, stream=False)  # warm-up
         result: dict = {"bundle": str(bundle), "decode_tokens_per_s": {}}
-        for streams in args.streams:
-            rounds = [throughput(client, streams, args.tokens) for _ in range(args.rounds)]
+        # Rounds alternate between the stream counts, so a machine busy with other work slows all alike.
+        measured = {streams: [] for streams in args.streams}
+        for _ in range(args.rounds):
+            for streams in args.streams:
+                measured[streams].append(throughput(client, streams, args.tokens))
+        for streams, rounds in measured.items():
             result["decode_tokens_per_s"][streams] = round(statistics.median(r["decode_tokens_per_s"] for r in rounds), 1)
             ttfts = sorted(t for r in rounds for t in r["ttft_s"])
             result[f"ttft_{streams}_streams_s"] = {"p50": round(statistics.median(ttfts), 3),
