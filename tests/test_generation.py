@@ -16,6 +16,7 @@ from workbench.layout import save_model
 
 from exporters.optimize import fuse_attention, is_fused
 from workbench.generation.engine import (
+    Batch,
     CausalLM,
     GenerationConfig,
     GenerationError,
@@ -289,3 +290,48 @@ def test_engine_is_portable():
             imported.add(node.module.split(".")[0])
     assert imported <= {"__future__", "ctypes", "logging", "os", "re", "sys", "time", "collections", "dataclasses",
                         "numpy", "onnxruntime"}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_continuous_batch_rows_equal_single_answers(fused_pair, fused):
+    """Sequences joining a running batch late, leaving early and reusing rows still get their own greedy answer."""
+    model = load(fused_pair[1] if fused else fused_pair[0])
+    prompts = [PROMPT[3:] + PROMPT, PROMPT, PROMPT[:4], PROMPT[5:], PROMPT[:2]]
+    budgets = [14, 5, 9, 7, 6]
+    expected = [generate(model, p, GenerationConfig(max_new_tokens=n)).tokens for p, n in zip(prompts, budgets)]
+    batch = Batch(model, rows=3, capacity=CONTEXT)
+    waiting, answers, rows, rounds = list(range(len(prompts))), {i: [] for i in range(len(prompts))}, {}, 0
+    while waiting or rows:
+        # The second sequence arrives one step late; the others as soon as they fit.
+        for i in list(waiting):
+            if (i == 1 and not rounds) or not batch.fits(len(prompts[i]), budgets[i]):
+                continue
+            waiting.remove(i)
+            [(row, logits)] = batch.join([prompts[i]])
+            rows[row] = i
+            answers[i].append(int(np.argmax(logits)))
+        for row in [r for r, i in rows.items() if len(answers[i]) == budgets[i]]:
+            batch.leave(row)
+            del rows[row]
+        if rows:
+            for row, logits in batch.step({r: answers[i][-1] for r, i in rows.items()}).items():
+                answers[rows[row]].append(int(np.argmax(logits)))
+        rounds += 1
+    assert [answers[i] for i in range(len(prompts))] == expected
+    assert batch.columns == 0 and not batch.busy
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_several_prompts_join_an_empty_batch_in_one_pass(fused_pair, fused):
+    model = load(fused_pair[1] if fused else fused_pair[0])
+    prompts, config = [PROMPT[:4], PROMPT, PROMPT[2:]], GenerationConfig(max_new_tokens=6)
+    batch = Batch(model, rows=4, capacity=CONTEXT)
+    joined = batch.join(prompts)
+    assert [row for row, _ in joined] == [0, 1, 2] and batch.columns == len(PROMPT)
+    with pytest.raises(GenerationError, match="cannot join"):
+        batch.join([PROMPT[:3], PROMPT[:3]])  # a running batch takes one at a time
+    answers = {row: [int(np.argmax(logits))] for row, logits in joined}
+    for _ in range(5):
+        for row, logits in batch.step({row: tokens[-1] for row, tokens in answers.items()}).items():
+            answers[row].append(int(np.argmax(logits)))
+    assert [answers[row] for row in range(3)] == [generate(model, p, config).tokens for p in prompts]

@@ -449,3 +449,27 @@ def test_a_prompt_file_fills_a_table_that_saves_as_csv_and_markdown(qtbot, finis
     assert (tmp_path / "table.csv").read_text().startswith("#,prompt,")
     assert "| average |" in (tmp_path / "table.md").read_text()
     window.close()
+
+
+def test_export_serves_the_bundle_and_stops_it(qtbot, finished_run, tmp_path):
+    import json
+    import urllib.request
+
+    window = MainWindow(finished_run.parent)
+    qtbot.addWidget(window)
+    window.show()
+    window.open_run(finished_run)
+    window.go(STEP_PAGES.index(ExportPage))
+    page = window.page(ExportPage)
+    page.build(tmp_path)
+    wait_for_jobs(qtbot)
+    assert page.serve_button.isVisible()
+    qtbot.mouseClick(page.serve_button, Qt.MouseButton.LeftButton)
+    wait_for_jobs(qtbot)
+    server = page.server
+    assert server is not None and server.url in page.serving.text() and "curl " in page.serving.text()
+    with urllib.request.urlopen(server.url.removesuffix("/v1") + "/health", timeout=30) as response:
+        assert json.loads(response.read())["status"] == "ok"
+    qtbot.mouseClick(page.serve_button, Qt.MouseButton.LeftButton)
+    assert page.server is None and server.process.poll() is not None and not page.serving.isVisible()
+    window.close()

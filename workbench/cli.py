@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -380,6 +381,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from exporters.bundle import build_bundle
+    from exporters.serving import is_bundle, start_server
+
+    source = Path(args.run_or_bundle)
+    with tempfile.TemporaryDirectory(prefix="int4-serve-") as scratch:
+        bundle = source
+        if not is_bundle(source):  # a run folder: serve a fresh bundle of it, gone afterwards
+            with progress_bar(not args.quiet) as progress:
+                bundle = build_bundle(source, Path(scratch) / f"{source.name}-bundle", progress=progress).path
+        server = start_server(bundle, host=args.host, port=args.port, api_key=args.api_key, parallel=args.parallel,
+                              provider=args.provider)
+        try:
+            emit(args, {"url": server.url, "model": server.model, "curl": server.curl()},
+                 f"Serving {server.model} at {server.url} (OpenAI API); Ctrl-C stops.\n{server.curl()}")
+            sys.stdout.flush()
+            return server.process.wait()
+        except KeyboardInterrupt:  # the server got the same Ctrl-C and stops by itself
+            return 0
+        finally:
+            server.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="int4-workbench", description="Shrink a language model to INT4 ONNX and see what it cost."
@@ -492,6 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("bundle")
     verify.add_argument("--provider", default="cpu", choices=PROVIDER_CHOICES)
     verify.set_defaults(func=cmd_verify)
+
+    serve = command("serve", "Serve a bundle (or a run, bundled on the fly) over the OpenAI HTTP API.")
+    serve.add_argument("run_or_bundle")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (others need --api-key)")
+    serve.add_argument("--port", type=int, default=8000, help="0: one the system picks")
+    serve.add_argument("--api-key", help="key clients must send as 'Authorization: Bearer KEY'")
+    serve.add_argument("--parallel", type=int, help="answers decoded together (default 8)")
+    serve.add_argument("--provider", default="cpu", choices=PROVIDER_CHOICES)
+    serve.set_defaults(func=cmd_serve)
 
     report = command("report", "Regenerate report.md and memory.png of a run folder.")
     report.add_argument("run_dir")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from exporters import serving
 from exporters.bundle.layout import CHECK_PROMPT, Layout
 from workbench import __version__
 from workbench.run.record import RunRecord
@@ -77,6 +78,7 @@ def model_card(record: RunRecord, layout: Layout, genai: dict) -> str:
             "format and end-of-sequence ids. The ONNX Runtime inside Triton must know the com.microsoft operators "
             "MatMulNBits (and GroupQueryAttention when attention is fused).",
         ]
+    lines += serving.card_section(layout.target)
     lines += [
         "",
         "## Check it",

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from exporters import triton
+from exporters import serving, triton
 from exporters.bundle.card import base_model, model_card
 from exporters.bundle.chat_template import chat_format_of
 from exporters.bundle.check import record_check
@@ -157,6 +157,7 @@ def _write_target_files(work: Path, layout: Layout, record: RunRecord, model_dir
         shutil.copyfile(RUNNER_DIR / file, work / file)
     shutil.copyfile(ENGINE_SOURCE, work / ENGINE_FILE)
     (work / REQUIREMENTS_FILE).write_text(requirements(), encoding="utf-8")
+    (work / serving.RAY_REQUIREMENTS_FILE).write_text(serving.ray_requirements(), encoding="utf-8")
     model_type = record.model.model_type
     reason = genai_unsupported(model_type, model_dir)
     if reason is None:

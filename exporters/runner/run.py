@@ -1,4 +1,5 @@
-"""Chat with this INT4 model: `python run.py` (a conversation) or `python run.py --prompt "..."` (one answer).
+"""Chat with this INT4 model: `python run.py` (a conversation) or `python run.py --prompt "..."` (one answer);
+`python run.py --serve` serves it over the OpenAI HTTP API (serve.py).
 
 Needs only onnxruntime (or onnxruntime-gpu), tokenizers and numpy: `pip install -r requirements.txt`.
 engine.py is the INT4 Workbench's own decoding engine, unchanged; runner.json holds the model's chat
@@ -19,6 +20,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 import engine
+import serve
 from chat_format import ChatFormatError, encode
 
 HERE = Path(__file__).resolve().parent
@@ -38,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CUDA when onnxruntime-gpu and an NVIDIA GPU work, else the CPU")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    serve.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -137,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             repetition_penalty=args.repetition_penalty, seed=args.seed,
         )
         tokenizer = Tokenizer.from_file(str(HERE / settings["tokenizer"]))
+        if args.serve:
+            return serve.serve(args, lambda: load_model(settings, args.provider, args.threads), tokenizer, settings,
+                               HERE.name)
         model = load_model(settings, args.provider, args.threads)
         if args.prompt is None:
             converse(model, tokenizer, settings, config, args)

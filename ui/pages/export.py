@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
+    QApplication,
     QCheckBox,
     QComboBox,
     QFileDialog,
@@ -18,6 +20,7 @@ from PySide6.QtWidgets import (
 )
 
 from exporters.bundle import BundleResult, build_bundle
+from exporters.serving import LocalServer, start_server
 from ui.jobs import Job
 from ui.pages import Page
 from ui.widgets import InlineMessage, JobPanel, PageJob, open_path, with_tip
@@ -94,12 +97,28 @@ class ExportPage(Page):
         self.open_bundle_button = QPushButton("Open folder")
         self.open_bundle_button.setToolTip("Show the bundle in the file manager.")
         self.open_bundle_button.hide()
+        self.server: LocalServer | None = None
+        self.server_jobs = PageJob(self, failure_title="The server could not start", problem=self.problem.problem,
+                                   ended=lambda: self.serve_button.setEnabled(True))
+        self.serve_button = QPushButton("Start server")
+        self.serve_button.setToolTip("Serve the bundle here over the OpenAI HTTP API (python run.py --serve), "
+                                     "for other programs on this computer.")
+        self.serve_button.hide()
+        self.serving = QLabel()
+        self.serving.setWordWrap(True)
+        self.serving.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.serving.hide()
         bundle_layout.addWidget(explanation)
         bundle_layout.addLayout(controls)
         bundle_layout.addWidget(self.problem)
         bundle_layout.addWidget(self.panel)
         bundle_layout.addWidget(self.result)
-        bundle_layout.addWidget(self.open_bundle_button, alignment=Qt.AlignmentFlag.AlignLeft)
+        bundle_buttons = QHBoxLayout()
+        bundle_buttons.addWidget(self.open_bundle_button)
+        bundle_buttons.addWidget(self.serve_button)
+        bundle_buttons.addStretch(1)
+        bundle_layout.addLayout(bundle_buttons)
+        bundle_layout.addWidget(self.serving)
         self.body.addWidget(bundle_box)
 
         self.folder = QLabel()
@@ -136,6 +155,8 @@ class ExportPage(Page):
 
         self.build_button.clicked.connect(self._pick_folder)
         self.open_bundle_button.clicked.connect(self._open_bundle)
+        self.serve_button.clicked.connect(self._toggle_server)
+        QApplication.instance().aboutToQuit.connect(self._stop_server)
         self.open_button.clicked.connect(lambda: open_path(self.session.run_dir))
         session.run_changed.connect(self._show_run)
 
@@ -181,15 +202,42 @@ class ExportPage(Page):
         self.result.setText("<br>".join(lines))
         self.result.show()
         self.open_bundle_button.show()
+        self.serve_button.setVisible(result.target == "runner" and not result.path.suffix == ".zip")
+
+    def _toggle_server(self) -> None:
+        """Start the bundle's OpenAI server in the background, or stop the running one."""
+        if self.server is not None:
+            self._stop_server()
+            return
+        if self.bundle is None or self.server_jobs.running:
+            return
+        self.serve_button.setEnabled(False)
+        self.server_jobs.start(Job(start_server, self.bundle, port=0), done=self._serving)
+
+    def _serving(self, server: LocalServer) -> None:
+        self.server = server
+        self.serving.setText(f"Serving at <b>{server.url}</b> (OpenAI API) until you stop it or close the "
+                             f"workbench. Try it:<br><tt>{html.escape(server.curl())}</tt>")
+        self.serving.show()
+        self.serve_button.setText("Stop server")
+
+    def _stop_server(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        self.serving.hide()
+        self.serve_button.setText("Start server")
 
     def _open_bundle(self) -> None:
         if self.bundle is not None:
             open_path(self.bundle if self.bundle.is_dir() else self.bundle.parent)
 
     def _show_run(self) -> None:
+        self._stop_server()
         self.bundle = None
         self.result.hide()
         self.open_bundle_button.hide()
+        self.serve_button.hide()
         self.problem.clear()
         self.entered()
 

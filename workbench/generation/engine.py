@@ -208,27 +208,39 @@ class CausalLM:
         mask = np.concatenate([cache.mask, new_mask.astype(np.int64)], axis=1)
         if self.shares_kv and mask.shape[1] > cache.capacity:
             self._grow(cache, max(mask.shape[1], 2 * cache.capacity))
+
+        def bind_cache(binding: ort.IOBinding) -> None:
+            for name, value in zip(self.past_names, cache.values):
+                binding.bind_ortvalue_input(name, value)
+            for name, value in zip(self.present_names, cache.values):
+                if self.shares_kv:
+                    binding.bind_ortvalue_output(name, value)
+                else:
+                    binding.bind_output(name, self.device)
+
+        logits, binding = self._run(input_ids, mask, bind_cache, last_only)
+        if not self.shares_kv:
+            cache.values = binding.get_outputs()[1:]
+        cache.mask = mask
+        return logits[:, -1:] if last_only else logits
+
+    def _run(
+        self, input_ids: np.ndarray, mask: np.ndarray, bind_cache: Callable[[ort.IOBinding], None], last_only: bool
+    ) -> tuple[np.ndarray, ort.IOBinding]:
+        """One forward pass; `bind_cache` binds the past and present KV (after the logits, output 0)."""
+        batch, length = input_ids.shape
         binding = self.session.io_binding()
         for name, value in self._token_feeds(input_ids, mask).items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name, value in zip(self.past_names, cache.values):
-            binding.bind_ortvalue_input(name, value)
         vocab = self.vocab_size or self._probe_vocab()
         kept = 1 if last_only and self.keeps_logits else length
         if kept < length:
             binding.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(np.array([kept], np.int64)))
         logits = np.empty((batch, kept, vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        for name, value in zip(self.present_names, cache.values):
-            if self.shares_kv:
-                binding.bind_ortvalue_output(name, value)
-            else:
-                binding.bind_output(name, self.device)
+        bind_cache(binding)
         self.session.run_with_iobinding(binding)
-        if not self.shares_kv:
-            cache.values = binding.get_outputs()[1:]
-        cache.mask = mask
-        return logits[:, -1:] if last_only else logits
+        return logits, binding
 
     def truncate(self, cache: KVCache, length: int) -> None:
         """Forget everything after the first `length` positions (rejected speculative tokens)."""
@@ -259,6 +271,147 @@ class CausalLM:
         logits, _ = self.forward(np.zeros((1, 1), np.int64))
         self.vocab_size = logits.shape[-1]
         return self.vocab_size
+
+
+class Batch:
+    """Up to `rows` sequences decoding together in one session (continuous batching).
+
+    Every busy row ends at the same column, `columns`: a sequence that joins later is left-padded,
+    as in generate_batch. A sequence joins between steps when its prompt fits before the current
+    column (its prompt runs alone, into its own row) and leaves between steps; the next one reuses
+    its row. Free rows below the highest busy one ride along masked out. Rows are never moved: on
+    a fused graph rotary positions count from the first column, so keys stay where they were written.
+    When no row is busy the columns start again from 0, so a sequence alone is decoded exactly as
+    by `generate`. A padded row's logits equal its own within float rounding (~1e-6); where the
+    graph quantizes activations to int8 (MatMulNBits accuracy level 4) such a difference can cross
+    an int8 step now and then, and a word nearly tied with another may then change.
+    """
+
+    def __init__(self, model: CausalLM, rows: int, capacity: int):
+        if rows < 1 or capacity < 2:
+            raise GenerationError(f"A batch needs at least 1 row and 2 columns, not {rows} and {capacity}.")
+        self.model = model
+        self.capacity = min(capacity, model.context_length) if model.context_length else capacity
+        self.columns = 0
+        self.starts: list[int | None] = [None] * rows  # a busy row's first real column
+        self.values: list[ort.OrtValue] = []
+        if model.shares_kv:  # one buffer per layer for all rows, written in place by the graph
+            shape = (rows, model.kv_heads, self.capacity, model.head_dim)
+            self.values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, model.kv_dtype), model.device, 0)
+                           for _ in model.past_names]
+            self._row_bytes = int(np.prod(shape[1:])) * np.dtype(model.kv_dtype).itemsize
+
+    @property
+    def busy(self) -> list[int]:
+        return [row for row, start in enumerate(self.starts) if start is not None]
+
+    def fits(self, prompt_length: int, new_tokens: int) -> bool:
+        """Whether a prompt of `prompt_length` tokens, answered with up to `new_tokens`, can join now."""
+        if None not in self.starts:
+            return False
+        if not self.busy:
+            return prompt_length + new_tokens <= self.capacity
+        return prompt_length <= self.columns and self.columns + new_tokens <= self.capacity
+
+    def join(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, np.ndarray]]:
+        """Run `prompts` into free rows: several at once into an empty batch (one pass, left-padded to the
+        longest), one into a running batch. Each prompt's row and the logits (vocab,) after its last token."""
+        lengths = [len(p) for p in prompts]
+        if not prompts or (self.busy and len(prompts) > 1) or len(prompts) > self.starts.count(None):
+            raise GenerationError(f"{len(prompts)} prompts cannot join this batch now.")
+        if not self.busy:
+            self.columns = max(lengths)
+        if not all(lengths) or not all(self.fits(length, 1) for length in lengths):
+            raise GenerationError(f"Prompts of {lengths} tokens cannot join this batch now.")
+        first = self.starts.index(None)
+        ids = np.zeros((len(prompts), self.columns), np.int64)
+        mask = np.zeros((len(prompts), self.columns), np.int64)
+        for i, prompt in enumerate(prompts):
+            ids[i, self.columns - len(prompt):] = prompt
+            mask[i, self.columns - len(prompt):] = 1
+        # A joining row's first tokens are padding: feeding only its own tokens keeps the pass short.
+        width = max(lengths)
+        logits = self._forward(ids[:, -width:], mask, first)
+        for i, length in enumerate(lengths):
+            self.starts[first + i] = self.columns - length
+        return [(first + i, logits[i, -1]) for i in range(len(prompts))]
+
+    def step(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
+        """Feed each busy row its next token ({row: token}); the logits (vocab,) after it, per row."""
+        if sorted(tokens) != self.busy:
+            raise GenerationError("Every busy row, and only those, takes a token in a step.")
+        width = max(tokens) + 1
+        ids = np.zeros((width, 1), np.int64)
+        for row, token in tokens.items():
+            ids[row, 0] = token
+        starts = np.array([self.columns + 1 if s is None else s for s in self.starts[:width]], np.int64)
+        mask = (np.arange(self.columns + 1)[None, :] >= starts[:, None]).astype(np.int64)
+        logits = self._forward(ids, mask, None)
+        self.columns += 1
+        return {row: logits[row, -1] for row in tokens}
+
+    def leave(self, row: int) -> None:
+        self.starts[row] = None
+        if not self.busy:
+            self.columns = 0
+            if not self.model.shares_kv:
+                self.values = []
+        elif not self.model.shares_kv:
+            self._set_rows(max(self.busy) + 1, {})
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, join_row: int | None) -> np.ndarray:
+        """A step of rows 0.. (join_row None) or prompts run into the rows from `join_row` on."""
+        model = self.model
+        if model.shares_kv:
+            first, width = (0, ids.shape[0]) if join_row is None else (join_row, ids.shape[0])
+            shape = [width, model.kv_heads, self.capacity, model.head_dim]
+
+            def bind_rows(binding: ort.IOBinding) -> None:
+                for past, present, value in zip(model.past_names, model.present_names, self.values):
+                    pointer = value.data_ptr() + first * self._row_bytes
+                    binding.bind_input(past, model.device, 0, model.kv_dtype, shape, pointer)
+                    binding.bind_output(present, model.device, 0, model.kv_dtype, shape, pointer)
+
+            return model._run(ids, mask, bind_rows, last_only=True)[0]
+        # A graph whose cache grows by concatenation: the rows' past is a value per layer, replaced every step.
+        if join_row is None:
+            past = self.values
+        else:
+            shape = (ids.shape[0], model.kv_heads, mask.shape[1] - ids.shape[1], model.head_dim)
+            past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, model.kv_dtype), model.device, 0)
+                    for _ in model.past_names]
+
+        def bind_past(binding: ort.IOBinding) -> None:
+            for name, value in zip(model.past_names, past):
+                binding.bind_ortvalue_input(name, value)
+            for name in model.present_names:
+                binding.bind_output(name, model.device)
+
+        logits, binding = model._run(ids, mask, bind_past, last_only=True)
+        present = binding.get_outputs()[1:]
+        if join_row is None:
+            self.values = present
+        else:
+            arrays = [value.numpy() for value in present]
+            joined = range(join_row, join_row + ids.shape[0])
+            self._set_rows(max([*joined, *self.busy]) + 1,
+                           {row: [array[i] for array in arrays] for i, row in enumerate(joined)})
+        return logits
+
+    def _set_rows(self, width: int, new: dict[int, list[np.ndarray]]) -> None:
+        """Resize the grown-by-concatenation past to `width` rows, putting `new` rows' values in."""
+        model = self.model
+        shape = (width, model.kv_heads, self.columns, model.head_dim)
+        values = []
+        for layer, old in enumerate(self.values or [None] * len(model.past_names)):
+            array = np.zeros(shape, model.kv_dtype)
+            if old is not None:
+                kept = old.numpy()[:width]
+                array[: kept.shape[0]] = kept
+            for row, arrays in new.items():
+                array[row] = arrays[layer]
+            values.append(ort.OrtValue.ortvalue_from_numpy(array, model.device, 0))
+        self.values = values
 
 
 def release_unused_memory(model_folder: str) -> None:
@@ -395,7 +548,7 @@ def generate(
     began = time.perf_counter()
     prompt, dropped = fit_prompt(model, prompt, truncate)
     sampler = Sampler(config)
-    answer = _Answer(len(prompt), config, model.context_length, tokenizer, eos_token_ids, on_token, cancelled)
+    answer = Answer(len(prompt), config, model.context_length, tokenizer, eos_token_ids, on_token, cancelled)
     cache = model.new_cache(1, len(prompt) + config.max_new_tokens)
     ttft = 0.0
     feed = np.asarray([prompt], np.int64)
@@ -415,7 +568,7 @@ def generate(
     )
 
 
-class _Answer:
+class Answer:
     """One answer as it grows: its tokens, its streamed text, and why it ended."""
 
     def __init__(self, prompt_length: int, config: GenerationConfig, context_length: int | None, tokenizer,
@@ -488,7 +641,7 @@ def generate_batch(
         mask[i, width - len(row):] = 1
     samplers = [Sampler(config) for _ in rows]
     # Every row's next step reads the whole padded width: the rows share one cache.
-    answers = [_Answer(width, config, model.context_length, tokenizer, eos_token_ids, None, cancelled) for _ in rows]
+    answers = [Answer(width, config, model.context_length, tokenizer, eos_token_ids, None, cancelled) for _ in rows]
     done = [False] * len(rows)
     cache = model.new_cache(len(rows), width + config.max_new_tokens)
     ttft = 0.0
@@ -542,7 +695,7 @@ def generate_speculative(
         raise GenerationError(f"draft_tokens must be at least 1, not {draft_tokens}.")
     began = time.perf_counter()
     prompt, dropped = fit_prompt(target, prompt, truncate)
-    answer = _Answer(len(prompt), config, target.context_length, tokenizer, eos_token_ids, on_token, cancelled)
+    answer = Answer(len(prompt), config, target.context_length, tokenizer, eos_token_ids, on_token, cancelled)
     # Room for a last round of proposals beyond the answer's budget.
     capacity = len(prompt) + config.max_new_tokens + draft_tokens + 1
     target_cache, draft_cache = target.new_cache(1, capacity), draft.new_cache(1, capacity)

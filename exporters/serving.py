@@ -1,0 +1,172 @@
+"""Serving a bundle: its OpenAI server started as a process (`run.py --serve`), for the CLI and the app,
+the Ray Serve extra's requirements, and the model card's words on serving.
+
+The server itself lives in the bundle (exporters/runner/serve.py, ray_serve.py): it must run where
+the workbench is not installed, so it cannot import from here, nor this from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
+
+log = logging.getLogger(__name__)
+RAY_REQUIREMENTS_FILE = "requirements-ray.txt"
+RAY_PACKAGE = "ray[serve]"
+API_KEY_ENV = "INT4_SERVE_API_KEY"  # serve.py's name for it (the bundle cannot import the workbench)
+READY = "Serving "  # the line serve.py prints once it listens
+START_TIMEOUT_S = 120
+POLL_S = 0.2
+
+
+@dataclass
+class LocalServer:
+    """A bundle's server process and where it answers."""
+
+    process: subprocess.Popen
+    url: str  # http://HOST:PORT/v1
+    model: str
+    api_key: str | None = None
+
+    def curl(self) -> str:
+        """A ready command line that asks the server one question."""
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": "Hello!"}]})
+        auth = f" -H {shlex.quote('Authorization: Bearer ' + self.api_key)}" if self.api_key else ""
+        return (f"curl {self.url}/chat/completions -H 'Content-Type: application/json'{auth} "
+                f"-d {shlex.quote(body)}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def is_bundle(path: Path) -> bool:
+    return (path / "run.py").is_file() and (path / "serve.py").is_file() and (path / "runner.json").is_file()
+
+
+def start_server(bundle: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                 parallel: int | None = None, provider: str = "cpu", progress: Progress = no_progress,
+                 cancelled: Cancelled = never_cancelled) -> LocalServer:
+    """Start `run.py --serve` of `bundle` and wait until it listens (port 0: one the system picks)."""
+    bundle = Path(bundle)
+    progress(0.0, "starting the server")
+    if not is_bundle(bundle):
+        raise WorkbenchError(f"{bundle} is not a runner bundle with a server (run.py, serve.py, runner.json). "
+                             "Make one with `int4-workbench bundle RUN -o FOLDER`.")
+    command = [sys.executable, "run.py", "--serve", "--host", host, "--port", str(port), "--provider", provider]
+    if parallel is not None:
+        command += ["--parallel", str(parallel)]
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    if api_key:
+        env[API_KEY_ENV] = api_key  # not on the command line, where other users could read it
+    errors = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, cwd=bundle, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(process.stdout.readline()), daemon=True).start()
+    line, waited = "", 0.0
+    while not line and waited < START_TIMEOUT_S:
+        try:
+            line = lines.get(timeout=POLL_S) or "(it ended)"
+        except queue.Empty:
+            waited += POLL_S
+        if cancelled():
+            process.kill()
+            process.wait()
+            check(cancelled)
+    if READY not in line:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        errors.seek(0)
+        reason = errors.read().strip().splitlines()
+        raise WorkbenchError(f"The server of {bundle} did not start: {reason[-1] if reason else 'no reason given'}")
+    url = line.split(" at ", 1)[1].split(" ", 1)[0]
+    model = line[len(READY):].split(" at ", 1)[0]
+    log.info("serving %s at %s", bundle, url)
+    progress(1.0, f"serving at {url}")
+    return LocalServer(process, url, model, api_key)
+
+
+def ray_requirements() -> str:
+    """requirements-ray.txt: the Ray Serve version the app was checked with, if installed here."""
+    import importlib.metadata
+
+    try:
+        version = f"=={importlib.metadata.version('ray')}"
+    except importlib.metadata.PackageNotFoundError:
+        version = ""
+    return (
+        "# Only for ray_serve.py (the model on Ray Serve), on top of requirements.txt.\n"
+        f"{RAY_PACKAGE}{version}\n"
+    )
+
+
+def card_section(target: str) -> list[str]:
+    """The model card's lines on serving the model to other programs."""
+    if target == "triton":
+        return [
+            "",
+            "## What a Triton client must do",
+            "",
+            "Triton's onnxruntime backend runs one forward pass per request; it cannot run the generation loop. "
+            "The client runs it: tokenize the prompt (tokenizer.json, the chat format in runner.json), send it "
+            "with an empty cache, take the most likely token from the last row of `logits`, then send that one "
+            "token with the `present.N.key/value` outputs as the next `past_key_values.N.key/value`, the "
+            "attention mask one longer and the next position, and repeat until an end-of-sequence id "
+            "(runner.json) or the length you want; then detokenize. Every step ships the whole cache both ways.",
+            "",
+            "The ready-made way to serve this model is the runner bundle (`int4-workbench bundle RUN -o OUT`): "
+            "`python run.py --serve` speaks the OpenAI HTTP API with streaming and batches concurrent requests, "
+            "and `ray_serve.py` runs it in several replicas on Ray Serve.",
+        ]
+    return [
+        "",
+        "## Serve it",
+        "",
+        "```",
+        "python run.py --serve               # OpenAI HTTP API on http://127.0.0.1:8000/v1",
+        "curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
+        "    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'",
+        "```",
+        "",
+        "Routes: `/v1/chat/completions` and `/v1/completions` (`\"stream\": true` streams server-sent events), "
+        "`/v1/models`, `/health`; any OpenAI client works with `base_url=\"http://127.0.0.1:8000/v1\"`. "
+        "Concurrent requests are decoded together (`--parallel`, default 8); more wait in a queue (`--queue`, "
+        "default 32), and beyond it the server answers 503 with Retry-After. It listens on 127.0.0.1 only; "
+        f"`--host 0.0.0.0` also needs `--api-key KEY` (or ${API_KEY_ENV}), which every request must then send "
+        "as `Authorization: Bearer KEY`.",
+        "",
+        "A request answered alone gets exactly `run.py`'s greedy text. Batched with others its arithmetic "
+        "changes by rounding; where the model quantizes activations to 8 bits that can now and then change a "
+        "nearly tied word (as in other batching servers). `--parallel 1` always gives `run.py`'s text.",
+        "",
+        "### More replicas: Ray Serve",
+        "",
+        "```",
+        f"pip install -r requirements.txt -r {RAY_REQUIREMENTS_FILE}",
+        "serve run ray_serve:app replicas=2                     # this machine: a local Ray, port 8000",
+        "serve run ray_serve:app min_replicas=1 max_replicas=4  # autoscaling between bounds",
+        "python ray_serve.py --address auto --host 0.0.0.0 --api-key KEY --min-replicas 2 --max-replicas 8",
+        "```",
+        "",
+        "The last line joins an existing Ray cluster (run it on one of its nodes, with this folder at the same "
+        "path on every node, e.g. a shared disk); Ray's HTTP proxy then answers the same OpenAI routes and "
+        "spreads requests over the replicas, each running the same server as `run.py --serve`.",
+    ]
