@@ -1,0 +1,150 @@
+"""The streaming graph builder on tiny random models: PyTorch's logits and tokens, the INT4 pass's weights."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from transformers import AutoConfig, AutoModelForCausalLM, GraniteConfig, MistralConfig, Qwen3Config
+
+from exporters.builder import SUPPORTED_MODEL_TYPES, build_decoder, supports
+from exporters.optimize import fuse_folder
+from models import build_tokenizer
+from workbench.errors import WorkbenchError
+from workbench.generation.engine import CausalLM, GenerationConfig, generate
+from workbench.quantization.int4_graph import quantize_onnx
+from workbench.settings import QuantSettings
+from workbench.sources import inspect_folder
+
+PROMPT = [5, 17, 42, 8, 99, 120, 33, 64, 7, 250, 31]
+NEW_TOKENS = 12
+# fp32 graph against PyTorch in fp32: fused kernels sum in another order, nothing more.
+LOGITS_ATOL = 1e-4
+
+
+def _extra_model(path: Path, config_class, **extra) -> Path:
+    """A tiny random model of an architecture tests/models.py does not build."""
+    path.mkdir(parents=True)
+    tokenizer = build_tokenizer(path)
+    config = config_class(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **extra,
+    )
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.15) if parameter.dim() == 2 else parameter.uniform_(0.5, 1.5)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _smollm3(path: Path) -> Path:
+    from transformers import SmolLM3Config
+
+    return _extra_model(path, SmolLM3Config, no_rope_layers=[1, 0], tie_word_embeddings=True)
+
+
+EXTRA = {
+    "llama3-rope": lambda p: _extra_model(p, __import__("transformers").LlamaConfig, tie_word_embeddings=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}),
+    "mistral": lambda p: _extra_model(p, MistralConfig, tie_word_embeddings=False, sliding_window=None),
+    "qwen3": lambda p: _extra_model(p, Qwen3Config, head_dim=32, tie_word_embeddings=True),
+    "granite": lambda p: _extra_model(p, GraniteConfig, tie_word_embeddings=True, embedding_multiplier=4.0,
+                                      residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.0),
+    "smollm3": _smollm3,
+}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", *EXTRA])
+def hf_model(request, tiny_llama, tiny_qwen, tmp_path_factory) -> Path:
+    if request.param == "llama":
+        return tiny_llama
+    if request.param == "qwen2":
+        return tiny_qwen
+    return EXTRA[request.param](tmp_path_factory.mktemp(request.param) / "model")
+
+
+def _torch_greedy(model_dir: Path) -> tuple[np.ndarray, list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        logits = model(ids).logits.numpy()
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, min_new_tokens=NEW_TOKENS)
+    return logits, out[0, len(PROMPT):].tolist()
+
+
+def _engine_greedy(folder: Path) -> tuple[np.ndarray, list[int]]:
+    model = CausalLM(str(folder / "model.onnx"), context_length=256)
+    logits, _ = model.forward(np.asarray([PROMPT], np.int64))
+    return logits, generate(model, PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS)).tokens
+
+
+def test_fp32_graph_matches_pytorch(hf_model, tmp_path):
+    """Every supported family: logits within LOGITS_ATOL of transformers and the same greedy tokens,
+    through the engine's cached, shared-buffer decoding."""
+    result = build_decoder(hf_model, tmp_path / "original", inspect_folder(hf_model), None)
+    assert result.ops["GroupQueryAttention"] == 2 and "MatMulNBits" not in result.ops
+    assert set(result.layer_bits.values()) == {None}
+    reference_logits, reference_tokens = _torch_greedy(hf_model)
+    logits, tokens = _engine_greedy(tmp_path / "original")
+    np.testing.assert_allclose(logits, reference_logits, atol=LOGITS_ATOL, rtol=0)
+    assert tokens == reference_tokens
+    assert (tmp_path / "original" / "tokenizer.json").is_file()
+
+
+def _initializers(folder: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(folder / "model.onnx"))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("settings", [
+    QuantSettings(),
+    QuantSettings(symmetric=False, block_size=64, eight_bit=("*.down_proj",), accuracy_level=0),
+    QuantSettings(method="hqq", exclude=("lm_head",)),
+], ids=["rtn-symmetric", "rtn-asymmetric-8bit", "hqq-fp32-lm-head"])
+def test_int4_graph_equals_the_int4_pass(tiny_pair, settings, tmp_path):
+    """The builder's INT4 graph holds the very tensors the current pipeline (optimum export, INT4 pass,
+    fusion) writes, bit for bit, and gives the same logits and tokens."""
+    hf_dir, onnx_dir = tiny_pair
+    info = inspect_folder(hf_dir)
+    pipeline = tmp_path / "pipeline"
+    expected = quantize_onnx(onnx_dir, pipeline, info, settings)
+    assert fuse_folder(pipeline).fused
+    built = build_decoder(hf_dir, tmp_path / "built", info, settings)
+    assert built.layer_bits == expected.layer_bits
+    assert built.shared_embeddings == expected.shared_embeddings
+    assert built.ops["MatMulNBits"] == expected.ops["MatMulNBits"]
+    theirs, ours = _initializers(pipeline), _initializers(tmp_path / "built")
+    quantized = [name for name in theirs if "_Q4" in name or "_Q8" in name]
+    assert quantized and all(name in ours for name in quantized)
+    for name in quantized:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    pipeline_logits, pipeline_tokens = _engine_greedy(pipeline)
+    logits, tokens = _engine_greedy(tmp_path / "built")
+    np.testing.assert_allclose(logits, pipeline_logits, atol=LOGITS_ATOL, rtol=0)
+    assert tokens == pipeline_tokens and len(tokens) == NEW_TOKENS
+
+
+def test_unknown_architecture_is_named(tiny_llama, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    reason = supports(folder, "gpt2")
+    assert "gpt2" in reason and all(name in reason for name in SUPPORTED_MODEL_TYPES)
+    config = AutoConfig.from_pretrained(folder)
+    config.hidden_act = "gelu"
+    config.save_pretrained(folder)
+    with pytest.raises(WorkbenchError, match="activation 'gelu'"):
+        build_decoder(folder, tmp_path / "out", inspect_folder(folder), QuantSettings())
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    assert "safetensors" in supports(folder, "llama")
