@@ -148,3 +148,36 @@ def test_unknown_architecture_is_named(tiny_llama, tmp_path):
     for weights in folder.glob("*.safetensors"):
         weights.unlink()
     assert "safetensors" in supports(folder, "llama")
+
+
+def test_rtn_run_takes_the_streamed_path(tiny_llama, tmp_path):
+    """quantize --method rtn on a supported architecture: both graphs from the builder, both measured."""
+    from workbench.run.pipeline import quantize_run
+
+    record = quantize_run(str(tiny_llama), tmp_path / "run", QuantSettings(method="rtn"))
+    assert record["graph"]["attention"] == "GroupQueryAttention" and "built" in record["graph"]
+    assert "fuse" not in record["timings_s"] and "skipped" not in record["original"]
+    assert record["original"]["peak_rss_bytes"] > record["int4"]["peak_rss_bytes"] > 0
+    assert record["ops"]["GatherBlockQuantized"] == 1 and record["shared_embeddings"]
+    tokens = _engine_greedy(tmp_path / "run" / "int4")[1]
+    assert len(tokens) == NEW_TOKENS
+
+
+def test_original_too_large_to_run_is_skipped_with_the_reason(tiny_llama, tmp_path, monkeypatch):
+    import dataclasses
+
+    from workbench.run import streamed
+    from workbench.run.pipeline import quantize_run
+
+    info = inspect_folder(tiny_llama)
+    huge = dataclasses.replace(info, parameters=10**12)  # 4 TB in fp32: no machine runs it
+    reason = streamed.original_skip_reason(huge, tmp_path)
+    assert "RAM to run" in reason and streamed.original_skip_reason(info, tmp_path) is None
+    monkeypatch.setattr(streamed, "original_skip_reason", lambda info, dest: reason)
+    record = quantize_run(str(tiny_llama), tmp_path / "run", QuantSettings(method="rtn"))
+    assert not (tmp_path / "run" / "original").exists()
+    assert record["original"]["skipped"] == reason and record["original"]["peak_rss_bytes"] is None
+    assert record["ram_ratio"] is None and record["int4"]["peak_rss_bytes"] > 0
+    assert record["size_ratio"] > 3  # against the fp32 size the weight shapes give
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert reason in report and "too large to run here" in report

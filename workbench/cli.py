@@ -163,7 +163,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     human = (
         f"{record['run_dir']}: {_mb(record['original']['bytes'])} -> {_mb(record['int4']['bytes'])} "
         f"({record['size_ratio']:.2f}x smaller, {record['bits_per_weight']:.2f} bits/weight), "
-        f"RAM {record['ram_ratio']:.2f}x less; stages: "
+        + (f"RAM {record['ram_ratio']:.2f}x less; " if record["ram_ratio"] else "original not run; ") + "stages: "
         + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items())
     )
     emit(args, data, human)

@@ -27,6 +27,7 @@ from workbench.jobs import (
 from workbench.run.memory import graph_sizes, measure_session_memory, ram_components
 from workbench.quantization.int4_graph import QuantizeResult, layer_plan, quantize_onnx
 from workbench.run.report import write_report
+from workbench.run.streamed import build_int4, build_original, builder_reason, skipped_original
 from workbench.run.folders import (
     INT4,
     ORIGINAL,
@@ -42,6 +43,7 @@ from workbench.settings import QuantSettings
 from workbench.sources import ResolvedModel, resolve
 
 log = logging.getLogger(__name__)
+BUILT_FUSION = {"attention": "GroupQueryAttention", "built": "written fused from the weights by the graph builder"}
 
 
 @dataclass
@@ -54,6 +56,8 @@ class Source:
     calibration: str | None  # as run.json records it
     torch_model: object = None
     samples: np.ndarray | None = None
+    built: bool = False  # both graphs written by the graph builder (workbench.run.streamed)
+    original_skipped: str | None = None  # why there is no original/ (too large to run here)
 
     @property
     def info(self):
@@ -127,6 +131,11 @@ def prepare(model: ResolvedModel, work: Path, stages: Stages, settings: QuantSet
     """Stage "export" into `work`/original, then, when the settings need them, the PyTorch model
     and stage "calibration" (from the file, or written by the model itself when there is none)."""
     original_dir = work / ORIGINAL
+    why_not = builder_reason(model, settings)
+    if why_not is None:
+        skipped = stages.run("export", lambda p: build_original(model, original_dir, progress=p, cancelled=cancelled))
+        return Source(model, original_dir, None, built=True, original_skipped=skipped)
+    log.info("graph builder not used: %s", why_not)
     stages.run(
         "export",
         lambda p: export_onnx(
@@ -150,6 +159,8 @@ def quantize_int4(stages: Stages, source: Source, dest: Path, settings: QuantSet
     """GPTQ or AWQ on the PyTorch model when the method needs it, then the INT4 graph in `dest`
     (stages of `method_stages`); the layers chosen in a `sensitivity` section stay at 8 bits."""
     settings = with_eight_bit(settings, eight_bit_layers(sensitivity))
+    if source.built:
+        return stages.run("int4", lambda p: build_int4(source.model, dest, settings, progress=p, cancelled=cancelled))
     precomputed = overrides = None
     if settings.method in ("awq", "gptq"):
         import torch
@@ -182,8 +193,10 @@ def finish_run(work: Path, stages: Stages, source: Source, settings: QuantSettin
     `extra` sections) and the report."""
     int4_dir = work / INT4
     # After quantization, which maps MatMuls to modules by node name.
-    fusion = stages.run("fuse", lambda p: _fuse(source.original_dir, int4_dir, p, cancelled))
-    measured = stages.run("measure", lambda p: _measure(source.original_dir, int4_dir, source.info, p, cancelled))
+    fusion = BUILT_FUSION if source.built else stages.run(
+        "fuse", lambda p: _fuse(source.original_dir, int4_dir, p, cancelled))
+    measured = stages.run("measure", lambda p: _measure(source.original_dir, int4_dir, source.info, p, cancelled,
+                                                        skipped=source.original_skipped))
     check(cancelled)
     model, info = source.model, source.info
     record = {
@@ -253,10 +266,14 @@ def _torch_plan(info, settings: QuantSettings) -> dict[str, int]:
     return {name: bits for name, bits in layer_plan(info, settings).items() if bits and name not in embeddings}
 
 
-def _measure(original_dir: Path, int4_dir: Path, info, progress: Progress, cancelled: Cancelled) -> dict:
-    """Sizes per component (disk) and measured peak RAM of a real session for both models."""
-    record = {}
+def _measure(original_dir: Path, int4_dir: Path, info, progress: Progress, cancelled: Cancelled,
+             skipped: str | None = None) -> dict:
+    """Sizes per component (disk) and measured peak RAM of a real session for both models (the INT4 one
+    alone when the original was `skipped`, with the reason)."""
+    record = {ORIGINAL: skipped_original(info, skipped)} if skipped else {}
     for index, (key, folder) in enumerate(((ORIGINAL, original_dir), (INT4, int4_dir))):
+        if key in record:
+            continue
         disk = graph_sizes(folder, info)
         memory = measure_session_memory(
             folder,
@@ -271,7 +288,7 @@ def _measure(original_dir: Path, int4_dir: Path, info, progress: Progress, cance
         }
     original, int4 = record[ORIGINAL], record[INT4]
     record["size_ratio"] = round(original["bytes"] / int4["bytes"], 3)
-    record["ram_ratio"] = round(original["peak_rss_bytes"] / int4["peak_rss_bytes"], 3)
+    record["ram_ratio"] = round(original["peak_rss_bytes"] / int4["peak_rss_bytes"], 3) if not skipped else None
     record["bits_per_weight"] = round(8 * int4["bytes"] / info.parameters, 3)
     return record
 

@@ -19,7 +19,7 @@ def write_report(run_dir: Path, record: dict) -> None:
         {"disk": record[ORIGINAL]["components"], "ram": record[ORIGINAL]["ram_components"]},
         {"disk": record[INT4]["components"], "ram": record[INT4]["ram_components"]},
         f"{record['source']['name']}: {record['size_ratio']:.1f}x smaller on disk, "
-        f"{record['ram_ratio']:.1f}x less RAM",
+        + (f"{record['ram_ratio']:.1f}x less RAM" if record["ram_ratio"] else "original not run"),
     )
     if "tune" in record:
         draw_tune_chart(run_dir / TUNE_CHART_FILE, record["tune"])
@@ -61,13 +61,14 @@ def update_run(run_dir: Path, change: Callable[[dict], None]) -> dict:
     return record
 
 
-def _mib(value: int) -> str:
-    return f"{value / 2**20:,.1f} MiB"
+def _mib(value: int | None) -> str:
+    return f"{value / 2**20:,.1f} MiB" if value is not None else "not run"
 
 
 def verdict(record: dict) -> str:
     """One plain sentence on what was saved and what it cost."""
-    saved = f"The INT4 model is {record['size_ratio']:.1f}x smaller on disk and needs {record['ram_ratio']:.1f}x less RAM"
+    saved = f"The INT4 model is {record['size_ratio']:.1f}x smaller on disk and " + (
+        f"needs {record['ram_ratio']:.1f}x less RAM" if record["ram_ratio"] else "the original was too large to run here")
     speed = record.get("speed")
     if speed:
         saved += f", and writes {speed['speedup']:.1f}x as fast"
@@ -188,7 +189,7 @@ def render_report(record: dict) -> str:
         f"| peak RAM (measured) | {_mib(original['peak_rss_bytes'])} | {_mib(int4['peak_rss_bytes'])} |",
         "",
         f"Size ratio {record['size_ratio']:.2f}x, {record['bits_per_weight']:.2f} bits per weight overall, "
-        f"RAM ratio {record['ram_ratio']:.2f}x.",
+        + (f"RAM ratio {record['ram_ratio']:.2f}x." if record["ram_ratio"] else f"Original: {original['skipped']}."),
         "",
         "## Quality",
         "",
