@@ -79,7 +79,7 @@ class DecoderBuilder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
-        self.written: dict[str, tuple[WrittenWeight, str]] = {}  # source tensor -> quantized, packed name
+        self.written: dict[tuple[str, int], tuple[WrittenWeight, str]] = {}  # the tied embeddings, once quantized
         self.layer_bits: dict[str, int | None] = {}
         self.shared = False
 
@@ -133,7 +133,7 @@ class DecoderBuilder:
         graph = helper.make_graph([], "decoder", self.graph_inputs(), self.graph_outputs())
         shared = _shared_inputs(graph)  # seqlens_k, total length, padding bias: from attention_mask
         self.nodes.extend(shared["nodes"])
-        self.initializers.extend(graph.initializer)
+        self.add(graph.initializer)
         cos, sin = rotary_caches(config)
         self.initializers += [self.data.tensor("gqa_cos_cache", cos), self.data.tensor("gqa_sin_cache", sin)]
         hidden = self.embedding()
@@ -150,7 +150,7 @@ class DecoderBuilder:
         graph.ClearField("node")
         graph.node.extend(self.nodes)
         graph.ClearField("initializer")
-        graph.initializer.extend(self.data.externalize(t) for t in self.initializers)
+        graph.initializer.extend(self.initializers)
         _keep_last_logits(graph)
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
@@ -185,6 +185,10 @@ class DecoderBuilder:
         out = [f"{name}_output_0", *outputs]
         self.nodes.append(helper.make_node(op, inputs, out, name=name, domain=domain, **attrs))
         return out[0]
+
+    def add(self, initializers: list[TensorProto]) -> None:
+        """Keep initializers made in memory (scales, zero points) as references to the data file."""
+        self.initializers.extend(self.data.externalize(t) for t in initializers)
 
     def constant(self, name: str, value: np.ndarray) -> str:
         self.initializers.append(self.data.tensor(name, value))
@@ -254,7 +258,7 @@ class DecoderBuilder:
             fp32 = helper.make_node("MatMul", [x, ""], [matmul_out], name=name)
             nodes, initializers = _matmul_nodes(fp32, weight, packed, module, self.settings.accuracy_level)
             self.nodes.extend(nodes)
-            self.initializers.extend(initializers)
+            self.add(initializers)
         else:
             n, k = self.weights.shape(source)
             transposed = self.data.chunked(f"{module}.weight_transposed", np.float32, (k, n),
@@ -296,7 +300,8 @@ class DecoderBuilder:
             q=None, scales=np.concatenate(scales), bits=bits, block_size=settings.block_size, k=cols, rows=rows,
             zero_points=None if zero_points[0] is None else np.concatenate(zero_points),
         )
-        self.written[(source, bits)] = (weight, packed_name)
+        if self.tied and source == "model.embed_tokens.weight":  # the lm_head reads it again
+            self.written[(source, bits)] = (weight, packed_name)
         return weight, packed_name
 
     def embedding(self) -> str:
@@ -308,7 +313,7 @@ class DecoderBuilder:
             gather = helper.make_node("Gather", ["", "input_ids"], [f"{name}_output_0"], name=name)
             nodes, initializers = _gather_nodes(gather, weight, packed, module)
             self.nodes.extend(nodes)
-            self.initializers.extend(initializers)
+            self.add(initializers)
             return f"{name}_output_0"
         rows, cols = self.weights.shape(f"{module}.weight")
         self.initializers.append(self.data.chunked(f"{module}.weight", np.float32, (rows, cols),
