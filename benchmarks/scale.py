@@ -6,8 +6,8 @@
 
 A random-initialised model of the real shape is written as bf16 safetensors shards, tensor by
 tensor (never a whole model or shard in RAM), with config.json and a word-level tokenizer of the
-real vocabulary size. `quantize` runs in a child; the RSS of the whole process tree is sampled
-every 0.25 s and attributed to the stage the progress bar shows. Then the INT4 model answers as
+real vocabulary size. What `quantize --method rtn` runs (quantize_run) runs in a child; the RSS of the whole process tree is sampled
+every 0.25 s and attributed to the stage that is running. Then the INT4 model answers as
 `bench` measures it (workbench.generation.bench.measure_in_process in a fresh child), sampled the
 same way. The model and the run are deleted afterwards unless --keep. One JSON object is printed,
 with the machine's load (`uptime`) and memory (`free -g`) before and after.
@@ -46,7 +46,22 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "h
                "original_max_position_embeddings": 8192}
 SHARD_BYTES = 2 * 10**9
 SAMPLE_S = 0.25
-STAGE = re.compile(r"^\s*(model|export|calibration|sensitivity|gptq|awq|int4|fuse|measure): ")
+STAGE = re.compile(r"^STAGE (\w+)$")
+# What `int4-workbench quantize MODEL -o RUN --method rtn` runs, with each stage's start printed at once
+# (the CLI's progress bar redraws at most twice a second, which would blur the stage boundaries).
+QUANTIZE = """
+import sys
+from pathlib import Path
+from workbench.run.pipeline import quantize_run
+from workbench.settings import QuantSettings
+seen = set()
+def progress(fraction, message):
+    stage = message.split(":", 1)[0]
+    if stage not in seen:
+        seen.add(stage)
+        print("STAGE", stage, file=sys.stderr, flush=True)
+quantize_run(sys.argv[1], Path(sys.argv[2]), QuantSettings(method="rtn"), progress=progress)
+"""
 
 
 def tensors(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -204,8 +219,7 @@ def main() -> None:
             result["parameters"] = write_model(model_dir, args.size)
         result["model_write_s"] = round(time.perf_counter() - began, 1)
         result["model_gib"] = round(sum(p.stat().st_size for p in model_dir.iterdir()) / 2**30, 2)
-        quantize = sampled([sys.executable, "-m", "workbench.cli", "quantize", str(model_dir), "-o", str(run_dir),
-                            "--method", "rtn", "--json"], env)
+        quantize = sampled([sys.executable, "-c", QUANTIZE, str(model_dir), str(run_dir)], env)
         result["quantize"] = {k: v for k, v in quantize.items() if k != "stdout"}
         if quantize["returncode"] != 0:
             raise SystemExit(json.dumps(result, indent=2))
