@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from workbench.generation.bench import BENCH_TEXT
+
 SHAPES = {
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, head_dim=64,
@@ -197,8 +198,8 @@ def sampled(command: list[str], env: dict) -> dict:
 
 
 def machine_state() -> dict:
-    free = subprocess.run(["free", "-g"], capture_output=True, text=True).stdout.strip().splitlines()
-    return {"uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), "free_g": free[:2]}
+    free = subprocess.run(["free", "-g"], capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    return {"uptime": subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip(), "free_g": free[:2]}
 
 
 def main() -> None:

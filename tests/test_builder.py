@@ -9,12 +9,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from models import build_tokenizer
 from onnx import numpy_helper
-from transformers import AutoConfig, AutoModelForCausalLM, GraniteConfig, MistralConfig, Qwen3Config
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GraniteConfig,
+    MistralConfig,
+    Qwen3Config,
+)
 
 from exporters.builder import SUPPORTED_MODEL_TYPES, build_decoder, supports
 from exporters.optimize import fuse_folder
-from models import build_tokenizer
 from workbench.errors import WorkbenchError
 from workbench.generation.engine import CausalLM, GenerationConfig, generate
 from workbench.quantization.int4_graph import quantize_onnx
@@ -181,3 +187,46 @@ def test_original_too_large_to_run_is_skipped_with_the_reason(tiny_llama, tmp_pa
     assert record["size_ratio"] > 3  # against the fp32 size the weight shapes give
     report = (tmp_path / "run" / "report.md").read_text()
     assert reason in report and "too large to run here" in report
+
+
+def test_streamed_gptq_equals_gptq_on_the_whole_model(tiny_qwen, tiny_qwen_onnx, tmp_path):
+    """One decoder layer in memory at a time, results spilled to files: the very codes, scales and zero points,
+    and the builder writes them as the INT4 pass does."""
+    from workbench.quantization.gptq import gptq_quantize
+    from workbench.quantization.streamed import SpilledWeights, streamed_gptq
+    from workbench.run.pipeline import _torch_plan
+
+    settings = QuantSettings(method="gptq", symmetric=False, act_order=True)
+    plan = _torch_plan(inspect_folder(tiny_qwen), settings)
+    samples = np.random.default_rng(0).integers(3, 380, (6, 48))
+    options = {"block_size": settings.block_size, "symmetric": False, "act_order": True}
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen, dtype=torch.float32)
+    expected = gptq_quantize(model, torch.as_tensor(samples), plan, **options)
+    spilled = streamed_gptq(tiny_qwen, samples, plan, SpilledWeights(tmp_path / "spill"), progress=lambda f, m: None,
+                            cancelled=lambda: False, **options)
+    assert sorted(spilled) == sorted(expected) == sorted(plan) and len(list((tmp_path / "spill").glob("*.npz"))) == len(plan)
+    for name, weight in expected.items():
+        ours = spilled[name]
+        for field in ("q", "scales", "zero_points"):
+            np.testing.assert_array_equal(getattr(ours, field), getattr(weight, field), err_msg=f"{name}.{field}")
+    info = inspect_folder(tiny_qwen)
+    quantize_onnx(tiny_qwen_onnx, tmp_path / "pipeline", info, settings, precomputed=expected)
+    build_decoder(tiny_qwen, tmp_path / "built", info, settings, precomputed=spilled)
+    theirs, ours = _initializers(tmp_path / "pipeline"), _initializers(tmp_path / "built")
+    for name in [n for n in theirs if "_Q4" in n]:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+
+def test_data_free_gptq_run_is_streamed(tiny_llama, tmp_path):
+    """The balanced preset's method, data-free: calibration text from the RTN INT4 copy, GPTQ layer by layer,
+    written by the builder; the engine decodes the result."""
+    from workbench.run.pipeline import quantize_run
+
+    settings = QuantSettings(method="gptq", symmetric=False, act_order=True, calibration_samples=4,
+                             calibration_tokens=32)
+    record = quantize_run(str(tiny_llama), tmp_path / "run", settings)
+    assert "built" in record["graph"] and record["calibration"] == "self-written (data-free)"
+    assert {"export", "calibration", "gptq", "int4", "measure"} <= set(record["timings_s"])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["int4", "memory.png", "original", "report.md",
+                                                                     "run.json"]
+    assert len(_engine_greedy(tmp_path / "run" / "int4")[1]) == NEW_TOKENS

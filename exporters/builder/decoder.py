@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -27,7 +28,14 @@ from onnx import TensorProto, helper
 
 from exporters.builder.tensors import ExternalData, SafetensorsWeights
 from exporters.onnx_export import MODEL_FILE
-from exporters.optimize import MS_DOMAIN, STATIC_ROPE_TYPES, _keep_last_logits, _rope_type, _shared_inputs, rotary_caches
+from exporters.optimize import (
+    MS_DOMAIN,
+    STATIC_ROPE_TYPES,
+    _keep_last_logits,
+    _rope_type,
+    _shared_inputs,
+    rotary_caches,
+)
 from workbench.errors import WorkbenchError
 from workbench.generation.engine import FUSED_KEY, FUSED_VALUE
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
@@ -67,8 +75,9 @@ class DecoderBuilder:
     model_types: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config, weights: SafetensorsWeights, data: ExternalData, info: ModelInfo,
-                 settings: QuantSettings | None):
+                 settings: QuantSettings | None, precomputed: Mapping[str, QuantizedWeight] | None = None):
         self.config = config
+        self.precomputed = precomputed or {}
         self.weights = weights
         self.data = data
         self.settings = settings
@@ -279,7 +288,9 @@ class DecoderBuilder:
         settings = self.settings
         rows, cols = self.weights.shape(source)
         kind = zero_point_kind(settings, for_gather=for_gather)
-        if kind == "float":  # HQQ's solver stops on the error of the whole tensor: quantize it at once
+        if module in self.precomputed:  # GPTQ's
+            chunks = iter([self.precomputed[module]])
+        elif kind == "float":  # HQQ's solver stops on the error of the whole tensor: quantize it at once
             chunks = iter([quantize_weight(self.weights.read(source), bits, settings, for_gather=for_gather)])
         else:  # round-to-nearest works row by row, so chunks of rows give the same values
             chunks = (rtn_quantize(chunk, bits, settings.block_size, symmetric=kind == "none")
@@ -413,20 +424,20 @@ def build_decoder(
     info: ModelInfo,
     settings: QuantSettings | None,
     *,
+    precomputed: Mapping[str, QuantizedWeight] | None = None,
     progress: Progress = no_progress,
     cancelled: Cancelled = never_cancelled,
 ) -> QuantizeResult:
     """Write `dest`/model.onnx (+ model.onnx.data) from the safetensors in `model_dir`, with the side files.
 
     `settings` None writes the unquantized float32 graph (the original); otherwise the INT4 graph
-    with data-free rounding (RTN or HQQ) as the INT4 pass would write it from an fp32 export.
+    as the INT4 pass would write it from an fp32 export: `precomputed` quantized weights by module
+    name (GPTQ), data-free rounding (RTN or HQQ) for the rest.
     """
     from transformers import AutoConfig
 
     from workbench.quantization.int4_graph import copy_side_files
 
-    if settings is not None and settings.method not in ("rtn", "hqq"):
-        raise WorkbenchError(f"Internal: the graph builder rounds without data (rtn, hqq), not {settings.method}.")
     config = AutoConfig.from_pretrained(model_dir)
     why_not = supports(model_dir, config.model_type)
     if why_not:
@@ -435,7 +446,8 @@ def build_decoder(
     dest.mkdir(parents=True, exist_ok=True)
     data = ExternalData(dest, f"{MODEL_FILE}.data")
     try:
-        builder = FAMILIES[config.model_type](config, SafetensorsWeights(model_dir), data, info, settings)
+        builder = FAMILIES[config.model_type](config, SafetensorsWeights(model_dir), data, info, settings,
+                                              precomputed)
         model = builder.build(progress, cancelled)
     finally:
         data.close()

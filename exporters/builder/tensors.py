@@ -9,7 +9,6 @@ memory until the mapping is closed.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 

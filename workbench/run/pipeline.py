@@ -27,7 +27,13 @@ from workbench.jobs import (
 from workbench.run.memory import graph_sizes, measure_session_memory, ram_components
 from workbench.quantization.int4_graph import QuantizeResult, layer_plan, quantize_onnx
 from workbench.run.report import write_report
-from workbench.run.streamed import build_int4, build_original, builder_reason, skipped_original
+from workbench.run.streamed import (
+    build_original,
+    builder_reason,
+    calibration_samples,
+    quantize_streamed,
+    skipped_original,
+)
 from workbench.run.folders import (
     INT4,
     ORIGINAL,
@@ -127,14 +133,18 @@ def resolve_model(spec: str | ResolvedModel, run_dir: Path, stages: Stages, trus
 
 
 def prepare(model: ResolvedModel, work: Path, stages: Stages, settings: QuantSettings, calibration: Path | None,
-            trust_remote_code: bool, cancelled: Cancelled) -> Source:
+            trust_remote_code: bool, cancelled: Cancelled, *, streamed: bool = True) -> Source:
     """Stage "export" into `work`/original, then, when the settings need them, the PyTorch model
-    and stage "calibration" (from the file, or written by the model itself when there is none)."""
+    and stage "calibration" (from the file, or written by the model itself when there is none).
+    With `streamed` the graph builder writes the graphs where it can (workbench.run.streamed)."""
     original_dir = work / ORIGINAL
-    why_not = builder_reason(model, settings)
+    why_not = builder_reason(model, settings) if streamed else "the PyTorch model is needed"
     if why_not is None:
         skipped = stages.run("export", lambda p: build_original(model, original_dir, progress=p, cancelled=cancelled))
-        return Source(model, original_dir, None, built=True, original_skipped=skipped)
+        samples = stages.run("calibration", lambda p: calibration_samples(
+            model, work, settings, calibration, progress=p, cancelled=cancelled)) if settings.needs_calibration else None
+        return Source(model, original_dir, _calibration_label(settings, calibration), samples=samples, built=True,
+                      original_skipped=skipped)
     log.info("graph builder not used: %s", why_not)
     stages.run(
         "export",
@@ -150,8 +160,13 @@ def prepare(model: ResolvedModel, work: Path, stages: Stages, settings: QuantSet
         "calibration",
         lambda p: _calibration_samples(calibration, torch_model, tokenizer, settings, p, cancelled),
     )
-    label = str(calibration) if calibration else "self-written (data-free)"
-    return Source(model, original_dir, label, torch_model, samples)
+    return Source(model, original_dir, _calibration_label(settings, calibration), torch_model, samples)
+
+
+def _calibration_label(settings: QuantSettings, calibration: Path | None) -> str | None:
+    if not settings.needs_calibration:
+        return None
+    return str(calibration) if calibration else "self-written (data-free)"
 
 
 def quantize_int4(stages: Stages, source: Source, dest: Path, settings: QuantSettings, sensitivity: dict | None,
@@ -160,7 +175,8 @@ def quantize_int4(stages: Stages, source: Source, dest: Path, settings: QuantSet
     (stages of `method_stages`); the layers chosen in a `sensitivity` section stay at 8 bits."""
     settings = with_eight_bit(settings, eight_bit_layers(sensitivity))
     if source.built:
-        return stages.run("int4", lambda p: build_int4(source.model, dest, settings, progress=p, cancelled=cancelled))
+        return quantize_streamed(stages, source.model, source.samples, dest, settings,
+                                 _torch_plan(source.info, settings), cancelled)
     precomputed = overrides = None
     if settings.method in ("awq", "gptq"):
         import torch

@@ -1,7 +1,9 @@
 """The streamed path of a run: the graph builder writes both graphs straight from the safetensors.
 
-Data-free methods (RTN, HQQ) on an architecture the builder knows need neither PyTorch nor an fp32
-copy of the model: the INT4 graph is written tensor by tensor. The fp32 original is written too,
+On an architecture the builder knows, RTN, HQQ and GPTQ need no fp32 copy of the model: the INT4
+graph is written tensor by tensor, GPTQ holds one decoder layer at a time
+(workbench.quantization.streamed), and data-free calibration text comes from a round-to-nearest
+INT4 copy on ONNX Runtime. The fp32 original is written too,
 the same way, when this machine could run it for the comparison; otherwise it is skipped and the
 run says why (ONNX Runtime's CPU kernels have no bf16 MatMul, so a bf16 original cannot stand in).
 """
@@ -10,23 +12,38 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 from exporters.builder import build_decoder, supports
-from workbench.jobs import Cancelled, Progress
-from workbench.run.memory import NO_FIT, RUN_RAM_FACTOR, RUNTIME_OVERHEAD_BYTES, fit_verdict, original_sizes
+from workbench.jobs import Cancelled, Progress, Stages, sub_progress
+from workbench.quantization.streamed import (
+    SpilledWeights,
+    onnx_written_samples,
+    streamed_gptq,
+)
+from workbench.run.memory import (
+    NO_FIT,
+    RUN_RAM_FACTOR,
+    RUNTIME_OVERHEAD_BYTES,
+    fit_verdict,
+    original_sizes,
+)
 from workbench.settings import QuantSettings
 from workbench.sources import ModelInfo, ResolvedModel
 
 log = logging.getLogger(__name__)
+STREAMED_METHODS = ("rtn", "hqq", "gptq")
 
 
 def builder_reason(model: ResolvedModel, settings: QuantSettings) -> str | None:
     """None when the run can take the streamed path, else why not (the optimum export is used then)."""
-    if settings.needs_calibration:
-        return f"{settings.method} with calibration runs on the PyTorch model"
+    if settings.method not in STREAMED_METHODS or settings.sensitive_8bit_pct:
+        return f"{settings.method}{' with sensitive 8-bit layers' if settings.sensitive_8bit_pct else ''} runs on " \
+               "the whole PyTorch model"
     return supports(model.path, model.info.model_type)
 
 
@@ -55,9 +72,39 @@ def build_original(model: ResolvedModel, dest: Path, *, progress: Progress, canc
     return None
 
 
-def build_int4(model: ResolvedModel, dest: Path, settings: QuantSettings, *, progress: Progress,
-               cancelled: Cancelled):
-    return build_decoder(model.path, dest, model.info, settings, progress=progress, cancelled=cancelled)
+def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSettings, calibration: Path | None, *,
+                        progress: Progress, cancelled: Cancelled) -> np.ndarray:
+    """Token samples from the calibration file, or written by an RTN INT4 copy of the model (data-free)."""
+    from transformers import AutoTokenizer
+
+    from workbench.quantization.calibration import read_texts, token_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    n, length = settings.calibration_samples, settings.calibration_tokens
+    if calibration is not None:
+        progress(0.0, f"reading {calibration.name}")
+        return token_samples(read_texts(calibration), tokenizer, n, length)
+    writer = Path(tempfile.mkdtemp(prefix=".calibration-writer-", dir=work))
+    try:
+        build_decoder(model.path, writer, model.info, QuantSettings(method="rtn"),
+                      progress=sub_progress(progress, 0.0, 0.1, prefix="RTN copy: "), cancelled=cancelled)
+        return onnx_written_samples(model.path, writer, tokenizer, n, length,
+                                    progress=sub_progress(progress, 0.1, 1.0), cancelled=cancelled)
+    finally:
+        shutil.rmtree(writer, ignore_errors=True)
+
+
+def quantize_streamed(stages: Stages, model: ResolvedModel, samples: np.ndarray | None, dest: Path,
+                      settings: QuantSettings, plan: dict[str, int], cancelled: Cancelled):
+    """Stages "gptq" (for GPTQ, on `plan`: module -> bits) and "int4": the INT4 graph in `dest`."""
+    with tempfile.TemporaryDirectory(prefix=".gptq-", dir=dest.parent) as spill:
+        precomputed = None
+        if settings.method == "gptq":
+            precomputed = stages.run("gptq", lambda p: streamed_gptq(
+                model.path, samples, plan, SpilledWeights(Path(spill)), block_size=settings.block_size,
+                symmetric=settings.symmetric, act_order=settings.act_order, progress=p, cancelled=cancelled))
+        return stages.run("int4", lambda p: build_decoder(model.path, dest, model.info, settings,
+                                                          precomputed=precomputed, progress=p, cancelled=cancelled))
 
 
 def skipped_original(info: ModelInfo, reason: str) -> dict:
