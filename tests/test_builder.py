@@ -63,6 +63,8 @@ EXTRA = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32}),
     "mistral": lambda p: _extra_model(p, MistralConfig, tie_word_embeddings=False, sliding_window=None),
+    # A window shorter than the prompt, so the masking is exercised.
+    "mistral-window": lambda p: _extra_model(p, MistralConfig, tie_word_embeddings=False, sliding_window=5),
     "qwen3": lambda p: _extra_model(p, Qwen3Config, head_dim=32, tie_word_embeddings=True),
     "granite": lambda p: _extra_model(p, GraniteConfig, tie_word_embeddings=True, embedding_multiplier=4.0,
                                       residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.0),

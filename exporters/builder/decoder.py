@@ -227,8 +227,8 @@ class DecoderBuilder:
             domain=MS_DOMAIN, num_heads=self.heads,
             kv_num_heads=self.kv_heads, do_rotary=int(self.rotary(layer)), rotary_interleaved=0,
             scale=self.attention_scale(),
-            # GroupQueryAttention attends to local_window_size positions before the current one.
-            **({"local_window_size": window - 1} if window else {}),
+            # Sliding window: the last `window` positions, the current one included (checked against transformers).
+            **({"local_window_size": window} if window else {}),
         )
         hidden = self.residual(f"{scope}/Add", hidden, self.linear(f"{prefix}.self_attn.o_proj", attention))
         x = self.norm(f"{prefix}.post_attention_layernorm", hidden)
