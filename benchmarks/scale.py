@@ -1,8 +1,9 @@
-"""Peak RAM and time of `quantize --method rtn` (and of the INT4 model answering) at real model sizes.
+"""Peak RAM and time of `quantize` (RTN unless --method says otherwise) and of the INT4 model answering, at real sizes.
 
     python benchmarks/scale.py 1b            # Llama-3.2-1B-shaped, tied embeddings
     python benchmarks/scale.py 8b            # Llama-3.1-8B-shaped, untied
     python benchmarks/scale.py 8b --cache /big/disk --keep
+    python benchmarks/scale.py 1b --method balanced   # GPTQ, data-free
 
 A random-initialised model of the real shape is written as bf16 safetensors shards, tensor by
 tensor (never a whole model or shard in RAM), with config.json and a word-level tokenizer of the
@@ -48,20 +49,21 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "h
 SHARD_BYTES = 2 * 10**9
 SAMPLE_S = 0.25
 STAGE = re.compile(r"^STAGE (\w+)$")
-# What `int4-workbench quantize MODEL -o RUN --method rtn` runs, with each stage's start printed at once
+# What `int4-workbench quantize MODEL -o RUN --method rtn` (or `--preset balanced`) runs, with each stage's start printed at once
 # (the CLI's progress bar redraws at most twice a second, which would blur the stage boundaries).
 QUANTIZE = """
 import sys
 from pathlib import Path
 from workbench.run.pipeline import quantize_run
-from workbench.settings import QuantSettings
+from workbench.settings import PRESETS, QuantSettings
 seen = set()
 def progress(fraction, message):
     stage = message.split(":", 1)[0]
     if stage not in seen:
         seen.add(stage)
         print("STAGE", stage, file=sys.stderr, flush=True)
-quantize_run(sys.argv[1], Path(sys.argv[2]), QuantSettings(method="rtn"), progress=progress)
+settings = PRESETS[sys.argv[3]].settings if sys.argv[3] in PRESETS else QuantSettings(method=sys.argv[3])
+quantize_run(sys.argv[1], Path(sys.argv[2]), settings, progress=progress)
 """
 
 
@@ -207,20 +209,21 @@ def main() -> None:
     parser.add_argument("size", choices=sorted(SHAPES))
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "int4-workbench-scale")
     parser.add_argument("--keep", action="store_true", help="keep the model and the run folder")
+    parser.add_argument("--method", default="rtn", help="rtn, hqq, gptq, or a preset name (balanced)")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args()
     model_dir, run_dir = args.cache / f"llama-{args.size}", args.cache / f"run-{args.size}"
     shutil.rmtree(run_dir, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = {"size": args.size, "shape": SHAPES[args.size], "before": machine_state()}
+    result = {"size": args.size, "method": args.method, "shape": SHAPES[args.size], "before": machine_state()}
     try:
         began = time.perf_counter()
         if not (model_dir / "config.json").is_file():
             result["parameters"] = write_model(model_dir, args.size)
         result["model_write_s"] = round(time.perf_counter() - began, 1)
         result["model_gib"] = round(sum(p.stat().st_size for p in model_dir.iterdir()) / 2**30, 2)
-        quantize = sampled([sys.executable, "-c", QUANTIZE, str(model_dir), str(run_dir)], env)
+        quantize = sampled([sys.executable, "-c", QUANTIZE, str(model_dir), str(run_dir), args.method], env)
         result["quantize"] = {k: v for k, v in quantize.items() if k != "stdout"}
         if quantize["returncode"] != 0:
             raise SystemExit(json.dumps(result, indent=2))
