@@ -232,3 +232,20 @@ def test_data_free_gptq_run_is_streamed(tiny_llama, tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["int4", "memory.png", "original", "report.md",
                                                                      "run.json"]
     assert len(_engine_greedy(tmp_path / "run" / "int4")[1]) == NEW_TOKENS
+
+
+def test_rtn_copy_writes_calibration_text(tiny_llama, tmp_path):
+    """Data-free calibration for models too large for PyTorch: the RTN INT4 graph samples the text, with the
+    sampling of the PyTorch writer (BOS, a random ordinary first token, top-p), the same tokens for one seed."""
+    from transformers import AutoTokenizer
+
+    from workbench.quantization.streamed import onnx_written_samples
+
+    build_decoder(tiny_llama, tmp_path / "rtn", inspect_folder(tiny_llama), QuantSettings())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    first, again = (onnx_written_samples(tiny_llama, tmp_path / "rtn", tokenizer, 3, 24, progress=lambda f, m: None,
+                                         cancelled=lambda: False) for _ in range(2))
+    assert first.shape == (3, 24) and first.dtype == np.int64
+    np.testing.assert_array_equal(first, again)
+    assert (first[:, 0] == tokenizer.bos_token_id).all() and first.max() < len(tokenizer)
+    assert len({tuple(row) for row in first}) == 3

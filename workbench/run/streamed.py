@@ -26,6 +26,7 @@ from workbench.quantization.streamed import (
     streamed_gptq,
 )
 from workbench.run.memory import (
+    FITS,
     NO_FIT,
     RUN_RAM_FACTOR,
     RUNTIME_OVERHEAD_BYTES,
@@ -47,10 +48,15 @@ def builder_reason(model: ResolvedModel, settings: QuantSettings) -> str | None:
     return supports(model.path, model.info.model_type)
 
 
+def _run_ram(info: ModelInfo) -> int:
+    """RAM to run the fp32 model (the rule of thumb `info` uses)."""
+    return int(info.fp32_bytes * RUN_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES)
+
+
 def original_skip_reason(info: ModelInfo, dest: Path) -> str | None:
     """Why the fp32 original is not written here: it would not run in this machine's free memory, or not fit
     on its disk; None when it is written."""
-    needed = int(info.fp32_bytes * RUN_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES)
+    needed = _run_ram(info)
     available = psutil.virtual_memory().available
     if fit_verdict(needed, available) == NO_FIT:
         return (f"the fp32 original needs about {needed / 2**30:.1f} GiB of RAM to run and {available / 2**30:.1f} "
@@ -74,7 +80,13 @@ def build_original(model: ResolvedModel, dest: Path, *, progress: Progress, canc
 
 def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSettings, calibration: Path | None, *,
                         progress: Progress, cancelled: Cancelled) -> np.ndarray:
-    """Token samples from the calibration file, or written by an RTN INT4 copy of the model (data-free)."""
+    """Token samples from the calibration file, or written by the model itself (data-free).
+
+    The float model in PyTorch writes them where it fits comfortably in the free RAM: streamed GPTQ
+    is bit-exact with GPTQ on the whole model, so the run then equals the export path's. A larger
+    model's text is written by an RTN INT4 copy on ONNX Runtime (which of the two writes better
+    calibration text is not measured yet).
+    """
     from transformers import AutoTokenizer
 
     from workbench.quantization.calibration import read_texts, token_samples
@@ -84,6 +96,13 @@ def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSetting
     if calibration is not None:
         progress(0.0, f"reading {calibration.name}")
         return token_samples(read_texts(calibration), tokenizer, n, length)
+    if fit_verdict(_run_ram(model.info), psutil.virtual_memory().available) == FITS:
+        from workbench.quantization.calibration import self_written_samples
+        from workbench.run.pipeline import _load_torch_model
+
+        torch_model, _ = _load_torch_model(model.path, trust_remote_code=False)
+        return self_written_samples(torch_model, tokenizer, n, length, progress=progress, cancelled=cancelled)
+    log.info("calibration text written by an RTN INT4 copy: the float model does not fit comfortably")
     writer = Path(tempfile.mkdtemp(prefix=".calibration-writer-", dir=work))
     try:
         build_decoder(model.path, writer, model.info, QuantSettings(method="rtn"),
