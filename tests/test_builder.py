@@ -165,7 +165,9 @@ def test_rtn_run_takes_the_streamed_path(tiny_llama, tmp_path):
     record = quantize_run(str(tiny_llama), tmp_path / "run", QuantSettings(method="rtn"))
     assert record["graph"]["attention"] == "GroupQueryAttention" and "built" in record["graph"]
     assert "fuse" not in record["timings_s"] and "skipped" not in record["original"]
-    assert record["original"]["peak_rss_bytes"] > record["int4"]["peak_rss_bytes"] > 0
+    # Both sessions measured (on a tiny model their peaks are mostly the runtime's own, so not compared).
+    assert record["original"]["peak_rss_bytes"] > 0 and record["int4"]["peak_rss_bytes"] > 0
+    assert record["original"]["bytes"] > 3 * record["int4"]["bytes"]
     assert record["ops"]["GatherBlockQuantized"] == 1 and record["shared_embeddings"]
     tokens = _engine_greedy(tmp_path / "run" / "int4")[1]
     assert len(tokens) == NEW_TOKENS
