@@ -88,14 +88,14 @@ def _unsupported(config, model: onnx.ModelProto) -> str | None:
         return f"model type {config.model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
     if getattr(config, "use_sliding_window", False):
         return "sliding-window attention"
-    if _rope_type(config) not in STATIC_ROPE_TYPES:
-        return f"rotary scaling {_rope_type(config)!r} depends on the sequence length"
+    if rope_type_of(config) not in STATIC_ROPE_TYPES:
+        return f"rotary scaling {rope_type_of(config)!r} depends on the sequence length"
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         return "partial rotary embedding"
     return None
 
 
-def _rope_type(config) -> str:
+def rope_type_of(config) -> str:
     scaling = getattr(config, "rope_scaling", None) or {}
     return scaling.get("rope_type", scaling.get("type", "default"))
 
@@ -104,7 +104,7 @@ def rotary_caches(config) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin (max positions, head_dim / 2) as transformers' rotary embedding computes them."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[_rope_type(config)](config, "cpu")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type_of(config)](config, "cpu")
     positions = np.arange(config.max_position_embeddings, dtype=np.float32)
     angles = positions[:, None] * inv_freq.numpy().astype(np.float32)[None, :]
     return (np.cos(angles) * scaling).astype(np.float32), (np.sin(angles) * scaling).astype(np.float32)
@@ -118,7 +118,7 @@ def _rewrite(model: onnx.ModelProto, config) -> None:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     cos, sin = rotary_caches(config)
-    shared = _shared_inputs(graph)
+    shared = shared_inputs(graph)
     graph.initializer.extend([numpy_helper.from_array(cos, "gqa_cos_cache"), numpy_helper.from_array(sin, "gqa_sin_cache")])
     attention_nodes: dict[str, onnx.NodeProto] = {}  # o_proj node name -> GQA node to insert before it
     replaced_outputs = set()
@@ -161,12 +161,12 @@ def _rewrite(model: onnx.ModelProto, config) -> None:
     kept = [i for i in graph.initializer if i.name in used]
     graph.ClearField("initializer")
     graph.initializer.extend(kept)
-    _keep_last_logits(graph)
+    keep_last_logits(graph)
     use_ms_domain(model)
     model.metadata_props.add(key=FUSED_KEY, value=FUSED_VALUE)
 
 
-def _keep_last_logits(graph: onnx.GraphProto) -> None:
+def keep_last_logits(graph: onnx.GraphProto) -> None:
     """Project only the last `logits_to_keep` positions onto the vocabulary (0, the default: all).
 
     A generated token needs the prompt's last logits alone; for a 256-token prompt the full
@@ -214,7 +214,7 @@ def _scope_output(nodes, produced_by, scope: str) -> str:
     return leaving[0]
 
 
-def _shared_inputs(graph: onnx.GraphProto) -> dict:
+def shared_inputs(graph: onnx.GraphProto) -> dict:
     """seqlens_k, total length and the padding bias, computed once from the attention mask."""
     prefix = "/model/gqa_inputs/"
     constants = {

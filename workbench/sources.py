@@ -466,3 +466,13 @@ def describe_config(config, *, kind: str, name: str, path: Path) -> ModelInfo:
         weights=tuple(weights),
         other_parameters=parameters - matrix_parameters,
     )
+
+
+def load_torch_model(folder: Path, trust_remote_code: bool):
+    """The float32 PyTorch model of a Hugging Face folder, in eval mode, and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

@@ -366,8 +366,9 @@ class QuantizePage(Page):
         self.times.setText(f"Finished in {human_duration(time.monotonic() - self._began)}.")
         self.result.note(
             f"Done: {format_size(record.original.bytes)} → {format_size(record.int4.bytes)} on disk "
-            f"({record.size_ratio:.1f}x smaller), {record.ram_ratio:.1f}x less RAM. "
-            f"Saved in {record.run_dir}. Next: compare the two models' answers."
+            f"({record.size_ratio:.1f}x smaller), "
+            + (f"{record.ram_ratio:.1f}x less RAM. " if record.ram_ratio else "the original was too large to run here. ")
+            + f"Saved in {record.run_dir}. Next: compare the two models' answers."
             + (f"\n{record.tune['explanation']}" if record.tune else "")
         )
         self._name_edited = False

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import MutableMapping
 
 import numpy as np
 import torch
@@ -93,19 +94,21 @@ def gptq_quantize(
     damp: float = 0.01,
     progress: Progress = no_progress,
     cancelled: Cancelled = never_cancelled,
-) -> dict[str, QuantizedWeight]:
+    results: MutableMapping[str, QuantizedWeight] | None = None,
+) -> MutableMapping[str, QuantizedWeight]:
     """Quantize the linears named in `plan` (module name -> 4 or 8 bits) with GPTQ.
 
     `calibration` holds token ids, int64 (samples, tokens). Returns a `QuantizedWeight` per
     planned module, in PyTorch's (out, in) layout, which is MatMulNBits' (N, K). The model's
-    weights are the same afterwards as before.
+    weights are the same afterwards as before. `results` may be a mapping that keeps them elsewhere
+    (workbench.quantization.streamed.SpilledWeights).
     """
     validate_calibration(calibration, METHOD)
     validate_block_size(block_size)
     if not 0 < damp < 1:
         raise ValueError(f"GPTQ dampening must be between 0 and 1 (usually 0.01), not {damp}.")
     resolved = resolve_plan(model, plan, METHOD)
-    results: dict[str, QuantizedWeight] = {}
+    results = {} if results is None else results
     with evaluating(model):
         _run(model, calibration, resolved, results, block_size, symmetric, act_order, damp, progress, cancelled)
     progress(1.0, "done")

@@ -204,9 +204,9 @@ def quantize_onnx(
             done[key] = (quantized, packed_name)
         node = nodes_by_name[target.node]
         if target.role == "embeddings":
-            nodes, extra = _gather_nodes(node, quantized, packed_name, target.layer)
+            nodes, extra = gather_nodes(node, quantized, packed_name, target.layer)
         else:
-            nodes, extra = _matmul_nodes(node, quantized, packed_name, target.layer, settings.accuracy_level)
+            nodes, extra = matmul_nodes(node, quantized, packed_name, target.layer, settings.accuracy_level)
         new_nodes[target.node] = nodes
         new_initializers.extend(extra)
     new_initializers.extend(_override_parameters(graph, initializers, overrides or {}))
@@ -274,7 +274,7 @@ def _is_gathered(target: Target, targets: list[Target], plan: dict[str, int | No
     )
 
 
-def _matmul_nodes(node, quantized: QuantizedWeight, packed_name: str, layer: str, accuracy_level: int):
+def matmul_nodes(node, quantized: QuantizedWeight, packed_name: str, layer: str, accuracy_level: int):
     scales_name = f"{layer}.weight_Q{quantized.bits}_scales"
     initializers = [numpy_helper.from_array(quantized.scales, scales_name)]
     inputs = [node.input[0], packed_name, scales_name]
@@ -297,7 +297,7 @@ def _matmul_nodes(node, quantized: QuantizedWeight, packed_name: str, layer: str
     return [matmul], initializers
 
 
-def _gather_nodes(node, quantized: QuantizedWeight, packed_name: str, layer: str):
+def gather_nodes(node, quantized: QuantizedWeight, packed_name: str, layer: str):
     """GatherBlockQuantized over the (N, blocks, blob) tensor, then back to (batch, seq, K)."""
     prefix = f"{layer}.weight_Q{quantized.bits}_gather"
     n, blocks = quantized.scales.shape

@@ -31,6 +31,13 @@ from workbench.run.report import write_report
 from workbench.layout import INT4, ORIGINAL, folder_model_bytes
 from workbench.run import stages as stage
 from workbench.run.record import ModelFigures, RunRecord, RunSource
+from workbench.run.streamed import (
+    build_original,
+    builder_reason,
+    calibration_samples,
+    quantize_streamed,
+    skipped_original,
+)
 from workbench.run.folders import (
     check_output_dir,
     machine,
@@ -41,9 +48,10 @@ from workbench.run.folders import (
 from workbench.quantization.methods import METHODS
 from workbench.quantization.sensitivity import eight_bit_layers, measure_layers, with_eight_bit
 from workbench.settings import QuantSettings
-from workbench.sources import ResolvedModel, resolve
+from workbench.sources import ResolvedModel, load_torch_model, resolve
 
 log = logging.getLogger(__name__)
+BUILT_FUSION = {"attention": "GroupQueryAttention", "built": "written fused from the weights by the graph builder"}
 
 
 @dataclass
@@ -56,6 +64,8 @@ class Source:
     calibration: str | None  # as run.json records it
     torch_model: object = None
     samples: np.ndarray | None = None
+    built: bool = False  # both graphs written by the graph builder (workbench.run.streamed)
+    original_skipped: str | None = None  # why there is no original/ (too large to run here)
 
     @property
     def info(self):
@@ -125,10 +135,19 @@ def resolve_model(spec: str | ResolvedModel, run_dir: Path, stages: Stages, trus
 
 
 def prepare(model: ResolvedModel, work: Path, stages: Stages, settings: QuantSettings, calibration: Path | None,
-            trust_remote_code: bool, cancelled: Cancelled) -> Source:
+            trust_remote_code: bool, cancelled: Cancelled, *, streamed: bool = True) -> Source:
     """Stage "export" into `work`/original, then, when the settings need them, the PyTorch model
-    and stage "calibration" (from the file, or written by the model itself when there is none)."""
+    and stage "calibration" (from the file, or written by the model itself when there is none).
+    With `streamed` the graph builder writes the graphs where it can (workbench.run.streamed)."""
     original_dir = work / ORIGINAL
+    why_not = builder_reason(model, settings) if streamed else "the PyTorch model is needed"
+    if why_not is None:
+        skipped = stages.run("export", lambda p: build_original(model, original_dir, progress=p, cancelled=cancelled))
+        samples = stages.run("calibration", lambda p: calibration_samples(
+            model, work, settings, calibration, progress=p, cancelled=cancelled)) if settings.needs_calibration else None
+        return Source(model, original_dir, _calibration_label(settings, calibration), samples=samples, built=True,
+                      original_skipped=skipped)
+    log.info("graph builder not used: %s", why_not)
     stages.run(
         "export",
         lambda p: export_onnx(
@@ -138,13 +157,18 @@ def prepare(model: ResolvedModel, work: Path, stages: Stages, settings: QuantSet
     )
     if not settings.needs_calibration:
         return Source(model, original_dir, None)
-    torch_model, tokenizer = _load_torch_model(model.path, trust_remote_code)
+    torch_model, tokenizer = load_torch_model(model.path, trust_remote_code)
     samples = stages.run(
         "calibration",
         lambda p: _calibration_samples(calibration, torch_model, tokenizer, settings, p, cancelled),
     )
-    label = str(calibration) if calibration else "self-written (data-free)"
-    return Source(model, original_dir, label, torch_model, samples)
+    return Source(model, original_dir, _calibration_label(settings, calibration), torch_model, samples)
+
+
+def _calibration_label(settings: QuantSettings, calibration: Path | None) -> str | None:
+    if not settings.needs_calibration:
+        return None
+    return str(calibration) if calibration else "self-written (data-free)"
 
 
 def quantize_int4(stages: Stages, source: Source, dest: Path, settings: QuantSettings, sensitivity: dict | None,
@@ -152,6 +176,9 @@ def quantize_int4(stages: Stages, source: Source, dest: Path, settings: QuantSet
     """The method's own pass on the PyTorch model when it has one (GPTQ, AWQ), then the INT4 graph in
     `dest` (stages of `method_stages`); the layers chosen in a `sensitivity` section stay at 8 bits."""
     settings = with_eight_bit(settings, eight_bit_layers(sensitivity))
+    if source.built:
+        return quantize_streamed(stages, source.model, source.samples, dest, settings,
+                                 _torch_plan(source.info, settings), cancelled)
     method = METHODS[settings.method]
     precomputed = overrides = None
     if method.function:
@@ -176,8 +203,10 @@ def finish_run(work: Path, stages: Stages, source: Source, settings: QuantSettin
     `extra` sections: RunRecord fields) and the report."""
     int4_dir = work / INT4
     # After quantization, which maps MatMuls to modules by node name.
-    fusion = stages.run("fuse", lambda p: _fuse(source.original_dir, int4_dir, p, cancelled))
-    measured = stages.run("measure", lambda p: _measure(source.original_dir, int4_dir, source.info, p, cancelled))
+    fusion = BUILT_FUSION if source.built else stages.run(
+        "fuse", lambda p: _fuse(source.original_dir, int4_dir, p, cancelled))
+    measured = stages.run("measure", lambda p: _measure(source.original_dir, int4_dir, source.info, p, cancelled,
+                                                        skipped=source.original_skipped))
     check(cancelled)
     model, info = source.model, source.info
     record = RunRecord(
@@ -222,14 +251,6 @@ def _fuse(original_dir: Path, int4_dir: Path, progress: Progress, cancelled: Can
     return {"attention": "GroupQueryAttention", "nodes": {"original": first.nodes_after, "int4": second.nodes_after}}
 
 
-def _load_torch_model(folder: Path, trust_remote_code: bool):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-
 
 def _calibration_samples(path, model, tokenizer, settings: QuantSettings, progress: Progress, cancelled: Cancelled):
     from workbench.quantization.calibration import read_texts, self_written_samples, token_samples
@@ -250,10 +271,14 @@ def _torch_plan(info, settings: QuantSettings) -> dict[str, int]:
     return {name: bits for name, bits in layer_plan(info, settings).items() if bits and name not in embeddings}
 
 
-def _measure(original_dir: Path, int4_dir: Path, info, progress: Progress, cancelled: Cancelled) -> dict:
-    """Sizes per component (disk) and measured peak RAM of a real session for both models."""
-    record = {}
+def _measure(original_dir: Path, int4_dir: Path, info, progress: Progress, cancelled: Cancelled,
+             skipped: str | None = None) -> dict:
+    """Sizes per component (disk) and measured peak RAM of a real session for both models (the INT4 one
+    alone when the original was `skipped`, with the reason)."""
+    record = {ORIGINAL: skipped_original(info, skipped)} if skipped else {}
     for index, (key, folder) in enumerate(((ORIGINAL, original_dir), (INT4, int4_dir))):
+        if key in record:
+            continue
         disk = graph_sizes(folder, info)
         memory = measure_session_memory(
             folder,
@@ -268,7 +293,7 @@ def _measure(original_dir: Path, int4_dir: Path, info, progress: Progress, cance
         }
     original, int4 = record[ORIGINAL], record[INT4]
     record["size_ratio"] = round(original["bytes"] / int4["bytes"], 3)
-    record["ram_ratio"] = round(original["peak_rss_bytes"] / int4["peak_rss_bytes"], 3)
+    record["ram_ratio"] = round(original["peak_rss_bytes"] / int4["peak_rss_bytes"], 3) if not skipped else None
     record["bits_per_weight"] = round(8 * int4["bytes"] / info.parameters, 3)
     return record
 

@@ -73,14 +73,18 @@ class RunSource:
 class ModelFigures:
     """One model of the run (original or INT4) as measured: sizes per component, peak RAM of a session."""
 
-    bytes: int  # graph and weights
+    bytes: int  # graph and weights (for a skipped original: from the weight shapes)
     components: dict[str, int]  # on disk
     ram_components: dict[str, int]
-    peak_rss_bytes: int
+    peak_rss_bytes: int | None  # None when the model was not run (`skipped`)
+    skipped: str | None = None  # why the original was not written here (too large to run on this machine)
 
     def to_dict(self) -> dict:
-        return {"bytes": self.bytes, "components": self.components, "ram_components": self.ram_components,
+        data = {"bytes": self.bytes, "components": self.components, "ram_components": self.ram_components,
                 "peak_rss_bytes": self.peak_rss_bytes}
+        if self.skipped is not None:
+            data["skipped"] = self.skipped
+        return data
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,7 @@ class RunRecord:
     original: ModelFigures
     int4: ModelFigures
     size_ratio: float
-    ram_ratio: float
+    ram_ratio: float | None  # None when the original was skipped
     bits_per_weight: float
     graph: dict  # attention fusion: {"attention": ..., "reason" or "nodes"}
     int4_layers: dict[str, int | None]  # bits per layer, None = kept fp32

@@ -19,7 +19,8 @@ def write_report(run_dir: Path, record: RunRecord) -> None:
             run_dir / CHART_FILE,
             {"disk": record.original.components, "ram": record.original.ram_components},
             {"disk": record.int4.components, "ram": record.int4.ram_components},
-            f"{record.source.name}: {record.size_ratio:.1f}x smaller on disk, {record.ram_ratio:.1f}x less RAM",
+            f"{record.source.name}: {record.size_ratio:.1f}x smaller on disk, "
+            + (f"{record.ram_ratio:.1f}x less RAM" if record.ram_ratio else "original not run"),
         )
         if record.tune is not None:
             draw_tune_chart(run_dir / TUNE_CHART_FILE, record.tune)

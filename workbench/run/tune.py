@@ -111,7 +111,8 @@ def tune_run(
     _check_text_length(model, text)
     calibrated = next((c for c in candidates if c.needs_calibration), candidates[0])
     with staged_dir(run_dir) as work:
-        source = prepare(model, work, stages, calibrated, calibration, trust_remote_code, cancelled)
+        # Candidates measure their sensitive layers on the PyTorch model: the export path keeps it.
+        source = prepare(model, work, stages, calibrated, calibration, trust_remote_code, cancelled, streamed=False)
         tuner = _Tuner(source, work / CANDIDATE_FOLDER, max_quality_loss_pct, text, tokens, cancelled)
         every = [_Candidate(settings) for settings in candidates]
         for candidate in every:

@@ -10,13 +10,19 @@ from workbench.layout import CHART_FILE, TUNE_CHART_FILE
 from workbench.run.record import QualityResult, RunRecord, Speed
 from workbench.units import format_size
 
+def ram_text(value: int | None) -> str:
+    """A measured peak RAM, or that the model was not run."""
+    return format_size(value) if value is not None else "not run"
+
+
 def machine_text(machine: dict) -> str:
     return f"{machine['processor']}, {machine['cpu_count']} cores, {format_size(machine['ram_bytes'])} RAM"
 
 
 def verdict(record: RunRecord) -> str:
     """One plain sentence on what was saved and what it cost."""
-    saved = f"The INT4 model is {record.size_ratio:.1f}x smaller on disk and needs {record.ram_ratio:.1f}x less RAM"
+    saved = f"The INT4 model is {record.size_ratio:.1f}x smaller on disk and " + (
+        f"needs {record.ram_ratio:.1f}x less RAM" if record.ram_ratio else "the original was too large to run here")
     if record.speed:
         saved += f", and writes {record.speed.speedup:.1f}x as fast"
     if not record.quality:
@@ -41,7 +47,7 @@ def quantized_line(record: RunRecord) -> str:
     return (
         f"{record.run_dir}: {format_size(record.original.bytes)} -> {format_size(record.int4.bytes)} "
         f"({record.size_ratio:.2f}x smaller, {record.bits_per_weight:.2f} bits/weight), "
-        f"RAM {record.ram_ratio:.2f}x less; stages: "
+        + (f"RAM {record.ram_ratio:.2f}x less; " if record.ram_ratio else "original not run; ") + "stages: "
         + ", ".join(f"{k} {v:.1f}s" for k, v in record.timings_s.items())
     )
 
@@ -62,8 +68,8 @@ def figure_rows(record: RunRecord) -> dict[str, tuple[str, str, str]]:
     original, int4 = record.original, record.int4
     return {
         "disk": (format_size(original.bytes), format_size(int4.bytes), f"{record.size_ratio:.1f}x smaller"),
-        "ram": (format_size(original.peak_rss_bytes), format_size(int4.peak_rss_bytes),
-                f"{record.ram_ratio:.1f}x less"),
+        "ram": (ram_text(original.peak_rss_bytes), format_size(int4.peak_rss_bytes),
+                f"{record.ram_ratio:.1f}x less" if record.ram_ratio else "original not run"),
         "bits": ("32", f"{record.bits_per_weight:.1f}", ""),
     }
 
@@ -108,8 +114,9 @@ def card_saved_lines(record: RunRecord) -> list[str]:
     lines = [
         f"- On disk: {format_size(original.bytes)} → {format_size(int4.bytes)} ({record.size_ratio:.1f}x smaller, "
         f"{record.bits_per_weight:.1f} bits per weight).",
-        f"- Memory while answering: {format_size(original.peak_rss_bytes)} → {format_size(int4.peak_rss_bytes)} peak "
-        f"({record.ram_ratio:.1f}x less), on the CPU of {machine_text(record.machine)}.",
+        f"- Memory while answering: {ram_text(original.peak_rss_bytes)} → {format_size(int4.peak_rss_bytes)} peak "
+        + (f"({record.ram_ratio:.1f}x less)" if record.ram_ratio else f"(the original was not run: {original.skipped})")
+        + f", on the CPU of {machine_text(record.machine)}.",
     ]
     speed = record.speed
     if speed:
@@ -238,10 +245,10 @@ def render_report(record: RunRecord) -> str:
             f"{format_size(int4.components[component])} |"
         )
     lines += [
-        f"| peak RAM (measured) | {format_size(original.peak_rss_bytes)} | {format_size(int4.peak_rss_bytes)} |",
+        f"| peak RAM (measured) | {ram_text(original.peak_rss_bytes)} | {format_size(int4.peak_rss_bytes)} |",
         "",
         f"Size ratio {record.size_ratio:.2f}x, {record.bits_per_weight:.2f} bits per weight overall, "
-        f"RAM ratio {record.ram_ratio:.2f}x.",
+        + (f"RAM ratio {record.ram_ratio:.2f}x." if record.ram_ratio else f"Original: {original.skipped}."),
         "",
         "## Quality",
         "",

@@ -1,0 +1,256 @@
+"""The streaming graph builder on tiny random models: PyTorch's logits and tokens, the INT4 pass's weights."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from models import build_tokenizer
+from onnx import numpy_helper
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GraniteConfig,
+    MistralConfig,
+    Qwen3Config,
+)
+
+from exporters.builder import SUPPORTED_MODEL_TYPES, build_decoder, supports
+from exporters.optimize import fuse_folder
+from workbench.errors import WorkbenchError
+from workbench.generation.engine import CausalLM, GenerationConfig, generate
+from workbench.quantization.int4_graph import quantize_onnx, written_op_counts
+from workbench.settings import QuantSettings
+from workbench.sources import inspect_folder
+
+PROMPT = [5, 17, 42, 8, 99, 120, 33, 64, 7, 250, 31]
+NEW_TOKENS = 12
+# fp32 graph against PyTorch in fp32: fused kernels sum in another order, nothing more.
+LOGITS_ATOL = 1e-4
+
+
+def _extra_model(path: Path, config_class, **extra) -> Path:
+    """A tiny random model of an architecture tests/models.py does not build."""
+    path.mkdir(parents=True)
+    tokenizer = build_tokenizer(path)
+    config = config_class(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **extra,
+    )
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.15) if parameter.dim() == 2 else parameter.uniform_(0.5, 1.5)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _smollm3(path: Path) -> Path:
+    from transformers import SmolLM3Config
+
+    return _extra_model(path, SmolLM3Config, no_rope_layers=[1, 0], tie_word_embeddings=True)
+
+
+EXTRA = {
+    "llama3-rope": lambda p: _extra_model(p, __import__("transformers").LlamaConfig, tie_word_embeddings=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}),
+    "mistral": lambda p: _extra_model(p, MistralConfig, tie_word_embeddings=False, sliding_window=None),
+    # A window shorter than the prompt, so the masking is exercised.
+    "mistral-window": lambda p: _extra_model(p, MistralConfig, tie_word_embeddings=False, sliding_window=5),
+    "qwen3": lambda p: _extra_model(p, Qwen3Config, head_dim=32, tie_word_embeddings=True),
+    "granite": lambda p: _extra_model(p, GraniteConfig, tie_word_embeddings=True, embedding_multiplier=4.0,
+                                      residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.0),
+    "smollm3": _smollm3,
+}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", *EXTRA])
+def hf_model(request, tiny_llama, tiny_qwen, tmp_path_factory) -> Path:
+    if request.param == "llama":
+        return tiny_llama
+    if request.param == "qwen2":
+        return tiny_qwen
+    return EXTRA[request.param](tmp_path_factory.mktemp(request.param) / "model")
+
+
+def _torch_greedy(model_dir: Path) -> tuple[np.ndarray, list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        logits = model(ids).logits.numpy()
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, min_new_tokens=NEW_TOKENS)
+    return logits, out[0, len(PROMPT):].tolist()
+
+
+def _engine_greedy(folder: Path) -> tuple[np.ndarray, list[int]]:
+    model = CausalLM(str(folder / "model.onnx"), context_length=256)
+    logits, _ = model.forward(np.asarray([PROMPT], np.int64))
+    return logits, generate(model, PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS)).tokens
+
+
+def test_fp32_graph_matches_pytorch(hf_model, tmp_path):
+    """Every supported family: logits within LOGITS_ATOL of transformers and the same greedy tokens,
+    through the engine's cached, shared-buffer decoding."""
+    result = build_decoder(hf_model, tmp_path / "original", inspect_folder(hf_model), None)
+    ops = written_op_counts(tmp_path / "original")
+    assert ops["GroupQueryAttention"] == 2 and "MatMulNBits" not in ops
+    assert set(result.layer_bits.values()) == {None}
+    reference_logits, reference_tokens = _torch_greedy(hf_model)
+    logits, tokens = _engine_greedy(tmp_path / "original")
+    np.testing.assert_allclose(logits, reference_logits, atol=LOGITS_ATOL, rtol=0)
+    assert tokens == reference_tokens
+    assert (tmp_path / "original" / "tokenizer.json").is_file()
+
+
+def _initializers(folder: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(folder / "model.onnx"))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("settings", [
+    QuantSettings(),
+    QuantSettings(symmetric=False, block_size=64, eight_bit=("*.down_proj",), accuracy_level=0),
+    QuantSettings(method="hqq", exclude=("lm_head",)),
+], ids=["rtn-symmetric", "rtn-asymmetric-8bit", "hqq-fp32-lm-head"])
+def test_int4_graph_equals_the_int4_pass(tiny_pair, settings, tmp_path):
+    """The builder's INT4 graph holds the very tensors the current pipeline (optimum export, INT4 pass,
+    fusion) writes, bit for bit, and gives the same logits and tokens."""
+    hf_dir, onnx_dir = tiny_pair
+    info = inspect_folder(hf_dir)
+    pipeline = tmp_path / "pipeline"
+    expected = quantize_onnx(onnx_dir, pipeline, info, settings)
+    assert fuse_folder(pipeline).fused
+    built = build_decoder(hf_dir, tmp_path / "built", info, settings)
+    assert built.layer_bits == expected.layer_bits
+    assert built.shared_embeddings == expected.shared_embeddings
+    assert written_op_counts(tmp_path / "built")["MatMulNBits"] == written_op_counts(pipeline)["MatMulNBits"]
+    theirs, ours = _initializers(pipeline), _initializers(tmp_path / "built")
+    quantized = [name for name in theirs if "_Q4" in name or "_Q8" in name]
+    assert quantized and all(name in ours for name in quantized)
+    for name in quantized:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    pipeline_logits, pipeline_tokens = _engine_greedy(pipeline)
+    logits, tokens = _engine_greedy(tmp_path / "built")
+    np.testing.assert_allclose(logits, pipeline_logits, atol=LOGITS_ATOL, rtol=0)
+    assert tokens == pipeline_tokens and len(tokens) == NEW_TOKENS
+
+
+def test_unknown_architecture_is_named(tiny_llama, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    reason = supports(folder, "gpt2")
+    assert "gpt2" in reason and all(name in reason for name in SUPPORTED_MODEL_TYPES)
+    config = AutoConfig.from_pretrained(folder)
+    config.hidden_act = "gelu"
+    config.save_pretrained(folder)
+    with pytest.raises(WorkbenchError, match="activation 'gelu'"):
+        build_decoder(folder, tmp_path / "out", inspect_folder(folder), QuantSettings())
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    assert "safetensors" in supports(folder, "llama")
+
+
+def test_rtn_run_takes_the_streamed_path(tiny_llama, tmp_path):
+    """quantize --method rtn on a supported architecture: both graphs from the builder, both measured."""
+    from workbench.run.pipeline import quantize_run
+
+    record = quantize_run(str(tiny_llama), tmp_path / "run", QuantSettings(method="rtn"))
+    assert record.graph["attention"] == "GroupQueryAttention" and "built" in record.graph
+    assert "fuse" not in record.timings_s and record.original.skipped is None
+    # Both sessions measured (on a tiny model their peaks are mostly the runtime's own, so not compared).
+    assert record.original.peak_rss_bytes > 0 and record.int4.peak_rss_bytes > 0
+    assert record.original.bytes > 3 * record.int4.bytes
+    assert record.ops["GatherBlockQuantized"] == 1 and record.shared_embeddings
+    tokens = _engine_greedy(tmp_path / "run" / "int4")[1]
+    assert len(tokens) == NEW_TOKENS
+
+
+def test_original_too_large_to_run_is_skipped_with_the_reason(tiny_llama, tmp_path, monkeypatch):
+    import dataclasses
+
+    from workbench.run import streamed
+    from workbench.run.folders import load_run
+    from workbench.run.pipeline import quantize_run
+
+    info = inspect_folder(tiny_llama)
+    huge = dataclasses.replace(info, parameters=10**12)  # 4 TB in fp32: no machine runs it
+    reason = streamed.original_skip_reason(huge, tmp_path)
+    assert "RAM to run" in reason and streamed.original_skip_reason(info, tmp_path) is None
+    monkeypatch.setattr(streamed, "original_skip_reason", lambda info, dest: reason)
+    record = quantize_run(str(tiny_llama), tmp_path / "run", QuantSettings(method="rtn"))
+    assert not (tmp_path / "run" / "original").exists()
+    assert record.original.skipped == reason and record.original.peak_rss_bytes is None
+    assert load_run(tmp_path / "run").original.skipped == reason  # run.json says why, and reads back
+    assert record.ram_ratio is None and record.int4.peak_rss_bytes > 0
+    assert record.size_ratio > 3  # against the fp32 size the weight shapes give
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert reason in report and "too large to run here" in report
+
+
+def test_streamed_gptq_equals_gptq_on_the_whole_model(tiny_qwen, tiny_qwen_onnx, tmp_path):
+    """One decoder layer in memory at a time, results spilled to files: the very codes, scales and zero points,
+    and the builder writes them as the INT4 pass does."""
+    from workbench.quantization.gptq import gptq_quantize
+    from workbench.quantization.streamed import SpilledWeights, streamed_gptq
+    from workbench.run.pipeline import _torch_plan
+
+    settings = QuantSettings(method="gptq", symmetric=False, act_order=True)
+    plan = _torch_plan(inspect_folder(tiny_qwen), settings)
+    samples = np.random.default_rng(0).integers(3, 380, (6, 48))
+    options = {"block_size": settings.block_size, "symmetric": False, "act_order": True}
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen, dtype=torch.float32)
+    expected = gptq_quantize(model, torch.as_tensor(samples), plan, **options)
+    spilled = streamed_gptq(tiny_qwen, samples, plan, SpilledWeights(tmp_path / "spill"), progress=lambda f, m: None,
+                            cancelled=lambda: False, **options)
+    assert sorted(spilled) == sorted(expected) == sorted(plan) and len(list((tmp_path / "spill").glob("*.npz"))) == len(plan)
+    for name, weight in expected.items():
+        ours = spilled[name]
+        for field in ("q", "scales", "zero_points"):
+            np.testing.assert_array_equal(getattr(ours, field), getattr(weight, field), err_msg=f"{name}.{field}")
+    info = inspect_folder(tiny_qwen)
+    quantize_onnx(tiny_qwen_onnx, tmp_path / "pipeline", info, settings, precomputed=expected)
+    build_decoder(tiny_qwen, tmp_path / "built", info, settings, precomputed=spilled)
+    theirs, ours = _initializers(tmp_path / "pipeline"), _initializers(tmp_path / "built")
+    for name in [n for n in theirs if "_Q4" in n]:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+
+def test_data_free_gptq_run_is_streamed(tiny_llama, tmp_path):
+    """The balanced preset's method, data-free: calibration text from the RTN INT4 copy, GPTQ layer by layer,
+    written by the builder; the engine decodes the result."""
+    from workbench.run.pipeline import quantize_run
+
+    settings = QuantSettings(method="gptq", symmetric=False, act_order=True, calibration_samples=4,
+                             calibration_tokens=32)
+    record = quantize_run(str(tiny_llama), tmp_path / "run", settings)
+    assert "built" in record.graph and record.calibration == "self-written (data-free)"
+    assert {"export", "calibration", "gptq", "int4", "measure"} <= set(record.timings_s)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["int4", "memory.png", "original", "report.md",
+                                                                     "run.json"]
+    assert len(_engine_greedy(tmp_path / "run" / "int4")[1]) == NEW_TOKENS
+
+
+def test_rtn_copy_writes_calibration_text(tiny_llama, tmp_path):
+    """Data-free calibration for models too large for PyTorch: the RTN INT4 graph samples the text, with the
+    sampling of the PyTorch writer (BOS, a random ordinary first token, top-p), the same tokens for one seed."""
+    from transformers import AutoTokenizer
+
+    from workbench.quantization.streamed import onnx_written_samples
+
+    build_decoder(tiny_llama, tmp_path / "rtn", inspect_folder(tiny_llama), QuantSettings())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    first, again = (onnx_written_samples(tiny_llama, tmp_path / "rtn", tokenizer, 3, 24, progress=lambda f, m: None,
+                                         cancelled=lambda: False) for _ in range(2))
+    assert first.shape == (3, 24) and first.dtype == np.int64
+    np.testing.assert_array_equal(first, again)
+    assert (first[:, 0] == tokenizer.bos_token_id).all() and first.max() < len(tokenizer)
+    assert len({tuple(row) for row in first}) == 3

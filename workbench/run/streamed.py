@@ -1,0 +1,133 @@
+"""The streamed path of a run: the graph builder writes both graphs straight from the safetensors.
+
+On an architecture the builder knows, RTN, HQQ and GPTQ need no fp32 copy of the model: the INT4
+graph is written tensor by tensor, GPTQ holds one decoder layer at a time
+(workbench.quantization.streamed), and data-free calibration text comes from a round-to-nearest
+INT4 copy on ONNX Runtime. The fp32 original is written too,
+the same way, when this machine could run it for the comparison; otherwise it is skipped and the
+run says why (ONNX Runtime's CPU kernels have no bf16 MatMul, so a bf16 original cannot stand in).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from exporters.builder import build_decoder, supports
+from workbench.jobs import Cancelled, Progress, Stages, sub_progress
+from workbench.quantization.streamed import (
+    SpilledWeights,
+    onnx_written_samples,
+    streamed_gptq,
+)
+from workbench.run.memory import (
+    FITS,
+    NO_FIT,
+    RUN_RAM_FACTOR,
+    RUNTIME_OVERHEAD_BYTES,
+    fit_verdict,
+    original_sizes,
+)
+from workbench.settings import QuantSettings
+from workbench.sources import ModelInfo, ResolvedModel
+
+log = logging.getLogger(__name__)
+STREAMED_METHODS = ("rtn", "hqq", "gptq")
+
+
+def builder_reason(model: ResolvedModel, settings: QuantSettings) -> str | None:
+    """None when the run can take the streamed path, else why not (the optimum export is used then)."""
+    if settings.method not in STREAMED_METHODS or settings.sensitive_8bit_pct:
+        return f"{settings.method}{' with sensitive 8-bit layers' if settings.sensitive_8bit_pct else ''} runs on " \
+               "the whole PyTorch model"
+    return supports(model.path, model.info.model_type)
+
+
+def _run_ram(info: ModelInfo) -> int:
+    """RAM to run the fp32 model (the rule of thumb `info` uses)."""
+    return int(info.fp32_bytes * RUN_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES)
+
+
+def original_skip_reason(info: ModelInfo, dest: Path) -> str | None:
+    """Why the fp32 original is not written here: it would not run in this machine's free memory, or not fit
+    on its disk; None when it is written."""
+    needed = _run_ram(info)
+    available = psutil.virtual_memory().available
+    if fit_verdict(needed, available) == NO_FIT:
+        return (f"the fp32 original needs about {needed / 2**30:.1f} GiB of RAM to run and {available / 2**30:.1f} "
+                "GiB are free, so it was not written; the INT4 model is measured alone")
+    free = shutil.disk_usage(dest.parent).free
+    if free < 1.2 * info.fp32_bytes:
+        return (f"the fp32 original takes {info.fp32_bytes / 2**30:.1f} GiB and {free / 2**30:.1f} GiB of disk "
+                "are free, so it was not written; the INT4 model is measured alone")
+    return None
+
+
+def build_original(model: ResolvedModel, dest: Path, *, progress: Progress, cancelled: Cancelled) -> str | None:
+    """The fp32 original in `dest`, or the reason it was skipped."""
+    reason = original_skip_reason(model.info, dest)
+    if reason:
+        log.warning("original skipped: %s", reason)
+        return reason
+    build_decoder(model.path, dest, model.info, None, progress=progress, cancelled=cancelled)
+    return None
+
+
+def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSettings, calibration: Path | None, *,
+                        progress: Progress, cancelled: Cancelled) -> np.ndarray:
+    """Token samples from the calibration file, or written by the model itself (data-free).
+
+    The float model in PyTorch writes them where it fits comfortably in the free RAM: streamed GPTQ
+    is bit-exact with GPTQ on the whole model, so the run then equals the export path's. A larger
+    model's text is written by an RTN INT4 copy on ONNX Runtime (which of the two writes better
+    calibration text is not measured yet).
+    """
+    from transformers import AutoTokenizer
+
+    from workbench.quantization.calibration import read_texts, token_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    n, length = settings.calibration_samples, settings.calibration_tokens
+    if calibration is not None:
+        progress(0.0, f"reading {calibration.name}")
+        return token_samples(read_texts(calibration, tokens=settings.calibration_token_count), tokenizer, n, length)
+    if fit_verdict(_run_ram(model.info), psutil.virtual_memory().available) == FITS:
+        from workbench.quantization.calibration import self_written_samples
+        from workbench.sources import load_torch_model
+
+        torch_model, _ = load_torch_model(model.path, trust_remote_code=False)
+        return self_written_samples(torch_model, tokenizer, n, length, progress=progress, cancelled=cancelled)
+    log.info("calibration text written by an RTN INT4 copy: the float model does not fit comfortably")
+    writer = Path(tempfile.mkdtemp(prefix=".calibration-writer-", dir=work))
+    try:
+        build_decoder(model.path, writer, model.info, QuantSettings(method="rtn"),
+                      progress=sub_progress(progress, 0.0, 0.1, prefix="RTN copy: "), cancelled=cancelled)
+        return onnx_written_samples(model.path, writer, tokenizer, n, length,
+                                    progress=sub_progress(progress, 0.1, 1.0), cancelled=cancelled)
+    finally:
+        shutil.rmtree(writer, ignore_errors=True)
+
+
+def quantize_streamed(stages: Stages, model: ResolvedModel, samples: np.ndarray | None, dest: Path,
+                      settings: QuantSettings, plan: dict[str, int], cancelled: Cancelled):
+    """Stages "gptq" (for GPTQ, on `plan`: module -> bits) and "int4": the INT4 graph in `dest`."""
+    with tempfile.TemporaryDirectory(prefix=".gptq-", dir=dest.parent) as spill:
+        precomputed = None
+        if settings.method == "gptq":
+            precomputed = stages.run("gptq", lambda p: streamed_gptq(
+                model.path, samples, plan, SpilledWeights(Path(spill)), block_size=settings.block_size,
+                symmetric=settings.symmetric, act_order=settings.act_order, progress=p, cancelled=cancelled))
+        return stages.run("int4", lambda p: build_decoder(model.path, dest, model.info, settings,
+                                                          precomputed=precomputed, progress=p, cancelled=cancelled))
+
+
+def skipped_original(info: ModelInfo, reason: str) -> dict:
+    """The original's entry in run.json when it was not written: sizes from the weight shapes, no RAM figure."""
+    sizes = original_sizes(info)
+    return {"bytes": sum(sizes.values()), "components": sizes, "ram_components": {}, "peak_rss_bytes": None,
+            "skipped": reason}
