@@ -56,7 +56,9 @@ def judge(
             min(len(tokenizer.decode(list(int4_answer[:n]), skip_special_tokens=True)), len(int4_text))
             for n in (position, position + 1)
         )
-        unlikely.append({
+        while start < end and int4_text[start].isspace():  # mark the word, not the space before it
+            start += 1
+        unlikely.append({  # start, end: where the token's visible text is in int4_text
             "position": int(position),
             "text": tokenizer.decode([int(int4_answer[position])], skip_special_tokens=True),
             "probability": round(float(probabilities[position]), 4),
