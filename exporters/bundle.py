@@ -37,6 +37,7 @@ from workbench import __version__
 from workbench.generation import engine
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, Stages, check, never_cancelled, no_progress
+from workbench.quality.verdict import scale_words
 from workbench.run.report import verdict
 from workbench.run.folders import DISK_FULL, INT4, check_output_dir, load_run, staged_dir, write_json
 from workbench.generation.runtime import ChatModel, _context_length, _eos_token_ids, choose_provider, user_errors
@@ -518,6 +519,7 @@ def model_card(record: dict, layout: Layout, genai: dict) -> str:
                 f"({q['perplexity_increase_pct']:+.1f} %); the INT4 model picks the same next word as the original "
                 f"{q['top1_agreement'] * 100:.0f} % of the time."
             )
+        lines.append(f"- {scale_words()}")
     else:
         lines.append("- Not measured: the quality cost of this model is unknown.")
     lines += ["", "## Run it", ""]

@@ -59,3 +59,22 @@ def tiny_pair(request, tiny_llama, tiny_qwen, tiny_llama_onnx, tiny_qwen_onnx) -
     if request.param == "llama":
         return tiny_llama, tiny_llama_onnx
     return tiny_qwen, tiny_qwen_onnx
+
+
+@pytest.fixture(scope="session")
+def qapp(qapp_args):
+    """pytest-qt's application, made the way the app makes it (style, font, theme)."""
+    from ui.app import create_app
+
+    return create_app(qapp_args)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama, tmp_path_factory) -> Path:
+    """A finished run of the tiny model (RTN, recorded under the balanced preset), alone in its runs folder."""
+    from workbench.run.pipeline import quantize_run
+    from workbench.settings import QuantSettings
+
+    run = tmp_path_factory.mktemp("runs") / "tiny-rtn"
+    quantize_run(str(tiny_llama), run, QuantSettings(method="rtn"), preset="balanced")
+    return run

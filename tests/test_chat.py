@@ -12,17 +12,9 @@ from workbench.generation import chat
 from workbench.generation.compare import CompareOptions, compare
 from workbench.generation.engine import GenerationConfig
 from workbench.generation.runtime import ChatModel
-from workbench.run.pipeline import quantize_run
-from workbench.settings import QuantSettings
 
 OPTIONS = CompareOptions(config=GenerationConfig(max_new_tokens=16), provider="cpu", measure_memory=False)
 
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_llama, tmp_path_factory):
-    run = tmp_path_factory.mktemp("run") / "run"
-    quantize_run(str(tiny_llama), run, QuantSettings(method="rtn", block_size=16, symmetric=False))
-    return run
 
 
 def test_both_models_stream_at_the_same_time(tiny_run):

@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
 
 from ui.glossary import tip
 from ui.jobs import Job
+from workbench.durations import human_duration  # noqa: F401 (the pages take it from here)
 from workbench.run.memory import FITS, NO_FIT, TIGHT, fit_verdict
 
 FIT_COLOURS = {FITS: "#2e7d32", TIGHT: "#b26a00", NO_FIT: "#c62828"}
@@ -37,15 +38,6 @@ def human_count(value: int) -> str:
     if value >= 1e6:
         return f"{value / 1e6:,.1f} million"
     return f"{value:,}"
-
-
-def human_duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def with_tip(widget: QWidget, term: str) -> QWidget:
@@ -71,8 +63,9 @@ def show_error(parent: QWidget, title: str, message: str, details: str = "") -> 
     return box
 
 
-def open_path(path: Path) -> None:
-    QDesktopServices.openUrl(QUrl.fromLocalFile(str(path)))
+def open_path(path: Path) -> bool:
+    """Show `path` with the desktop's program for it; False where none could be started."""
+    return QDesktopServices.openUrl(QUrl.fromLocalFile(str(path)))
 
 
 class InlineMessage(QLabel):

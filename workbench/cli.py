@@ -55,6 +55,8 @@ def _mb(value: int) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from workbench.run.memory import fit_verdict, original_sizes, preset_estimates, ram_estimates
+    from workbench.durations import rough_duration
+    from workbench.run.pipeline import estimate_run
     from workbench.sources import resolve
 
     with progress_bar(not args.quiet) as progress:
@@ -90,6 +92,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     for name, size in presets.items():
         lines.append(f"  INT4 {name:<10} {_mb(size)} ({fp32_onnx / size:.1f}x smaller)  {PRESETS[name].description}")
+    data["estimates"] = {}
+    for name, preset in PRESETS.items():
+        planned = estimate_run(info.parameters, preset.settings)
+        # Exporting the original is the step that needs the most memory (memory.ram_estimates).
+        data["estimates"][name] = {"seconds": round(planned.seconds), "estimate": planned.basis,
+                                   "peak_ram_bytes": ram["export"]}
+        lines.append(f"  time {name:<10} about {rough_duration(planned.seconds)} ({planned.basis})")
     free = ram["machine_available"]
     data["fit"] = {step: fit_verdict(ram[step], free) for step in ("export", "run_original", "run_int4")}
     lines += [

@@ -58,6 +58,8 @@ UNLIKELY_COLOUR = "#ffe08a"
 MARK_START, MARK_END = "\ue000", "\ue001"
 MAX_LISTED_PLACES = 12
 MEMORY_INTERVAL_MS = 500
+MEMORY_NOW = "Memory this app holds now, both models together"
+MEMORY_THEN = "Memory this app held while both models wrote"
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 NO_SEED = -1
 FINISH_REASONS = {
@@ -103,7 +105,7 @@ class AnswerColumn(QGroupBox):
         self.key = key
         self.text = QTextBrowser()
         self.text.setOpenExternalLinks(True)
-        self.text.setMinimumHeight(260)
+        self.text.setMinimumHeight(300)
         self.turns: list[tuple[str, str, list[tuple[int, int]]]] = []  # (prompt, answer, highlighted spans)
         self.prompt = ""  # the prompt being answered now
         self.pieces: list[str] = []  # of the answer being written, one per token
@@ -275,7 +277,7 @@ class ComparePage(Page):
         self.body.addWidget(self.agreement)
 
         self.prompt = QPlainTextEdit(DEFAULT_PROMPT)
-        self.prompt.setPlaceholderText("Ask what you would ask the model at work…")
+        self.prompt.setPlaceholderText("Ask what you would ask the model at work, or follow up on the answers…")
         self.prompt.setFixedHeight(72)
         self.body.addWidget(self.prompt)
 
@@ -495,6 +497,8 @@ class ComparePage(Page):
 
     def _finished(self, outcome) -> None:
         conversation = outcome[1] if isinstance(outcome, tuple) else outcome
+        if conversation.turns[-1]["prompt"] == self.prompt.toPlainText():
+            self.prompt.clear()  # asked and answered: the box is ready for the next turn
         self.show_conversation(conversation)
         self._list_conversations()
 
@@ -511,6 +515,7 @@ class ComparePage(Page):
     def _ended(self) -> None:
         self._job = None
         self._memory_timer.stop()
+        self.memory_now.setText(self.memory_now.text().replace(MEMORY_NOW, MEMORY_THEN))
         for button in (self.run_button, self.file_button, self.new_button):
             button.setEnabled(True)
         self.conversations.setEnabled(True)
@@ -518,7 +523,7 @@ class ComparePage(Page):
 
     def _show_memory_now(self) -> None:
         rss = psutil.Process().memory_info().rss
-        self.memory_now.setText(f"Memory this app holds now, both models together: {human_bytes(rss)}")
+        self.memory_now.setText(f"{MEMORY_NOW}: {human_bytes(rss)}")
 
     # -- showing a conversation --------------------------------------------------------------
 

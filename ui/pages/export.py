@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -13,6 +15,7 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QPushButton,
     QVBoxLayout,
 )
@@ -50,6 +53,27 @@ def bundle_path(parent: Path, run_dir: Path, target: str) -> Path:
     return parent / stem  # the core then says it exists
 
 
+def destination_in(folder: Path, run_dir: Path, target: str) -> Path:
+    """Where a bundle goes when the user picks `folder`: an empty folder (say, one just created in
+    the dialog) is the bundle itself; a folder holding files gets a new bundle folder inside."""
+    folder = Path(folder)
+    if folder.is_dir() and not any(folder.iterdir()):
+        return folder
+    return bundle_path(folder, run_dir, target)
+
+
+def use_command(result: BundleResult) -> str:
+    """The shell line that runs the bundle, starting with `cd` into where it was written."""
+    path = result.path
+    if result.target == "triton":
+        return f'cd {shlex.quote(str(path))} && tritonserver --model-repository "$PWD"'
+    steps = "pip install -r requirements.txt && python run.py"
+    if path.suffix == ".zip":  # the zip holds one top folder named like it
+        return (f"cd {shlex.quote(str(path.parent))} && python -m zipfile -e {shlex.quote(path.name)} . && "
+                f"cd {shlex.quote(path.stem)} && {steps}")
+    return f"cd {shlex.quote(str(path))} && {steps}"
+
+
 class ExportPage(Page):
     title = "Export"
     purpose = "Take the INT4 model elsewhere: a bundle that runs with one command and proves what it is."
@@ -78,28 +102,48 @@ class ExportPage(Page):
         )
         self.zip = QCheckBox("As one .zip file")
         self.zip.setToolTip("One file to send or upload; verify reads it without unpacking it by hand.")
-        self.build_button = QPushButton("Build bundle…")
+        self.build_button = QPushButton("Build bundle")
         self.build_button.setObjectName("primary")
         controls = QHBoxLayout()
         controls.addWidget(self.target)
         controls.addWidget(self.zip)
-        controls.addWidget(self.build_button)
         controls.addStretch(1)
+        self.destination = QLineEdit()
+        self.destination.setToolTip("The bundle is written exactly here (with .zip added for one file). "
+                                    "A folder that does not exist yet is created.")
+        self.choose_button = QPushButton("Choose…")
+        self.choose_button.setToolTip("Choose or create a folder; an empty one becomes the bundle.")
+        where = QHBoxLayout()
+        where.addWidget(QLabel("Save to"))
+        where.addWidget(self.destination, 1)
+        where.addWidget(self.choose_button)
+        where.addWidget(self.build_button)
         self.problem = InlineMessage()
         self.panel = JobPanel()
         self.result = QLabel()
         self.result.setWordWrap(True)
         self.result.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.result.hide()
+        self.command = QLineEdit(readOnly=True)
+        self.command.setObjectName("command")
+        self.command.setToolTip("Paste this into a terminal to run the bundle.")
         self.open_bundle_button = QPushButton("Open folder")
         self.open_bundle_button.setToolTip("Show the bundle in the file manager.")
-        self.open_bundle_button.hide()
+        self.copy_button = QPushButton("Copy command")
+        done_row = QHBoxLayout()
+        done_row.addWidget(self.command, 1)
+        done_row.addWidget(self.copy_button)
+        done_row.addWidget(self.open_bundle_button)
+        self.done_box = QGroupBox("How to use it")
+        self.done_box.setLayout(done_row)
+        self.done_box.hide()
         bundle_layout.addWidget(explanation)
         bundle_layout.addLayout(controls)
+        bundle_layout.addLayout(where)
         bundle_layout.addWidget(self.problem)
         bundle_layout.addWidget(self.panel)
         bundle_layout.addWidget(self.result)
-        bundle_layout.addWidget(self.open_bundle_button, alignment=Qt.AlignmentFlag.AlignLeft)
+        bundle_layout.addWidget(self.done_box)
         self.body.addWidget(bundle_box)
 
         self.folder = QLabel()
@@ -134,7 +178,10 @@ class ExportPage(Page):
         self.body.addWidget(contents)
         self.body.addStretch(1)
 
-        self.build_button.clicked.connect(self._pick_folder)
+        self.build_button.clicked.connect(lambda: self.build(Path(self.destination.text().strip()).expanduser()))
+        self.choose_button.clicked.connect(self._pick_folder)
+        self.copy_button.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.command.text()))
+        self.target.currentIndexChanged.connect(self._suggest_destination)
         self.open_bundle_button.clicked.connect(self._open_bundle)
         self.open_button.clicked.connect(lambda: open_path(self.session.run_dir))
         session.run_changed.connect(self._show_run)
@@ -142,16 +189,22 @@ class ExportPage(Page):
     def blocker(self) -> str | None:
         return "Wait until the bundle is written." if self._job else None
 
-    def build(self, parent: Path) -> Job | None:
-        """Write the run's bundle into the folder `parent` in the background, under a new name."""
+    def build(self, destination: Path) -> Job | None:
+        """Write the run's bundle exactly at `destination` (a new folder, or an empty one) in the background."""
         run_dir = self.session.run_dir
         if run_dir is None or self._job is not None:
             return None
+        if not str(destination).strip(" ."):
+            self.problem.problem("Type or choose where to save the bundle.")
+            return None
         target, zip_file = self.target.currentData(), self.zip.isChecked()
-        out = bundle_path(Path(parent), run_dir, target)
+        out = Path(destination).absolute()
+        self.destination.setText(str(out))
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # an empty folder chosen or made for it: the bundle takes its place, nothing else there
         self.problem.clear()
         self.result.hide()
-        self.open_bundle_button.hide()
+        self.done_box.hide()
         self._job = job = Job(build_bundle, run_dir, out, target=target, zip_file=zip_file)
         job.signals.finished.connect(lambda result: self._built(run_dir, result))
         job.signals.failed.connect(self._failed)
@@ -162,10 +215,20 @@ class ExportPage(Page):
         return job.start()
 
     def _pick_folder(self) -> None:
-        start = str(self.session.run_dir.parent) if self.session.run_dir else ""
-        folder = QFileDialog.getExistingDirectory(self, "Where should the bundle be saved?", start)
+        start = str(Path(self.destination.text()).parent) if self.destination.text() else ""
+        folder = QFileDialog.getExistingDirectory(self, "Choose or create the bundle's folder", start)
         if folder:
-            self.build(Path(folder))
+            self.choose(Path(folder))
+
+    def choose(self, folder: Path) -> None:
+        """The user picked `folder`: show exactly where the bundle will be written."""
+        if self.session.run_dir is not None:
+            self.destination.setText(str(destination_in(folder, self.session.run_dir, self.target.currentData())))
+
+    def _suggest_destination(self) -> None:
+        run_dir = self.session.run_dir
+        if run_dir is not None and self._job is None:
+            self.destination.setText(str(bundle_path(run_dir.parent, run_dir, self.target.currentData())))
 
     def _built(self, run_dir: Path, result: BundleResult) -> None:
         if self.session.run_dir != run_dir:
@@ -178,14 +241,16 @@ class ExportPage(Page):
             "verify expects the same answer.",
         ]
         if result.target == "runner":
-            lines.append("Run it with <tt>pip install -r requirements.txt</tt> and <tt>python run.py</tt>.")
+            lines.append("Run it with the command below (Python 3.10 or newer); it chats with the model.")
             if result.genai["written"]:
                 lines.append("It also runs with onnxruntime-genai (genai_config.json).")
         else:
-            lines.append("Point <tt>tritonserver --model-repository</tt> at it; its README says what a request holds.")
+            lines.append("Serve it with the command below (tritonserver); its README says what a request holds.")
         self.result.setText("<br>".join(lines))
         self.result.show()
-        self.open_bundle_button.show()
+        self.command.setText(use_command(result))
+        self.done_box.show()
+        self._suggest_destination()  # a new name for the next bundle
 
     def _open_bundle(self) -> None:
         if self.bundle is not None:
@@ -204,8 +269,9 @@ class ExportPage(Page):
     def _show_run(self) -> None:
         self.bundle = None
         self.result.hide()
-        self.open_bundle_button.hide()
+        self.done_box.hide()
         self.problem.clear()
+        self._suggest_destination()
         self.entered()
 
     def entered(self) -> None:

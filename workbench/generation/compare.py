@@ -228,7 +228,7 @@ def _both_at_once(models, encoded, options: CompareOptions, on_token, progress, 
     if options.speculative:
         answers["speculative"] = []
     count = len(encoded[ORIGINAL])
-    lock = threading.Lock()  # both threads report progress and stream through the same callbacks
+    lock = threading.Lock()  # both threads count into one progress report
     for index in range(count):
         check(cancelled)
         written = dict.fromkeys(MODELS, 0)
@@ -247,8 +247,8 @@ def _both_at_once(models, encoded, options: CompareOptions, on_token, progress, 
                         f"prompt {index + 1}/{count}: writing (original {written[ORIGINAL]}, "
                         f"4-bit {written[INT4]} tokens)",
                     )
-                    if on_token is not None:
-                        on_token(key, index, token, piece)
+                if on_token is not None:  # outside the lock: a slow reader of one model holds up only that one
+                    on_token(key, index, token, piece)
 
             try:
                 return models[key].generate(

@@ -6,7 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from workbench.run.memory import draw_memory_chart, pyplot
+from workbench.quality.verdict import quality_sentence, scale_words
 from workbench.run.folders import INT4, ORIGINAL, load_run, save_run
+from workbench.settings import PRESETS
 
 REPORT_FILE = "report.md"
 CHART_FILE = "memory.png"
@@ -66,7 +68,7 @@ def _mib(value: int) -> str:
 
 
 def verdict(record: dict) -> str:
-    """One plain sentence on what was saved and what it cost."""
+    """One plain sentence on what was saved and what it cost, on the one verdict scale."""
     saved = f"The INT4 model is {record['size_ratio']:.1f}x smaller on disk and needs {record['ram_ratio']:.1f}x less RAM"
     speed = record.get("speed")
     if speed:
@@ -74,18 +76,13 @@ def verdict(record: dict) -> str:
     if not record["quality"]:
         return saved + "; its quality is not measured yet: measure it on a text of yours."
     quality = record["quality"][-1]
-    increase = quality["perplexity_increase_pct"]
-    agreement = quality["top1_agreement"] * 100
-    if increase <= 10:
-        cost = "it writes almost like the original"
-    elif increase <= 35:
-        cost = "it writes a little less well than the original"
-    else:
-        cost = "it writes noticeably worse than the original; try the 'quality' preset"
-    return (
-        f"{saved}; {cost} (perplexity +{increase:.1f} % on {quality['text']}, same next word "
-        f"{agreement:.0f} % of the time)."
+    preset = PRESETS.get(record.get("preset") or "")
+    # The preset's benchmark speaks for this run only if the run kept the preset's settings.
+    benchmark = preset.benchmark if preset and preset.settings.to_dict() == record["settings"] else None
+    cost = quality_sentence(
+        quality["perplexity_increase_pct"], quality["text"], quality["top1_agreement"] * 100, benchmark
     )
+    return f"{saved}; {cost}."
 
 
 def _ordinal(n: int) -> str:
@@ -203,6 +200,7 @@ def render_report(record: dict) -> str:
                 f"| {q['text']} | {q['tokens']:,} | {q['original']['perplexity']:.2f} | {q['int4']['perplexity']:.2f} "
                 f"| +{q['perplexity_increase_pct']:.1f} % | {q['top1_agreement'] * 100:.1f} % | {q['mean_kl']:.4f} |"
             )
+        lines += ["", scale_words()]
     else:
         lines.append("Not measured yet: `int4-workbench evaluate RUN_DIR --text FILE`.")
     lines += ["", "## Speed", ""]
