@@ -172,8 +172,15 @@ class AnswerColumn(QGroupBox):
         turns = self.turns + ([(self.prompt, "".join(self.pieces), [])] if self.prompt else [])
         self.text.setMarkdown(transcript_markdown(turns))
         self._highlight_marks()
+        self._scroll_to_end()
+
+    def _scroll_to_end(self) -> None:
         bar = self.text.verticalScrollBar()
         bar.setValue(bar.maximum())
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        super().showEvent(event)
+        self._scroll_to_end()  # a conversation shown while the page was hidden: its latest turn
 
     def _highlight_marks(self) -> None:
         """Give the text between each pair of marks the highlight colour, and take the marks out."""
@@ -257,6 +264,7 @@ class ComparePage(Page):
         self._memory_timer = QTimer(self, interval=MEMORY_INTERVAL_MS)
         self._memory_timer.timeout.connect(self._show_memory_now)
         self.body.addWidget(self.memory_now)
+        self.memory_now.hide()  # until both models write in this window
 
         self.judgement = QLabel()
         self.judgement.setObjectName("verdict")
@@ -483,6 +491,7 @@ class ComparePage(Page):
         self.conversations.setEnabled(False)
         self._memory_timer.start()
         self._show_memory_now()
+        self.memory_now.show()
         self.changed.emit()
         return job.start()
 
@@ -539,6 +548,8 @@ class ComparePage(Page):
         self.suite.setVisible(suite)
         if suite:
             self._fill_table(self._result)
+        if turns and self.prompt.toPlainText() == DEFAULT_PROMPT:
+            self.prompt.clear()  # the example prompt is for a new conversation
         if turns:
             last = turns[-1]
             for key, column in self.columns.items():
@@ -560,7 +571,8 @@ class ComparePage(Page):
         if not judgement:
             return
         marked = " Highlighted in the 4-bit answer." if judgement["unlikely"] else ""
-        self.judgement.setText(f"<b>{html.escape(judgement['sentence'])}</b>{marked}")
+        latest = "<b>Latest answer:</b> " if len(self.conversation.turns) > 1 else ""
+        self.judgement.setText(f"{latest}<b>{html.escape(judgement['sentence'])}</b>{marked}")
         self.judgement.show()
         places = "".join(
             f"<li>word {u['position'] + 1}: “{html.escape(u['text'])}”, which the original would write "

@@ -216,7 +216,7 @@ class ModelPage(Page):
         plans = {name: estimate_run(info.parameters, preset.settings) for name, preset in PRESETS.items()}
         self.time.setText(
             "<br>".join(f"{PRESETS[name].title}: about {rough_duration(plan.seconds)}" for name, plan in plans.items())
-            + f"<br><small>{plans[DEFAULT_PRESET].basis.capitalize()}.</small>"
+            + f"<br><i>{plans[DEFAULT_PRESET].basis.capitalize()}.</i>"
         )
         ram = facts.ram
         self.machine.setText(
