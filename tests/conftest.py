@@ -200,3 +200,20 @@ def bundle(serve_run, tmp_path_factory) -> Path:
     from exporters.bundle import build_bundle
 
     return build_bundle(serve_run, tmp_path_factory.mktemp("serve-bundle") / "tiny").path
+@pytest.fixture(scope="session")
+def qapp(qapp_args):
+    """pytest-qt's application, made the way the app makes it (style, font, theme)."""
+    from ui.app import create_app
+
+    return create_app(qapp_args)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama, tmp_path_factory) -> Path:
+    """A finished run of the tiny model (RTN, recorded under the balanced preset), alone in its runs folder."""
+    from workbench.run.pipeline import quantize_run
+    from workbench.settings import QuantSettings
+
+    run = tmp_path_factory.mktemp("runs") / "tiny-rtn"
+    quantize_run(str(tiny_llama), run, QuantSettings(method="rtn"), preset="balanced")
+    return run

@@ -15,7 +15,6 @@ from PySide6.QtWidgets import QMessageBox
 
 from conftest import JOB_TIMEOUT_MS, open_model, prose_text, wait_for_jobs
 from ui import jobs
-from ui.app import create_app
 from ui.glossary import tip
 from ui.jobs import Job
 from ui.main_window import STEP_PAGES, MainWindow
@@ -37,12 +36,6 @@ from workbench.quantization.methods import METHODS as METHOD_TABLE
 from workbench.settings import METHODS, PRESETS, QuantSettings
 
 RTN = QuantSettings(method="rtn")
-
-
-@pytest.fixture(scope="session")
-def qapp(qapp_args):
-    """pytest-qt's application, made the way the app makes it (style, font, theme)."""
-    return create_app(qapp_args)
 
 
 @pytest.fixture
@@ -156,7 +149,7 @@ def test_the_whole_wizard_from_model_to_report(window, qtbot, tiny_llama, prose,
     assert list(quantize.rows) == list(window.session.record.timings_s)  # a row per stage run
     assert "export" in quantize.rows and all(row.state == DONE for row in quantize.rows.values())
     assert "smaller" in quantize.result.text()
-    assert window.runs.count() == 1 and window.runs.item(0).text() == "my-first-run"
+    assert window.runs.count() == 1 and window.runs.item(0).text().startswith("my-first-run\nSmallest (changed) · ")
     assert quantize.name.text() != "my-first-run"  # ready for another run
     assert window.unavailable(STEP_PAGES.index(ReportPage)) is None
 
@@ -167,7 +160,7 @@ def test_the_whole_wizard_from_model_to_report(window, qtbot, tiny_llama, prose,
     wait_for_jobs(qtbot)
     assert not comparison.problem.isVisible(), comparison.problem.text()
     for column in comparison.columns.values():
-        assert column.pieces and column.metrics["speed"].text().endswith("tokens per second")
+        assert column.turns[-1][0] == "Hello, who are you?" and column.metrics["speed"].text().endswith("tokens per second")
     assert "Ran on CPU" in comparison.agreement.text()
 
     window.go(window.current + 1)
@@ -326,27 +319,27 @@ def test_export_builds_a_checked_bundle_and_opens_its_folder(qtbot, finished_run
     monkeypatch.setattr("ui.pages.export.open_path", opened.append)
 
     page.zip.setChecked(True)
-    job = page.build(tmp_path)
+    job = page.build(tmp_path / f"{finished_run.name}-bundle")
     assert job is not None and page.panel.isVisible() and page.blocker()
-    assert page.build(tmp_path) is None  # one bundle at a time
+    assert page.build(tmp_path / "other") is None  # one bundle at a time
     wait_for_jobs(qtbot)
     assert not page.problem.isVisible(), page.problem.text()
     zipped = tmp_path / f"{finished_run.name}-bundle.zip"
-    assert zipped.is_file() and str(zipped) in page.result.text() and "python run.py" in page.result.text()
+    assert zipped.is_file() and str(zipped) in page.result.text() and "python run.py" in page.command.text()
     qtbot.mouseClick(page.open_bundle_button, Qt.MouseButton.LeftButton)
     assert opened == [tmp_path]
 
     page.zip.setChecked(False)
     page.target.setCurrentIndex(page.target.findData("triton"))
-    page.build(tmp_path)
+    page.build(tmp_path / f"{finished_run.name}-triton")
     wait_for_jobs(qtbot)
     repository = tmp_path / f"{finished_run.name}-triton"
-    assert (repository / "manifest.json").is_file() and "tritonserver" in page.result.text()
+    assert (repository / "manifest.json").is_file() and "tritonserver" in page.command.text()
     qtbot.mouseClick(page.open_bundle_button, Qt.MouseButton.LeftButton)
     assert opened[-1] == repository
 
     (tmp_path / "a-file").write_text("not a folder")
-    page.build(tmp_path / "a-file")
+    page.build(tmp_path / "a-file" / "bundle")
     wait_for_jobs(qtbot)
     assert page.problem.isVisible() and "Cannot write" in page.problem.text()
     assert not page.open_bundle_button.isVisible() and page.blocker() is None

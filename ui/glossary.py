@@ -1,5 +1,7 @@
 """Technical terms in plain words: the tooltips shown wherever a term appears in the app."""
 
+from workbench.quality.verdict import scale_words
+
 TERMS = {
     "INT4": "Storing each weight of the model in 4 bits instead of 32: about eight times less "
     "space for those weights, at some cost in accuracy.",
@@ -44,8 +46,7 @@ TERMS = {
     "data-free": "Without a file: the model writes its own example text, which it then reads back.",
     "tokens": "Pieces of words the model reads and writes; a token is about three quarters of an "
     "English word.",
-    "perplexity": "How surprised the model is by a text: lower is better. A few per cent higher "
-    "after INT4 is normal; much higher means the model got noticeably worse.",
+    "perplexity": "How surprised the model is by a text: lower is better. " + scale_words(),
     "top-1 agreement": "How often both models pick the same most likely next token. 100 % means "
     "they would write the same text.",
     "KL": "Kullback-Leibler divergence: how far apart the two models' next-token probabilities are "

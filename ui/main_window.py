@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer
@@ -36,6 +37,7 @@ from workbench.errors import WorkbenchError
 from workbench.partial import clean_up_stopped
 from workbench.run.folders import list_runs, load_run
 from workbench.sources import conversion_folders
+from workbench.settings import PRESETS
 
 STEP_PAGES = (ModelPage, SettingsPage, CalibrationPage, QuantizePage, ComparePage, ReportPage, ExportPage)
 NEEDS = {
@@ -43,6 +45,23 @@ NEEDS = {
     "run": ("run_dir", "Quantize a model first, or open one of the earlier runs listed on the left."),
 }
 BUSY_REASON = "Quantizing is running: wait until it finishes, or cancel it."
+
+
+def run_title(run_dir: Path) -> str:
+    """A run as the list shows it: its whole name, then how it was made and when."""
+    try:
+        record = load_run(run_dir)
+    except WorkbenchError:
+        return run_dir.name
+    preset = PRESETS.get(record.get("preset") or "")
+    if "tune" in record:
+        kind = "Auto-tuned"
+    elif preset is not None:
+        kind = preset.title + ("" if preset.settings.to_dict() == record["settings"] else " (changed)")
+    else:
+        kind = record["settings"]["method"].upper()
+    when = datetime.fromisoformat(record["created"]).astimezone().strftime("%d %b %Y, %H:%M")
+    return f"{run_dir.name}\n{kind} · {when}"
 
 
 class MainWindow(QMainWindow):
@@ -64,7 +83,7 @@ class MainWindow(QMainWindow):
         self.runs = QListWidget()
         self.runs.setObjectName("runs")
         self.runs.setToolTip("Runs made earlier; double-click one to see its report again.")
-        self.runs.setTextElideMode(Qt.TextElideMode.ElideMiddle)  # long names keep their date
+        self.runs.setWordWrap(True)  # the whole name, with its preset and date below it
         self.runs.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.open_run_button = QPushButton("Open run")
         side = QVBoxLayout()
@@ -202,7 +221,7 @@ class MainWindow(QMainWindow):
     def refresh_runs(self) -> None:
         self.runs.clear()
         for run_dir in list_runs(self.session.runs_dir):
-            item = QListWidgetItem(run_dir.name)
+            item = QListWidgetItem(run_title(run_dir))
             item.setData(Qt.ItemDataRole.UserRole, str(run_dir))
             item.setToolTip(str(run_dir))
             self.runs.addItem(item)

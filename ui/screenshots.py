@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ESSAYS = ROOT / "benchmarks" / "data" / "sqlite_essays.txt"
 WINDOW_SIZE = (1200, 860)
+FOLLOW_UP = "And why are sunsets red?"
+FOLLOW_UP_TOKENS = 48
 STEP_FILES = ("1-model", "2-settings", "3-calibration", "4-quantize", "5-compare", "6-report", "7-export")
 
 
@@ -121,6 +123,9 @@ def make_screenshots(folder: Path, runs_dir: Path, reuse_run: Path | None) -> No
     window.go(4)
     compare.ask(compare.prompt.toPlainText())
     wait_until(idle, 600, "both answers")
+    compare.max_tokens.setValue(FOLLOW_UP_TOKENS)
+    compare.ask(FOLLOW_UP)  # a conversation: each model reads its own first answer
+    wait_until(idle, 600, "both answers to the follow-up")
     take(window, folder, 4, whole_page=True)
 
     report = window.page(ReportPage)

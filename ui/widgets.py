@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
 from ui.glossary import tip
 from ui.jobs import Job
 from workbench.jobs import ProgressEvent
+from workbench.durations import human_duration  # noqa: F401 (the pages take it from here)
 from workbench.run.memory import FITS, NO_FIT, TIGHT, fit_verdict
 from workbench.units import format_size
 
@@ -38,15 +39,6 @@ def human_count(value: int) -> str:
     if value >= 1e6:
         return f"{value / 1e6:,.1f} million"
     return f"{value:,}"
-
-
-def human_duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def with_tip(widget: QWidget, term: str) -> QWidget:
@@ -72,8 +64,9 @@ def show_error(parent: QWidget, title: str, message: str, details: str = "") -> 
     return box
 
 
-def open_path(path: Path) -> None:
-    QDesktopServices.openUrl(QUrl.fromLocalFile(str(path)))
+def open_path(path: Path) -> bool:
+    """Show `path` with the desktop's program for it; False where none could be started."""
+    return QDesktopServices.openUrl(QUrl.fromLocalFile(str(path)))
 
 
 class InlineMessage(QLabel):

@@ -72,6 +72,8 @@ class _Kept:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from workbench.run.memory import fit_verdict, original_sizes, preset_estimates, ram_estimates
+    from workbench.durations import rough_duration
+    from workbench.run.pipeline import estimate_run
     from workbench.sources import resolve
 
     with progress_bar(not args.quiet) as progress:
@@ -107,6 +109,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     for name, size in presets.items():
         lines.append(f"  INT4 {name:<10} {format_size(size)} ({fp32_onnx / size:.1f}x smaller)  {PRESETS[name].description}")
+    data["estimates"] = {}
+    for name, preset in PRESETS.items():
+        planned = estimate_run(info.parameters, preset.settings)
+        # Exporting the original is the step that needs the most memory (memory.ram_estimates).
+        data["estimates"][name] = {"seconds": round(planned.seconds), "estimate": planned.basis,
+                                   "peak_ram_bytes": ram["export"]}
+        lines.append(f"  time {name:<10} about {rough_duration(planned.seconds)} ({planned.basis})")
     free = ram["machine_available"]
     data["fit"] = {step: fit_verdict(ram[step], free) for step in ("export", "run_original", "run_int4")}
     lines += [
@@ -271,7 +280,8 @@ def _json_schema(path: str | None) -> dict | None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from workbench.generation.compare import CompareOptions, compare, read_prompts, write_table
+    from workbench.generation.chat import folder, run_suite
+    from workbench.generation.compare import CompareOptions, read_prompts, write_table
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(Path(args.prompts))
     options = CompareOptions(
@@ -280,22 +290,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, truncate=args.truncate,
     )
     streaming = not args.json and len(prompts) == 1 and args.batch_size == 1
-    current = {}
 
     def show(model: str, index: int, token: int, piece: str) -> None:
-        if current.get("model") != model:
-            current["model"] = model
-            sys.stdout.write(f"\n--- {model} ---\n")
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        # Both models write at once; a terminal streams the original's answer, the INT4 one follows.
+        if model == "original":
+            sys.stdout.write(piece)
+            sys.stdout.flush()
 
+    if streaming:
+        sys.stdout.write("--- original ---\n")
     with progress_bar(not args.quiet and not streaming) as progress:
-        result = compare(Path(args.run_dir), prompts, options, on_token=show if streaming else None, progress=progress)
+        result, conversation = run_suite(
+            Path(args.run_dir), prompts, options, on_token=show if streaming else None, progress=progress
+        )
+    saved = folder(Path(args.run_dir)) / f"{conversation.id}.json"
     if args.out:
         write_table(result, Path(args.out))
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), "conversation": str(saved)}, indent=2))
         return 0
+    if streaming:
+        print(f"\n--- int4 ---\n{result.rows[0]['int4']['text']}")
     from workbench.generation.compare import to_markdown
 
     lines = [] if streaming else [to_markdown(result)]
@@ -313,6 +328,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"agreement: first divergence {agree['first_divergence']}, tokens {agree['token_agreement']:.0%}, "
             f"chrF {agree['similarity']:.2f}"
         )
+        if "judgement" in row:
+            lines.append(f"judgement: {row['judgement']['sentence']}")
         if "speculative" in row:
             spec = row["speculative"]
             lines.append(
@@ -324,6 +341,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "throughput: " + ", ".join(f"{k} {v['tokens_per_s']:.1f} tok/s" for k, v in result.throughput.items() if isinstance(v, dict))
         )
     lines.append(f"provider: {result.provider} ({result.provider_reason})")
+    lines.append(f"saved: {saved}")
     print("\n".join(lines))
     return 0
 

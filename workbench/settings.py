@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from workbench.errors import WorkbenchError
 from workbench.quantization.methods import METHODS as METHOD_TABLE
+from workbench.quality.verdict import PresetBenchmark
 
 METHODS = tuple(METHOD_TABLE)
 SETTINGS_VERSION = 1
@@ -115,29 +116,35 @@ class Preset:
     name: str
     title: str
     description: str
-    quality_cost: str  # the expected cost in a few words, for the GUI's preset cards
+    benchmark: PresetBenchmark  # what it cost where it was measured
     settings: QuantSettings = field(default_factory=QuantSettings)
+
+    @property
+    def quality_cost(self) -> str:
+        """The expected cost in plain words and the measured number, for the preset cards."""
+        return self.benchmark.promise()
 
 
 # Chosen on a development text (the last 80 kB of tinyshakespeare): balanced and smallest with the
 # off-grid reference; quality's sensitive layers beat fixed 8-bit down projections there in the demo
 # model's tune run. Measured on held-out texts by `make bench` (docs/quality.md).
+BENCHMARK_MODEL = "SmolLM2-135M"
+BENCHMARK_TEXT = "held-out essays"  # docs/quality.md
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
         Preset(
             "balanced",
             "Balanced",
-            "About six times smaller than the original, with a small quality cost: calibrated 4-bit "
-            "weights everywhere.",
-            "small quality cost",
+            "About six times smaller than the original: calibrated 4-bit weights everywhere.",
+            PresetBenchmark(10.8, BENCHMARK_MODEL, BENCHMARK_TEXT),
             QuantSettings(method="gptq", block_size=32, symmetric=False, act_order=True),
         ),
         Preset(
             "smallest",
             "Smallest",
             "About seven times smaller, for machines short of memory; answers drift the most.",
-            "the largest quality cost",
+            PresetBenchmark(14.3, BENCHMARK_MODEL, BENCHMARK_TEXT),
             QuantSettings(method="gptq", block_size=64, symmetric=False, act_order=True),
         ),
         Preset(
@@ -145,7 +152,7 @@ PRESETS: dict[str, Preset] = {
             "Best quality",
             "Keeps the layers most sensitive to rounding at 8 bits (found by measuring the model, for at "
             "most 13\u00a0% more size): closest to the original, about five times smaller.",
-            "the smallest quality cost",
+            PresetBenchmark(6.0, BENCHMARK_MODEL, BENCHMARK_TEXT),
             QuantSettings(method="gptq", block_size=32, symmetric=False, act_order=True, sensitive_8bit_pct=13.0),
         ),
     )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import html
+import shlex
 from pathlib import Path
 
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (
     QApplication,
     QCheckBox,
@@ -15,6 +17,7 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QPushButton,
     QVBoxLayout,
 )
@@ -52,6 +55,27 @@ def bundle_path(parent: Path, run_dir: Path, target: str) -> Path:
     return parent / stem  # the core then says it exists
 
 
+def destination_in(folder: Path, run_dir: Path, target: str) -> Path:
+    """Where a bundle goes when the user picks `folder`: an empty folder (say, one just created in
+    the dialog) is the bundle itself; a folder holding files gets a new bundle folder inside."""
+    folder = Path(folder)
+    if folder.is_dir() and not any(folder.iterdir()):
+        return folder
+    return bundle_path(folder, run_dir, target)
+
+
+def use_command(result: BundleResult) -> str:
+    """The shell line that runs the bundle, starting with `cd` into where it was written."""
+    path = result.path
+    if result.target == "triton":
+        return f'cd {shlex.quote(str(path))} && tritonserver --model-repository "$PWD"'
+    steps = "pip install -r requirements.txt && python run.py"
+    if path.suffix == ".zip":  # the zip holds one top folder named like it
+        return (f"cd {shlex.quote(str(path.parent))} && python -m zipfile -e {shlex.quote(path.name)} . && "
+                f"cd {shlex.quote(path.stem)} && {steps}")
+    return f"cd {shlex.quote(str(path))} && {steps}"
+
+
 class ExportPage(Page):
     title = "Export"
     purpose = "Take the INT4 model elsewhere: a bundle that runs with one command and proves what it is."
@@ -79,13 +103,22 @@ class ExportPage(Page):
         )
         self.zip = QCheckBox("As one .zip file")
         self.zip.setToolTip("One file to send or upload; verify reads it without unpacking it by hand.")
-        self.build_button = QPushButton("Build bundle…")
+        self.build_button = QPushButton("Build bundle")
         self.build_button.setObjectName("primary")
         controls = QHBoxLayout()
         controls.addWidget(self.target)
         controls.addWidget(self.zip)
-        controls.addWidget(self.build_button)
         controls.addStretch(1)
+        self.destination = QLineEdit()
+        self.destination.setToolTip("The bundle is written exactly here (with .zip added for one file). "
+                                    "A folder that does not exist yet is created.")
+        self.choose_button = QPushButton("Choose…")
+        self.choose_button.setToolTip("Choose or create a folder; an empty one becomes the bundle.")
+        where = QHBoxLayout()
+        where.addWidget(QLabel("Save to"))
+        where.addWidget(self.destination, 1)
+        where.addWidget(self.choose_button)
+        where.addWidget(self.build_button)
         self.problem = InlineMessage()
         self.panel = JobPanel()
         self.jobs = PageJob(self, panel=self.panel, failure_title="The bundle could not be written",
@@ -94,9 +127,11 @@ class ExportPage(Page):
         self.result.setWordWrap(True)
         self.result.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.result.hide()
+        self.command = QLineEdit(readOnly=True)
+        self.command.setObjectName("command")
+        self.command.setToolTip("Paste this into a terminal to run the bundle.")
         self.open_bundle_button = QPushButton("Open folder")
         self.open_bundle_button.setToolTip("Show the bundle in the file manager.")
-        self.open_bundle_button.hide()
         self.server: LocalServer | None = None
         self.server_jobs = PageJob(self, failure_title="The server could not start", problem=self.problem.problem,
                                    ended=lambda: self.serve_button.setEnabled(True))
@@ -108,16 +143,22 @@ class ExportPage(Page):
         self.serving.setWordWrap(True)
         self.serving.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.serving.hide()
+        self.copy_button = QPushButton("Copy command")
+        done_row = QHBoxLayout()
+        done_row.addWidget(self.command, 1)
+        done_row.addWidget(self.copy_button)
+        done_row.addWidget(self.open_bundle_button)
+        done_row.addWidget(self.serve_button)
+        self.done_box = QGroupBox("How to use it")
+        self.done_box.setLayout(done_row)
+        self.done_box.hide()
         bundle_layout.addWidget(explanation)
         bundle_layout.addLayout(controls)
+        bundle_layout.addLayout(where)
         bundle_layout.addWidget(self.problem)
         bundle_layout.addWidget(self.panel)
         bundle_layout.addWidget(self.result)
-        bundle_buttons = QHBoxLayout()
-        bundle_buttons.addWidget(self.open_bundle_button)
-        bundle_buttons.addWidget(self.serve_button)
-        bundle_buttons.addStretch(1)
-        bundle_layout.addLayout(bundle_buttons)
+        bundle_layout.addWidget(self.done_box)
         bundle_layout.addWidget(self.serving)
         self.body.addWidget(bundle_box)
 
@@ -153,7 +194,10 @@ class ExportPage(Page):
         self.body.addWidget(contents)
         self.body.addStretch(1)
 
-        self.build_button.clicked.connect(self._pick_folder)
+        self.build_button.clicked.connect(lambda: self.build(Path(self.destination.text().strip()).expanduser()))
+        self.choose_button.clicked.connect(self._pick_folder)
+        self.copy_button.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.command.text()))
+        self.target.currentIndexChanged.connect(self._suggest_destination)
         self.open_bundle_button.clicked.connect(self._open_bundle)
         self.serve_button.clicked.connect(self._toggle_server)
         QApplication.instance().aboutToQuit.connect(self._stop_server)
@@ -163,25 +207,41 @@ class ExportPage(Page):
     def blocker(self) -> str | None:
         return "Wait until the bundle is written." if self.jobs.running else None
 
-    def build(self, parent: Path) -> Job | None:
-        """Write the run's bundle into the folder `parent` in the background, under a new name."""
+    def build(self, destination: Path) -> Job | None:
+        """Write the run's bundle exactly at `destination` (a new folder, or an empty one) in the background."""
         run_dir = self.session.run_dir
         if run_dir is None or self.jobs.running:
             return None
+        if not str(destination).strip(" ."):
+            self.problem.problem("Type or choose where to save the bundle.")
+            return None
         target, zip_file = self.target.currentData(), self.zip.isChecked()
-        out = bundle_path(Path(parent), run_dir, target)
+        out = Path(destination).absolute()
+        self.destination.setText(str(out))
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # an empty folder chosen or made for it: the bundle takes its place, nothing else there
         self.problem.clear()
         self.result.hide()
-        self.open_bundle_button.hide()
+        self.done_box.hide()
         self.build_button.setEnabled(False)
         return self.jobs.start(Job(build_bundle, run_dir, out, target=target, zip_file=zip_file),
                                f"Writing {out.name}…", done=lambda result: self._built(run_dir, result))
 
     def _pick_folder(self) -> None:
-        start = str(self.session.run_dir.parent) if self.session.run_dir else ""
-        folder = QFileDialog.getExistingDirectory(self, "Where should the bundle be saved?", start)
+        start = str(Path(self.destination.text()).parent) if self.destination.text() else ""
+        folder = QFileDialog.getExistingDirectory(self, "Choose or create the bundle's folder", start)
         if folder:
-            self.build(Path(folder))
+            self.choose(Path(folder))
+
+    def choose(self, folder: Path) -> None:
+        """The user picked `folder`: show exactly where the bundle will be written."""
+        if self.session.run_dir is not None:
+            self.destination.setText(str(destination_in(folder, self.session.run_dir, self.target.currentData())))
+
+    def _suggest_destination(self) -> None:
+        run_dir = self.session.run_dir
+        if run_dir is not None and not self.jobs.running:
+            self.destination.setText(str(bundle_path(run_dir.parent, run_dir, self.target.currentData())))
 
     def _built(self, run_dir: Path, result: BundleResult) -> None:
         if self.session.run_dir != run_dir:
@@ -194,15 +254,17 @@ class ExportPage(Page):
             "verify expects the same answer.",
         ]
         if result.target == "runner":
-            lines.append("Run it with <tt>pip install -r requirements.txt</tt> and <tt>python run.py</tt>.")
+            lines.append("Run it with the command below (Python 3.10 or newer); it chats with the model.")
             if result.genai["written"]:
                 lines.append("It also runs with onnxruntime-genai (genai_config.json).")
         else:
-            lines.append("Point <tt>tritonserver --model-repository</tt> at it; its README says what a request holds.")
+            lines.append("Serve it with the command below (tritonserver); its README says what a request holds.")
         self.result.setText("<br>".join(lines))
         self.result.show()
-        self.open_bundle_button.show()
+        self.command.setText(use_command(result))
+        self.done_box.show()
         self.serve_button.setVisible(result.target == "runner" and not result.path.suffix == ".zip")
+        self._suggest_destination()  # a new name for the next bundle
 
     def _toggle_server(self) -> None:
         """Start the bundle's OpenAI server in the background, or stop the running one."""
@@ -236,9 +298,10 @@ class ExportPage(Page):
         self._stop_server()
         self.bundle = None
         self.result.hide()
-        self.open_bundle_button.hide()
+        self.done_box.hide()
         self.serve_button.hide()
         self.problem.clear()
+        self._suggest_destination()
         self.entered()
 
     def entered(self) -> None:

@@ -28,7 +28,9 @@ from ui.widgets import (
 )
 from workbench.run.memory import original_sizes, preset_estimates, ram_estimates
 from workbench.units import format_size
-from workbench.settings import PRESETS
+from workbench.durations import rough_duration
+from workbench.run.pipeline import estimate_run
+from workbench.settings import DEFAULT_PRESET, PRESETS
 from workbench.sources import DEMO, DEMO_NAME, ResolvedModel, resolve
 
 KINDS = {
@@ -115,9 +117,11 @@ class ModelPage(Page):
         self.size_now = QLabel()
         self.presets = QLabel()
         self.machine = QLabel()
+        self.time = QLabel()
         self.fit_export, self.fit_original, self.fit_int4 = FitLabel(), FitLabel(), FitLabel()
         self.fit_gpu = FitLabel()
-        for label in (self.name, self.kind, self.parameters, self.context, self.size_now, self.presets, self.machine):
+        for label in (self.name, self.kind, self.parameters, self.context, self.size_now, self.presets, self.machine,
+                      self.time):
             label.setWordWrap(True)
             label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         form.addRow("Model", self.name)
@@ -127,6 +131,7 @@ class ModelPage(Page):
         form.addRow(term_label("Size now", "fp32"), self.size_now)
         form.addRow(term_label("Size after INT4", "INT4"), self.presets)
         form.addRow(term_label("This computer", "RAM"), self.machine)
+        form.addRow("Time to shrink it", self.time)
         form.addRow("To shrink it", self.fit_export)
         form.addRow("To run the original", self.fit_original)
         form.addRow("To run the INT4 model", self.fit_int4)
@@ -141,6 +146,8 @@ class ModelPage(Page):
         self.gguf_button.clicked.connect(self._pick_gguf)
         self.hub_button.clicked.connect(lambda: self.load(self.hub_id.text()))
         self.hub_id.returnPressed.connect(lambda: self.load(self.hub_id.text()))
+        # A run made or opened since: an earlier problem opening a model no longer describes the state.
+        session.run_changed.connect(self.problem.clear)
 
     def blocker(self) -> str | None:
         if self.jobs.running:
@@ -186,6 +193,11 @@ class ModelPage(Page):
                 f"{PRESETS[name].title}: <b>{format_size(size)}</b> ({facts.original_bytes / size:.1f}x smaller)"
                 for name, size in facts.preset_bytes.items()
             )
+        )
+        plans = {name: estimate_run(info.parameters, preset.settings) for name, preset in PRESETS.items()}
+        self.time.setText(
+            "<br>".join(f"{PRESETS[name].title}: about {rough_duration(plan.seconds)}" for name, plan in plans.items())
+            + f"<br><i>{plans[DEFAULT_PRESET].basis.capitalize()}.</i>"
         )
         ram = facts.ram
         self.machine.setText(

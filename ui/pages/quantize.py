@@ -36,7 +36,9 @@ from ui.widgets import (
 from workbench.errors import WorkbenchError
 from workbench.quantization.methods import METHODS
 from workbench.jobs import ProgressEvent, Stage
-from workbench.run.pipeline import quantize_run
+from workbench.run.pipeline import estimate_run, quantize_run
+from workbench.durations import rough_duration
+from workbench.run.rates import Estimate
 from workbench.run.folders import check_output_dir
 from workbench.settings import PRESETS, preset_settings
 from workbench.run.tune import CANDIDATES, tune_run
@@ -94,7 +96,10 @@ class StageRow:
 
 class QuantizePage(Page):
     title = "Quantize"
-    purpose = "Make the INT4 copy of the model. This takes a few minutes; you can keep using the window meanwhile."
+    purpose = (
+        "Make the INT4 copy of the model. The expected time is below. Meanwhile you can look at earlier runs; "
+        "the model and its settings stay as chosen until it ends."
+    )
     needs = "model"
 
     def __init__(self, session, parent=None):
@@ -103,6 +108,8 @@ class QuantizePage(Page):
                             explain_always=True)
         self._began = 0.0
         self._fraction = 0.0
+        self._plan: Estimate | None = None  # the stages' expected seconds, for a run of one setting
+        self._stage, self._stage_began = None, 0.0
         self._name_edited = False
         self._last_logged = ""
 
@@ -113,7 +120,8 @@ class QuantizePage(Page):
         self.model_label = QLabel()
         self.settings_label = QLabel()
         self.calibration_label = QLabel()
-        for label in (self.model_label, self.settings_label, self.calibration_label):
+        self.time_label = QLabel()
+        for label in (self.model_label, self.settings_label, self.calibration_label, self.time_label):
             label.setWordWrap(True)
         self.name = QLineEdit()
         self.name.setToolTip("The name of the new folder that will hold both models, the figures and the report.")
@@ -127,6 +135,7 @@ class QuantizePage(Page):
         form.addRow("Model", self.model_label)
         form.addRow("Settings", self.settings_label)
         form.addRow("Example text", self.calibration_label)
+        form.addRow("Expected time", self.time_label)
         form.addRow("Save as", self.name)
         form.addRow("In", folder_row)
         form.addRow("", self.name_problem)
@@ -238,7 +247,18 @@ class QuantizePage(Page):
             self.calibration_label.setText(session.calibration.name)
         else:
             self.calibration_label.setText(session.calibration_problem or "written by the model itself")
+        if session.model is None:
+            self.time_label.setText("–")
+        elif session.tune is not None:
+            self.time_label.setText(f"several runs: up to {len(CANDIDATES)} settings are tried")
+        else:
+            plan = self._estimate()
+            self.time_label.setText(f"about {rough_duration(plan.seconds)} ({plan.basis})")
         self._check_name()
+
+    def _estimate(self) -> Estimate:
+        session = self.session
+        return estimate_run(session.model.info.parameters, session.settings, session.calibration)
 
     def _describe_settings(self) -> None:
         session = self.session
@@ -301,6 +321,8 @@ class QuantizePage(Page):
         self._last_logged = ""
         self.result.clear()
         self._began, self._fraction = time.monotonic(), 0.0
+        self._plan = self._estimate() if session.tune is None else None
+        self._stage, self._stage_began = None, self._began
         self.overall.setValue(0)
         self._clock.start()
         self._show_times()
@@ -331,11 +353,16 @@ class QuantizePage(Page):
             for earlier in self.rows.values():
                 self._finish_row(earlier)
             self.rows[stage.name] = StageRow(self.stage_grid, stage)
+            self._stage, self._stage_began = stage.name, time.monotonic()
         row = self.rows[stage.name]
         if event.message == "done":
             self._finish_row(row)
         elif row.state == RUNNING:
             row.detail.setText(event.message)
+            done = self._plan.stage_fraction(stage.name, event.fraction) if self._plan else 0.0
+            if done > 0:  # the stage counts its work: a bar that fills instead of a busy one
+                row.bar.setRange(0, 1000)
+                row.bar.setValue(round(done * 1000))
         self._fraction = event.fraction
         self.overall.setValue(round(event.fraction * 1000))
         self.status.emit(f"Quantizing: {event.fraction:.0%}, {stage.title.lower()}")
@@ -354,7 +381,13 @@ class QuantizePage(Page):
     def _show_times(self) -> None:
         elapsed = time.monotonic() - self._began
         text = f"Elapsed {human_duration(elapsed)}"
-        if self._fraction >= MIN_FRACTION_FOR_ESTIMATE:
+        if self._plan is not None and self._stage is not None:
+            # The stages to come at the rates measured on this machine; the current one at its own pace.
+            finished = [name for name, row in self.rows.items() if row.state == DONE]
+            remaining = self._plan.remaining(finished, self._stage, self._plan.stage_fraction(self._stage, self._fraction),
+                                             time.monotonic() - self._stage_began)
+            text += f" · about {rough_duration(remaining)} left"
+        elif self._fraction >= MIN_FRACTION_FOR_ESTIMATE:
             remaining = elapsed * (1 - self._fraction) / self._fraction
             text += f" · about {human_duration(remaining)} left"
         self.times.setText(text)

@@ -34,7 +34,9 @@ from ui.widgets import (
 )
 from workbench.generation.bench import NEW_TOKENS, bench_run
 from workbench.quality.evaluate import evaluate_run
-from workbench.layout import CHART_FILE, REPORT_FILE, TUNE_CHART_FILE
+from workbench.generation.chat import list_conversations
+from workbench.layout import CHART_FILE, INT4, ORIGINAL, REPORT_FILE, TUNE_CHART_FILE
+from workbench.quality.verdict import scale_words
 from workbench.run.folders import load_run
 from workbench.run.record import Speed
 from workbench.run.wording import figure_rows, quality_cells, speed_note, speed_rows, verdict
@@ -42,10 +44,10 @@ from workbench.run.wording import figure_rows, quality_cells, speed_note, speed_
 QUALITY_COLUMNS = (
     ("Text", None),
     ("Tokens", "tokens"),
-    ("Perplexity, original → INT4", "perplexity"),
+    ("Surprise at the text, original → INT4", "perplexity"),
     ("Change", "perplexity"),
     ("Same next word", "top-1 agreement"),
-    ("KL", "KL"),
+    ("Drift (KL)", "KL"),
 )
 
 
@@ -112,7 +114,7 @@ class ReportPage(Page):
         memory_layout.addWidget(self.chart)
         figures, self.figures = figure_grid(
             (("disk", "Model on disk", None), ("ram", "Peak RAM, measured", "peak memory"),
-             ("bits", "Bits per weight", "bits per weight"))
+             ("bits", "Average bits per number stored", "bits per weight"))
         )
         memory_layout.addLayout(figures)
 
@@ -169,11 +171,16 @@ class ReportPage(Page):
 
         self.measure_button.clicked.connect(self._pick_text)
         self.speed_button.clicked.connect(self.measure_speed)
-        self.open_report.clicked.connect(lambda: open_path(self.session.run_dir / REPORT_FILE))
+        self.open_report.clicked.connect(self._open_report)
         session.run_changed.connect(self._show_run)
 
     def blocker(self) -> str | None:
-        return "Wait until the quality has been measured." if self.jobs.running else None
+        return "Wait until the measurement has finished (or cancel it)." if self.jobs.running else None
+
+    def _open_report(self) -> None:
+        path = self.session.run_dir / REPORT_FILE
+        if not open_path(path):
+            self.problem.note(f"No program to show it was found here; the report is {path}.")
 
     def measure(self, text: Path) -> Job | None:
         """Measure quality on `text` in the background; the figures land in run.json and here."""
@@ -197,9 +204,18 @@ class ReportPage(Page):
     def _show_speed(self, speed: Speed | None) -> None:
         if speed is None:
             self.speed_table.hide()
-            self.speed_note.setText(
-                "Not measured yet. The Compare step also shows each model's speed on your own prompts."
-            )
+            talked = [c for c in list_conversations(self.session.run_dir) if c.turns]
+            if talked:  # the speeds the user saw in Compare belong here too, said for what they are
+                last = max(talked, key=lambda c: c.created).turns[-1]
+                self.speed_note.setText(
+                    f"Not timed by the speed test yet. In your last conversation (Compare), the original wrote "
+                    f"{last[ORIGINAL]['tokens_per_s']:.1f} and the 4-bit model {last[INT4]['tokens_per_s']:.1f} "
+                    "tokens per second, both at the same time."
+                )
+            else:
+                self.speed_note.setText(
+                    "Not measured yet. The Compare step also shows each model's speed on your own prompts."
+                )
             self.speed_button.setText("Measure speed")
             return
         fill(self.speed_figures, speed_rows(speed))
@@ -235,7 +251,7 @@ class ReportPage(Page):
         qualities = record.quality
         self.quality.setVisible(bool(qualities))
         self.quality_note.setText(
-            "Lower perplexity is better; a few per cent more after INT4 is normal."
+            "Lower perplexity is better. " + scale_words()
             if qualities else
             "Not measured yet. Choose “Measure quality on a text…” and pick a few pages of text like yours."
         )

@@ -70,6 +70,7 @@ class PresetCard(QFrame):
         self.size.setObjectName("cardSize")
         cost = QLabel(f"Quality: {preset.quality_cost}")
         cost.setObjectName("cardCost")
+        cost.setWordWrap(True)
         description = QLabel(preset.description)
         description.setWordWrap(True)
         layout = QVBoxLayout(self)

@@ -1,19 +1,28 @@
 """Side by side: the original and the INT4 model answer the same prompts; speed, memory, agreement.
 
-Both models generate in this process (so the CLI and the GUI can stream their tokens); each
-model's peak memory is measured once, in a fresh child process running the first prompt
-(workbench.generation.bench), because one process holding both sessions cannot tell them apart.
+Both models write at the same time in this process, each in its own thread (ONNX Runtime lets go
+of the GIL while it computes), so the CLI and the GUI stream both answers together. Each
+model's peak memory is measured once per run and provider, after the answers, in a fresh child
+process (workbench.generation.bench), because one process holding both sessions cannot tell
+them apart; the figures are kept in the run's conversations/ folder. Afterwards the original
+model rates each INT4 answer (workbench.quality.judgement).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import json
 import logging
 import statistics
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from workbench.errors import WorkbenchError
 from workbench.generation.engine import GenerationConfig, GenerationResult
@@ -23,6 +32,8 @@ from workbench.quantization.calibration import jsonl_records
 
 log = logging.getLogger(__name__)
 MODELS = (ORIGINAL, INT4)
+CONVERSATIONS = "conversations"  # in a run folder: saved conversations and the measured memory
+MEMORY_FILE = "memory.json"
 # (model key, prompt index, token id, text piece) for live display
 StreamCallback = Callable[[str, int, int, str], None]
 
@@ -38,6 +49,14 @@ class CompareOptions:
     batch_size: int = 1  # >1: prompts batched for throughput (no streaming)
     truncate: bool = False
     measure_memory: bool = True
+    judge: bool = True  # the original model rates each INT4 answer
+
+    def to_dict(self) -> dict:
+        """The settings an answer was written with, as a conversation file keeps them."""
+        return {
+            **dataclasses.asdict(self.config), "stop": list(self.config.stop), "provider": self.provider, "system": self.system,
+            "json_schema": self.json_schema,
+        }
 
 
 @dataclass
@@ -136,10 +155,13 @@ def compare(
     prompts: Sequence[str],
     options: CompareOptions = CompareOptions(),
     *,
+    history: Sequence[dict] = (),
     on_token: StreamCallback | None = None,
     progress: Progress = no_progress,
     cancelled: Cancelled = never_cancelled,
 ) -> CompareResult:
+    """Both models answer each prompt; `history` holds the earlier rows of a conversation, whose
+    answers each model reads back as its own (one prompt only)."""
     from workbench.generation.runtime import ChatModel, choose_provider
 
     run_dir = Path(run_dir)
@@ -149,6 +171,8 @@ def compare(
     if blank:
         which = "The prompt" if len(prompts) == 1 else f"Prompt {blank[0]}"
         raise WorkbenchError(f"{which} is empty; write a question or an instruction for both models to answer.")
+    if history and (len(prompts) > 1 or options.batch_size > 1):
+        raise WorkbenchError("A conversation goes on with one prompt at a time.")
     if options.batch_size < 1:
         raise WorkbenchError(f"batch size must be at least 1, not {options.batch_size}.")
     if options.batch_size > 1 and (options.json_schema or options.speculative):
@@ -158,15 +182,18 @@ def compare(
             raise WorkbenchError(f"{run_dir} has no {key}/ folder; is it a run folder made by `quantize`?")
     choice = choose_provider(options.provider)
     progress(0.0, f"loading both models on {choice.name}")
-    models = {key: ChatModel(run_dir / key, choice.name) for key in MODELS}
-    encoded = [_fitted(models[ORIGINAL], f"Prompt {number}: " if len(prompts) > 1 else "", p, options)
-               for number, p in enumerate(prompts, 1)]
-    memory = _measure_memory(run_dir, choice.name, encoded[0], options, progress, cancelled) if options.measure_memory else {}
+    # Both sessions compute at once: each takes half of the processor's cores rather than all of them.
+    threads = max(1, (psutil.cpu_count(logical=False) or 2) // 2) if choice.name == "cpu" and options.batch_size == 1 else None
+    models = {key: ChatModel(run_dir / key, choice.name, threads) for key in MODELS}
+    turns = {key: [(row["prompt"], row[key]["text"]) for row in history] for key in MODELS}
+    encoded = {key: [_fitted(models[key], f"Prompt {number}: " if len(prompts) > 1 else "", p, options, turns[key])
+                     for number, p in enumerate(prompts, 1)] for key in MODELS}
     result = CompareResult(choice.name, choice.reason)
     if options.batch_size > 1:
         answers = _batched(models, encoded, options, result, progress, cancelled)
     else:
-        answers = _one_by_one(models, encoded, options, on_token, progress, cancelled)
+        answers = _both_at_once(models, encoded, options, on_token, progress, cancelled)
+    memory = memory_figures(run_dir, choice.name, encoded[ORIGINAL][0], options, progress, cancelled) if options.measure_memory else {}
     for index, prompt in enumerate(prompts):
         original, int4 = answers[ORIGINAL][index], answers[INT4][index]
         row = {
@@ -174,7 +201,12 @@ def compare(
             ORIGINAL: _model_entry(original, memory.get(ORIGINAL)),
             INT4: _model_entry(int4, memory.get(INT4)),
             "agreement": agreement(original.tokens, int4.tokens, original.text, int4.text),
+            "settings": options.to_dict(),
         }
+        if options.judge:
+            check(cancelled)
+            progress(0.99, "the original model rates the 4-bit answer")
+            row["judgement"] = _judge(models, encoded, index, original, int4)
         if "speculative" in answers:
             row["speculative"] = answers["speculative"][index]
         result.rows.append(row)
@@ -182,33 +214,77 @@ def compare(
     return result
 
 
-def _fitted(model, label: str, prompt: str, options: CompareOptions) -> list[int]:
-    """The prompt's tokens, cut to the model's context with `truncate`, before anything (memory too) runs."""
+def _fitted(model, label: str, prompt: str, options: CompareOptions, history) -> list[int]:
+    """The prompt's tokens after the conversation so far, cut to the model's context with `truncate`,
+    before anything (memory too) runs."""
     from workbench.generation.engine import GenerationError, fit_prompt
 
     try:
-        return fit_prompt(model.lm, model.encode(prompt, options.system), options.truncate)[0]
+        return fit_prompt(model.lm, model.encode(prompt, options.system, history=history), options.truncate)[0]
     except GenerationError as error:
         raise WorkbenchError(f"{label}{error} On the command line: compare --truncate.") from error
 
 
-def _one_by_one(models, encoded, options: CompareOptions, on_token, progress, cancelled) -> dict:
+def _judge(models, encoded, index: int, original: GenerationResult, int4: GenerationResult) -> dict:
+    from workbench.quality.judgement import judge
+
+    return judge(
+        models[ORIGINAL].lm, models[ORIGINAL].text_tokenizer,
+        encoded[ORIGINAL][index][original.truncated_prompt_tokens:], original.tokens,
+        encoded[INT4][index][int4.truncated_prompt_tokens:], int4.tokens, int4.text,
+    )
+
+
+def _both_at_once(models, encoded, options: CompareOptions, on_token, progress, cancelled) -> dict:
+    """Each prompt answered by both models at the same time, one thread each, streaming as they go."""
     answers: dict[str, list] = {key: [] for key in MODELS}
     if options.speculative:
         answers["speculative"] = []
-    for index, ids in enumerate(encoded):
+    count = len(encoded[ORIGINAL])
+    lock = threading.Lock()  # both threads count into one progress report
+    for index in range(count):
+        check(cancelled)
+        written = dict.fromkeys(MODELS, 0)
+        failed = threading.Event()  # one model's error stops the other one too
+
+        def stop(failed: threading.Event = failed) -> bool:
+            return failed.is_set() or cancelled()
+
+        def answer(key: str, index: int = index, written: dict = written, failed: threading.Event = failed):
+            def stream(token: int, piece: str) -> None:
+                with lock:
+                    written[key] += 1
+                    done = sum(written.values()) / (2 * options.config.max_new_tokens)
+                    progress(
+                        0.9 * (index + min(done, 1.0)) / count,  # the rest: memory, once per run
+                        f"prompt {index + 1}/{count}: writing (original {written[ORIGINAL]}, "
+                        f"4-bit {written[INT4]} tokens)",
+                    )
+                if on_token is not None:  # outside the lock: a slow reader of one model holds up only that one
+                    on_token(key, index, token, piece)
+
+            try:
+                return models[key].generate(
+                    encoded[key][index], options.config, on_token=stream, cancelled=stop,
+                    json_schema=options.json_schema, truncate=options.truncate,
+                )
+            except BaseException:
+                failed.set()
+                raise
+
+        with ThreadPoolExecutor(len(MODELS), thread_name_prefix="compare") as pool:
+            running = {key: pool.submit(answer, key) for key in MODELS}
+            done = {key: future.exception() for key, future in running.items()}
+        for error in done.values():
+            if error is not None:
+                raise error
+        check(cancelled)  # a cancelled answer is incomplete: nothing to compare
         for key in MODELS:
-            check(cancelled)
-            progress(index / len(encoded), f"prompt {index + 1}/{len(encoded)}: {key}")
-            stream = (lambda token, piece, k=key, i=index: on_token(k, i, token, piece)) if on_token else None
-            answer = models[key].generate(
-                ids, options.config, on_token=stream, cancelled=cancelled, json_schema=options.json_schema,
-                truncate=options.truncate,
-            )
-            check(cancelled)  # a cancelled answer is incomplete: nothing to compare
-            answers[key].append(answer)
+            answers[key].append(running[key].result())
         if options.speculative:
-            answers["speculative"].append(_speculative(models, ids, options, answers[ORIGINAL][-1], cancelled))
+            answers["speculative"].append(
+                _speculative(models, encoded[ORIGINAL][index], options, answers[ORIGINAL][-1], cancelled)
+            )
     return answers
 
 
@@ -231,11 +307,12 @@ def _batched(models, encoded, options: CompareOptions, result: CompareResult, pr
     answers: dict[str, list] = {key: [] for key in MODELS}
     for key in MODELS:
         seconds = tokens = 0.0
-        for start in range(0, len(encoded), options.batch_size):
+        prompts = encoded[key]
+        for start in range(0, len(prompts), options.batch_size):
             check(cancelled)
-            progress(start / len(encoded), f"{key}: prompts {start + 1}-{min(start + options.batch_size, len(encoded))}")
+            progress(start / len(prompts), f"{key}: prompts {start + 1}-{min(start + options.batch_size, len(prompts))}")
             chunk = models[key].generate_batch(
-                encoded[start:start + options.batch_size], options.config, cancelled=cancelled, truncate=options.truncate
+                prompts[start:start + options.batch_size], options.config, cancelled=cancelled, truncate=options.truncate
             )
             check(cancelled)
             answers[key].extend(chunk)
@@ -244,6 +321,25 @@ def _batched(models, encoded, options: CompareOptions, result: CompareResult, pr
         result.throughput[key] = {"tokens": int(tokens), "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2)}
     result.throughput["batch_size"] = options.batch_size
     return answers
+
+
+def memory_figures(run_dir: Path, provider: str, prompt_ids: list[int], options: CompareOptions, progress, cancelled):
+    """Each model's peak memory on `provider`: measured once per run (on its first comparison), then
+    read back from conversations/memory.json, so later answers need not wait for it."""
+    path = Path(run_dir) / CONVERSATIONS / MEMORY_FILE
+    try:
+        known = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError) as error:
+        log.warning("%s cannot be read (%s); measuring memory again", path, error)
+        known = {}
+    if provider not in known:
+        known[provider] = _measure_memory(run_dir, provider, prompt_ids, options, progress, cancelled)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps(known, indent=2), encoding="utf-8")
+        except OSError as error:  # a read-only run folder: the figures are still shown this time
+            log.warning("cannot keep the memory figures in %s: %s", path, error)
+    return known[provider]
 
 
 def _measure_memory(run_dir: Path, provider: str, prompt_ids: list[int], options: CompareOptions, progress, cancelled):
@@ -257,7 +353,7 @@ def _measure_memory(run_dir: Path, provider: str, prompt_ids: list[int], options
                 "model_dir": str(run_dir / key), "provider": provider, "threads": None,
                 "new_tokens": options.config.max_new_tokens, "prompt_tokens": len(prompt_ids), "prompt_ids": prompt_ids,
             },
-            progress=lambda f, m, i=index, k=key: progress(0.02 * (i + f), f"{k}: measuring memory ({m})"),
+            progress=lambda f, m, i=index, k=key: progress(0.9 + 0.045 * (i + f), f"{k}: measuring memory once ({m})"),
             cancelled=cancelled,
             expected_seconds=15.0,
             message="measuring memory",

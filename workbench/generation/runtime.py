@@ -190,14 +190,20 @@ class ChatModel:
         """The Rust `tokenizers.Tokenizer` the portable engine decodes with."""
         return self.tokenizer.backend_tokenizer
 
-    def encode(self, prompt: str, system: str | None = None, chat: bool = True) -> list[int]:
-        """Token ids of `prompt`, wrapped in the chat template when the model has one."""
+    def encode(
+        self, prompt: str, system: str | None = None, chat: bool = True, history: Sequence[tuple[str, str]] = ()
+    ) -> list[int]:
+        """Token ids of `prompt` after the earlier (prompt, answer) turns of `history`, wrapped in the
+        chat template when the model has one (else the turns are joined by blank lines)."""
         if chat and self.tokenizer.chat_template:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            messages = [{"role": "system", "content": system}] if system else []
+            for asked, answered in history:
+                messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+            messages.append({"role": "user", "content": prompt})
             return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
         if system:
             raise WorkbenchError(f"{self.model_dir.name} has no chat template, so a system prompt cannot be used.")
-        return self.tokenizer(prompt)["input_ids"]
+        return self.tokenizer("\n\n".join([*(text for turn in history for text in turn), prompt]))["input_ids"]
 
     def generate(
         self,

@@ -14,6 +14,7 @@ import numpy as np
 
 from workbench.quantization.calibration import read_texts
 from workbench.errors import NotSaved, WorkbenchError
+from workbench.quality.judgement import log_softmax
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
 from workbench.generation.runtime import OnnxCausalLM
 from workbench.run.record import QualityResult
@@ -21,11 +22,6 @@ from workbench.run.record import QualityResult
 DEFAULT_WINDOW = 512
 DEFAULT_MAX_TOKENS = 8192
 MIN_TOKENS = 32
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 @dataclass

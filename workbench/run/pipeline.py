@@ -27,6 +27,7 @@ from workbench.jobs import (
 )
 from workbench.run.memory import graph_sizes, measure_session_memory, ram_components
 from workbench.quantization.int4_graph import QuantizeResult, layer_plan, quantize_onnx, written_op_counts
+from workbench.run.rates import Estimate, estimate, remember, timed_weights
 from workbench.run.report import write_report
 from workbench.layout import INT4, ORIGINAL, folder_model_bytes
 from workbench.run import stages as stage
@@ -87,18 +88,8 @@ def quantize_run(
     run_dir = Path(run_dir)
     check_output_dir(run_dir, 0)  # before the (possibly long) model resolution
     calibrated = settings.needs_calibration
-    stages = Stages(
-        progress,
-        [
-            (stage.MODEL, 1),
-            (stage.EXPORT, 6),
-            (stage.CALIBRATION, 2 if calibrated else 0),
-            (stage.SENSITIVITY, 3 if settings.sensitive_8bit_pct else 0),
-            *method_stages(settings),
-            (stage.FUSE, 1),
-            (stage.MEASURE, 2),
-        ],
-    )
+    # Each stage weighs what it takes on this machine, so the overall fraction is a share of the time.
+    stages = Stages(progress, timed_weights(run_stages(settings), settings, calibration if calibrated else None))
     model = resolve_model(spec, run_dir, stages, trust_remote_code, cancelled)
     settings.check_patterns([w.name for w in model.info.weights])
     if calibration is not None and not calibrated:
@@ -115,7 +106,29 @@ def quantize_run(
         source.torch_model = None  # the ONNX steps need its memory
         record = finish_run(work, stages, source, settings, result, cancelled,
                             preset=preset, extra={"sensitivity": sensitivity} if sensitivity else {})
-    return record.replace(run_dir=str(run_dir.absolute()))
+    record = record.replace(run_dir=str(run_dir.absolute()))
+    remember(record.timings_s, record.model.parameters, settings, calibration if calibrated else None)
+    return record
+
+
+def run_stages(settings: QuantSettings) -> list[tuple[Stage, float]]:
+    """The stages of `quantize_run` for these settings, in order; weight 0: not run. What each weighs
+    is how long it takes on this machine (rates.timed_weights)."""
+    return [
+        (stage.MODEL, 1),
+        (stage.EXPORT, 1),
+        (stage.CALIBRATION, 1 if settings.needs_calibration else 0),
+        (stage.SENSITIVITY, 1 if settings.sensitive_8bit_pct else 0),
+        *method_stages(settings),
+        (stage.FUSE, 1),
+        (stage.MEASURE, 1),
+    ]
+
+
+def estimate_run(parameters: int, settings: QuantSettings, calibration: Path | None = None) -> Estimate:
+    """How long `quantize_run` should take here for a model of `parameters` (rates learnt on this machine)."""
+    reads = calibration if settings.needs_calibration else None
+    return estimate(parameters, settings, reads, [s.name for s, weight in run_stages(settings) if weight])
 
 
 def method_stages(settings: QuantSettings) -> list[tuple[Stage, float]]:

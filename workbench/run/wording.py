@@ -7,7 +7,9 @@ sentences, table rows and sizes from here, so a figure reads the same wherever i
 from __future__ import annotations
 
 from workbench.layout import CHART_FILE, TUNE_CHART_FILE
+from workbench.quality.verdict import quality_sentence, scale_words
 from workbench.run.record import QualityResult, RunRecord, Speed
+from workbench.settings import PRESETS
 from workbench.units import format_size
 
 def ram_text(value: int | None) -> str:
@@ -20,7 +22,7 @@ def machine_text(machine: dict) -> str:
 
 
 def verdict(record: RunRecord) -> str:
-    """One plain sentence on what was saved and what it cost."""
+    """One plain sentence on what was saved and what it cost, on the one verdict scale."""
     saved = f"The INT4 model is {record.size_ratio:.1f}x smaller on disk and " + (
         f"needs {record.ram_ratio:.1f}x less RAM" if record.ram_ratio else "the original was too large to run here")
     if record.speed:
@@ -28,18 +30,11 @@ def verdict(record: RunRecord) -> str:
     if not record.quality:
         return saved + "; its quality is not measured yet: measure it on a text of yours."
     quality = record.quality[-1]
-    increase = quality.perplexity_increase_pct
-    agreement = quality.top1_agreement * 100
-    if increase <= 10:
-        cost = "it writes almost like the original"
-    elif increase <= 35:
-        cost = "it writes a little less well than the original"
-    else:
-        cost = "it writes noticeably worse than the original; try the 'quality' preset"
-    return (
-        f"{saved}; {cost} (perplexity +{increase:.1f} % on {quality.text}, same next word "
-        f"{agreement:.0f} % of the time)."
-    )
+    preset = PRESETS.get(record.preset or "")
+    # The preset's benchmark speaks for this run only if the run kept the preset's settings.
+    benchmark = preset.benchmark if preset and preset.settings == record.settings else None
+    cost = quality_sentence(quality.perplexity_increase_pct, quality.text, quality.top1_agreement * 100, benchmark)
+    return f"{saved}; {cost}."
 
 
 def quantized_line(record: RunRecord) -> str:
@@ -140,7 +135,7 @@ def card_lost_lines(record: RunRecord) -> list[str]:
         f"({q.perplexity_increase_pct:+.1f} %); the INT4 model picks the same next word as the original "
         f"{q.top1_agreement * 100:.0f} % of the time."
         for q in record.quality
-    ]
+    ] + [f"- {scale_words()}"]
 
 
 # -- report.md -------------------------------------------------------------------------------------
@@ -263,6 +258,7 @@ def render_report(record: RunRecord) -> str:
                 f"| {q.text} | {q.tokens:,} | {q.original_perplexity:.2f} | {q.int4_perplexity:.2f} "
                 f"| +{q.perplexity_increase_pct:.1f} % | {q.top1_agreement * 100:.1f} % | {q.mean_kl:.4f} |"
             )
+        lines += ["", scale_words()]
     else:
         lines.append("Not measured yet: `int4-workbench evaluate RUN_DIR --text FILE`.")
     lines += ["", "## Speed", ""]
