@@ -17,7 +17,7 @@ from workbench.errors import JobCancelled
 # No test may reach the network or the user's cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-JOB_TIMEOUT_MS = 120_000  # a GUI job on a tiny model
+JOB_TIMEOUT_MS = 180_000  # a GUI job on a tiny model, on a busy machine
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -167,6 +167,19 @@ def wait_for_jobs(qtbot) -> None:
     from ui import jobs
 
     qtbot.waitUntil(lambda: not jobs.running(), timeout=JOB_TIMEOUT_MS)
+
+
+def open_run_on(qtbot, run_dir: Path, page_class):
+    """A new window showing `run_dir` on the step of `page_class`, its start-up checks done."""
+    from ui.main_window import STEP_PAGES, MainWindow
+
+    window = MainWindow(run_dir.parent)
+    qtbot.addWidget(window)
+    window.show()
+    window.open_run(run_dir)
+    window.go(STEP_PAGES.index(page_class))
+    wait_for_jobs(qtbot)
+    return window, window.page(page_class)
 
 
 def open_model(window, qtbot, spec):

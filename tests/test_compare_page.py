@@ -8,7 +8,7 @@ import json
 
 
 from ui.pages.compare import ComparePage
-from windows import open_run_on, wait_for_jobs as wait
+from conftest import open_run_on, wait_for_jobs as wait
 from workbench.generation.chat import folder, list_conversations
 
 

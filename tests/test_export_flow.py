@@ -11,7 +11,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QGuiApplication
 
 from ui.pages.export import ExportPage
-from windows import open_run_on, wait_for_jobs
+from conftest import open_run_on, wait_for_jobs
 
 
 def test_a_new_or_empty_folder_is_the_bundle_and_the_command_runs_it(qtbot, tiny_run, tmp_path, monkeypatch):

@@ -4,23 +4,23 @@ and a plain word where the user's text fares worse than the preset's benchmark."
 from __future__ import annotations
 
 
-from exporters.bundle import Layout, model_card
+from exporters.bundle.card import model_card
+from exporters.bundle.layout import Layout
 from ui.pages.report import ReportPage
-from windows import open_run_on
+from conftest import open_run_on
 from workbench.quality.verdict import SCALE, band, scale_words
 from workbench.run.folders import load_run, save_run
-from workbench.run.report import render_report, verdict
+from workbench.run.record import QualityResult, RunRecord
+from workbench.run.wording import render_report, verdict
 from workbench.settings import PRESETS
 
 
-def measured(record: dict, increase: float, settings_of: str | None = None) -> dict:
-    record = {**record, "quality": [{
-        "text": "mine.txt", "tokens": 4000, "perplexity_increase_pct": increase, "top1_agreement": 0.71, "mean_kl": 0.2,
-        "original": {"perplexity": 10.0}, "int4": {"perplexity": 10.0 * (1 + increase / 100)},
-    }]}
-    if settings_of:
-        record["settings"] = PRESETS[settings_of].settings.to_dict()
-    return record
+def measured(record: RunRecord, increase: float, settings_of: str | None = None) -> RunRecord:
+    quality = QualityResult(text="mine.txt", tokens=4000, window=512, original_perplexity=10.0,
+                            int4_perplexity=10.0 * (1 + increase / 100), perplexity_increase_pct=increase,
+                            top1_agreement=0.71, mean_kl=0.2)
+    record = record.replace(quality=(quality,))
+    return record.replace(settings=PRESETS[settings_of].settings) if settings_of else record
 
 
 def test_the_scale_in_words():

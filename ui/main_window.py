@@ -53,14 +53,14 @@ def run_title(run_dir: Path) -> str:
         record = load_run(run_dir)
     except WorkbenchError:
         return run_dir.name
-    preset = PRESETS.get(record.get("preset") or "")
-    if "tune" in record:
+    preset = PRESETS.get(record.preset or "")
+    if record.tune is not None:
         kind = "Auto-tuned"
     elif preset is not None:
-        kind = preset.title + ("" if preset.settings.to_dict() == record["settings"] else " (changed)")
+        kind = preset.title + ("" if preset.settings == record.settings else " (changed)")
     else:
-        kind = record["settings"]["method"].upper()
-    when = datetime.fromisoformat(record["created"]).astimezone().strftime("%d %b %Y, %H:%M")
+        kind = record.settings.method.upper()
+    when = datetime.fromisoformat(record.created).astimezone().strftime("%d %b %Y, %H:%M")
     return f"{run_dir.name}\n{kind} · {when}"
 
 

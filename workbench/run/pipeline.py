@@ -38,6 +38,7 @@ from workbench.run.streamed import (
     calibration_samples,
     quantize_streamed,
     skipped_original,
+    streamable,
 )
 from workbench.run.folders import (
     check_output_dir,
@@ -120,7 +121,7 @@ def run_stages(settings: QuantSettings) -> list[tuple[Stage, float]]:
         (stage.CALIBRATION, 1 if settings.needs_calibration else 0),
         (stage.SENSITIVITY, 1 if settings.sensitive_8bit_pct else 0),
         *method_stages(settings),
-        (stage.FUSE, 1),
+        (stage.FUSE, 0 if streamable(settings) else 1),  # the graph builder writes attention fused
         (stage.MEASURE, 1),
     ]
 

@@ -40,9 +40,14 @@ log = logging.getLogger(__name__)
 STREAMED_METHODS = ("rtn", "hqq", "gptq")
 
 
+def streamable(settings: QuantSettings) -> bool:
+    """Whether these settings can take the streamed path (where the model's architecture allows)."""
+    return settings.method in STREAMED_METHODS and not settings.sensitive_8bit_pct
+
+
 def builder_reason(model: ResolvedModel, settings: QuantSettings) -> str | None:
     """None when the run can take the streamed path, else why not (the optimum export is used then)."""
-    if settings.method not in STREAMED_METHODS or settings.sensitive_8bit_pct:
+    if not streamable(settings):
         return f"{settings.method}{' with sensitive 8-bit layers' if settings.sensitive_8bit_pct else ''} runs on " \
                "the whole PyTorch model"
     return supports(model.path, model.info.model_type)
