@@ -13,7 +13,7 @@ import pytest
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QMessageBox
 
-from conftest import JOB_TIMEOUT_MS, open_model, prose_text, wait_for_jobs
+from conftest import JOB_TIMEOUT_MS, open_model, open_run_on, prose_text, wait_for_jobs
 from ui import jobs
 from ui.glossary import tip
 from ui.jobs import Job
@@ -309,12 +309,7 @@ def test_an_earlier_run_reopens_at_its_report_and_measures_speed(qtbot, finished
 
 
 def test_export_builds_a_checked_bundle_and_opens_its_folder(qtbot, finished_run, tmp_path, monkeypatch):
-    window = MainWindow(finished_run.parent)
-    qtbot.addWidget(window)
-    window.show()
-    window.open_run(finished_run)
-    window.go(STEP_PAGES.index(ExportPage))
-    page = window.page(ExportPage)
+    window, page = open_run_on(qtbot, finished_run, ExportPage)
     assert str(finished_run) in page.folder.text() and not page.open_bundle_button.isVisible()
     opened = []
     monkeypatch.setattr("ui.pages.export.open_path", opened.append)
@@ -417,12 +412,7 @@ def test_an_unexpected_error_hides_its_traceback_behind_details(window, qtbot, t
 
 
 def test_a_prompt_file_fills_a_table_that_saves_as_csv_and_markdown(qtbot, finished_run, tmp_path):
-    window = MainWindow(finished_run.parent)
-    qtbot.addWidget(window)
-    window.show()
-    window.open_run(finished_run)
-    window.go(STEP_PAGES.index(ComparePage))
-    page = window.page(ComparePage)
+    window, page = open_run_on(qtbot, finished_run, ComparePage)
     qtbot.waitUntil(lambda: "CUDA" in page.provider_note.text(), timeout=JOB_TIMEOUT_MS)
     cuda = page.provider.model().item(1)
     assert cuda.isEnabled() or cuda.toolTip().startswith("Not available")
@@ -449,12 +439,7 @@ def test_export_serves_the_bundle_and_stops_it(qtbot, finished_run, tmp_path):
     import json
     import urllib.request
 
-    window = MainWindow(finished_run.parent)
-    qtbot.addWidget(window)
-    window.show()
-    window.open_run(finished_run)
-    window.go(STEP_PAGES.index(ExportPage))
-    page = window.page(ExportPage)
+    window, page = open_run_on(qtbot, finished_run, ExportPage)
     page.build(tmp_path)
     wait_for_jobs(qtbot)
     assert page.serve_button.isVisible()
