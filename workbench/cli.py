@@ -559,23 +559,40 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("onnxruntime", "optimum", "transformers", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         _clean_up_stopped(args)
         return args.func(args)
-    except WorkbenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Terminated:
+    except KeyboardInterrupt:  # Ctrl-C, or Terminated (SIGTERM)
+        return _stopped()
+    except Exception as error:
+        if _signalled:  # the interrupted library caught the signal's exception and raised one of its own
+            return _stopped()
+        if isinstance(error, WorkbenchError):
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if isinstance(error, JobCancelled):
+            print("cancelled; nothing was written.", file=sys.stderr)
+            return 130
+        raise
+
+
+# The stop signals received; staged folders are removed whatever exception unwinds them.
+_signalled: list[int] = []
+
+
+def _stop(signum: int, frame) -> None:
+    _signalled.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _stopped() -> int:
+    if signal.SIGTERM in _signalled:
         print("stopped (SIGTERM); nothing was written.", file=sys.stderr)
         return 128 + signal.SIGTERM
-    except (JobCancelled, KeyboardInterrupt):
-        print("cancelled; nothing was written.", file=sys.stderr)
-        return 130
-
-
-def _terminated(signum: int, frame) -> None:
-    raise Terminated()
+    print("cancelled; nothing was written.", file=sys.stderr)
+    return 130
 
 
 def _clean_up_stopped(args: argparse.Namespace) -> None:
