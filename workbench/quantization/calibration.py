@@ -20,6 +20,7 @@ import numpy as np
 
 from workbench.errors import WorkbenchError
 from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progress
+from workbench.settings import QuantSettings
 from workbench.units import format_size
 from workbench.quantization.eval_mode import evaluating
 
@@ -202,6 +203,13 @@ def preview(path: Path, tokenizer: Any = None) -> CalibrationPreview:
         first_samples=tuple(_shorten(t, PREVIEW_CHARACTERS) for t in texts[:PREVIEW_SAMPLES]),
         sampled=is_sampled(path, PREVIEW_TOKENS),
     )
+
+
+def file_samples(path: Path, tokenizer: Any, settings: QuantSettings, progress: Progress = no_progress) -> np.ndarray:
+    """The token samples `settings` ask for, from a calibration file read only as far as they need."""
+    progress(0.0, f"reading {Path(path).name}")
+    texts = read_texts(Path(path), tokens=settings.calibration_token_count)
+    return token_samples(texts, tokenizer, settings.calibration_samples, settings.calibration_tokens)
 
 
 def token_samples(texts: list[str], tokenizer: Any, n_samples: int, seq_len: int) -> np.ndarray:

@@ -267,16 +267,14 @@ def _fuse(original_dir: Path, int4_dir: Path, progress: Progress, cancelled: Can
 
 
 def _calibration_samples(path, model, tokenizer, settings: QuantSettings, progress: Progress, cancelled: Cancelled):
-    from workbench.quantization.calibration import read_texts, self_written_samples, token_samples
+    from workbench.quantization.calibration import file_samples, self_written_samples
 
     if path is None:
         return self_written_samples(
             model, tokenizer, settings.calibration_samples, settings.calibration_tokens,
             progress=progress, cancelled=cancelled,
         )
-    progress(0.0, f"reading {Path(path).name}")
-    texts = read_texts(Path(path), tokens=settings.calibration_token_count)
-    return token_samples(texts, tokenizer, settings.calibration_samples, settings.calibration_tokens)
+    return file_samples(path, tokenizer, settings, progress)
 
 
 def _torch_plan(info, settings: QuantSettings) -> dict[str, int]:

@@ -94,13 +94,12 @@ def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSetting
     """
     from transformers import AutoTokenizer
 
-    from workbench.quantization.calibration import read_texts, token_samples
+    from workbench.quantization.calibration import file_samples
 
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     n, length = settings.calibration_samples, settings.calibration_tokens
     if calibration is not None:
-        progress(0.0, f"reading {calibration.name}")
-        return token_samples(read_texts(calibration, tokens=settings.calibration_token_count), tokenizer, n, length)
+        return file_samples(calibration, tokenizer, settings, progress)
     if fit_verdict(_run_ram(model.info), psutil.virtual_memory().available) == FITS:
         from workbench.quantization.calibration import self_written_samples
         from workbench.sources import load_torch_model
