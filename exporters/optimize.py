@@ -100,11 +100,12 @@ def rope_type_of(config) -> str:
     return scaling.get("rope_type", scaling.get("type", "default"))
 
 
-def rotary_caches(config) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin (max positions, head_dim / 2) as transformers' rotary embedding computes them."""
+def rotary_caches(config, seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (max positions, rotary dim / 2) as transformers' rotary embedding computes them; `seq_len`
+    picks the frequencies of the rotary types that depend on the length (longrope's long factors)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type_of(config)](config, "cpu")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type_of(config)](config, "cpu", **({"seq_len": seq_len} if seq_len else {}))
     positions = np.arange(config.max_position_embeddings, dtype=np.float32)
     angles = positions[:, None] * inv_freq.numpy().astype(np.float32)[None, :]
     return (np.cos(angles) * scaling).astype(np.float32), (np.sin(angles) * scaling).astype(np.float32)
@@ -166,16 +167,17 @@ def _rewrite(model: onnx.ModelProto, config) -> None:
     model.metadata_props.add(key=FUSED_KEY, value=FUSED_VALUE)
 
 
-def keep_last_logits(graph: onnx.GraphProto) -> None:
+def keep_last_logits(graph: onnx.GraphProto, head_output: str = "logits") -> None:
     """Project only the last `logits_to_keep` positions onto the vocabulary (0, the default: all).
 
     A generated token needs the prompt's last logits alone; for a 256-token prompt the full
     logits are the step's largest buffer (48 MiB on a 49k vocabulary) and a large share of its
     time. The input is an overridable initializer, so runners that do not know it (scoring,
-    onnxruntime-genai, Triton) see the graph's usual inputs and get every position.
+    onnxruntime-genai, Triton) see the graph's usual inputs and get every position. `head_output`: what the
+    vocabulary projection writes (the logits, unless ops such as soft-capping follow it).
     """
     prefix = "/model/logits_to_keep/"
-    head = next((n for n in graph.node if "logits" in n.output), None)
+    head = next((n for n in graph.node if head_output in n.output), None)
     if head is None:
         raise _NoMatch("no node produces the logits")
     graph.initializer.extend([
@@ -254,6 +256,9 @@ def shared_inputs(graph: onnx.GraphProto) -> dict:
         "nodes": _topological(nodes),
         "seqlens_k": f"{prefix}seqlens_k",
         "total_length": f"{prefix}total_length",
+        "total": f"{prefix}total",  # int64 scalar
+        "sequence": f"{prefix}sequence",  # int64, shape (1,)
+        "batch": f"{prefix}batch",  # int64, shape (1,)
         "bias": f"{prefix}bias",
     }
 

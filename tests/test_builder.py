@@ -14,8 +14,11 @@ from onnx import numpy_helper
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     GraniteConfig,
     MistralConfig,
+    Phi3Config,
     Qwen3Config,
 )
 
@@ -37,12 +40,12 @@ def _extra_model(path: Path, config_class, **extra) -> Path:
     """A tiny random model of an architecture tests/models.py does not build."""
     path.mkdir(parents=True)
     tokenizer = build_tokenizer(path)
-    config = config_class(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **extra,
-    )
+    config = config_class(**{
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, **extra,
+    })
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
@@ -58,6 +61,17 @@ def _smollm3(path: Path) -> Path:
     return _extra_model(path, SmolLM3Config, no_rope_layers=[1, 0], tie_word_embeddings=True)
 
 
+LONGROPE_ORIGINAL = 24
+
+
+def _phi3_longrope(path: Path) -> Path:
+    return _extra_model(
+        path, Phi3Config, tie_word_embeddings=True, num_attention_heads=2, num_key_value_heads=1,
+        partial_rotary_factor=0.5, sliding_window=None, original_max_position_embeddings=LONGROPE_ORIGINAL,
+        rope_scaling={"type": "su", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+                      "long_factor": [1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 11.0, 15.0]})
+
+
 EXTRA = {
     "llama3-rope": lambda p: _extra_model(p, __import__("transformers").LlamaConfig, tie_word_embeddings=True, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -69,6 +83,16 @@ EXTRA = {
     "granite": lambda p: _extra_model(p, GraniteConfig, tie_word_embeddings=True, embedding_multiplier=4.0,
                                       residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.0),
     "smollm3": _smollm3,
+    "phi3": lambda p: _extra_model(p, Phi3Config, tie_word_embeddings=False, sliding_window=None),
+    # Phi-4-mini's shape of rotary (half of each 32-wide head) with LongRoPE; the 23 tokens here stay within the
+    # original length (the short factors), test_longrope_past_the_original_length goes beyond it.
+    "phi3-longrope-partial": lambda p: _phi3_longrope(p),
+    # Soft caps small enough to bite on these weights; a window shorter than the prompt on layer 0.
+    "gemma2": lambda p: _extra_model(p, Gemma2Config, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+                                     attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "gemma3": lambda p: _extra_model(
+        p, Gemma3TextConfig, head_dim=16, query_pre_attn_scalar=24, sliding_window=5, rope_local_base_freq=100.0,
+        layer_types=["sliding_attention", "full_attention"], rope_scaling={"rope_type": "linear", "factor": 2.0}),
 }
 
 
@@ -81,20 +105,21 @@ def hf_model(request, tiny_llama, tiny_qwen, tmp_path_factory) -> Path:
     return EXTRA[request.param](tmp_path_factory.mktemp(request.param) / "model")
 
 
-def _torch_greedy(model_dir: Path) -> tuple[np.ndarray, list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([PROMPT])
+def _torch_greedy(model_dir: Path, prompt: list[int] = PROMPT) -> tuple[np.ndarray, list[int]]:
+    # Eager attention: the reference computation (soft-capping included), whatever the default kernel.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.tensor([prompt])
     with torch.no_grad():
         logits = model(ids).logits.numpy()
         out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
                              pad_token_id=0, min_new_tokens=NEW_TOKENS)
-    return logits, out[0, len(PROMPT):].tolist()
+    return logits, out[0, len(prompt):].tolist()
 
 
-def _engine_greedy(folder: Path) -> tuple[np.ndarray, list[int]]:
+def _engine_greedy(folder: Path, prompt: list[int] = PROMPT) -> tuple[np.ndarray, list[int]]:
     model = CausalLM(str(folder / "model.onnx"), context_length=256)
-    logits, _ = model.forward(np.asarray([PROMPT], np.int64))
-    return logits, generate(model, PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS)).tokens
+    logits, _ = model.forward(np.asarray([prompt], np.int64))
+    return logits, generate(model, prompt, GenerationConfig(max_new_tokens=NEW_TOKENS)).tokens
 
 
 def test_fp32_graph_matches_pytorch(hf_model, tmp_path):
@@ -109,6 +134,24 @@ def test_fp32_graph_matches_pytorch(hf_model, tmp_path):
     np.testing.assert_allclose(logits, reference_logits, atol=LOGITS_ATOL, rtol=0)
     assert tokens == reference_tokens
     assert (tmp_path / "original" / "tokenizer.json").is_file()
+
+
+def test_longrope_past_the_original_length(tmp_path):
+    """A sequence longer than original_max_position_embeddings rotates with the long factors throughout.
+
+    At the step that first crosses that length, transformers' generate() drops its cache and recomputes the
+    sequence with the long factors; the graph, like vLLM and ONNX Runtime GenAI, keeps the cached keys (rotated
+    with the short factors) and rotates the new ones with the long factors. So this prompt starts past the
+    original length, where the two agree exactly."""
+    model_dir = _phi3_longrope(tmp_path / "model")
+    prompt = (PROMPT * 3)[:LONGROPE_ORIGINAL + 5]
+    build_decoder(model_dir, tmp_path / "original", inspect_folder(model_dir), None)
+    reference_logits, reference_tokens = _torch_greedy(model_dir, prompt)
+    logits, tokens = _engine_greedy(tmp_path / "original", prompt)
+    np.testing.assert_allclose(logits, reference_logits, atol=LOGITS_ATOL, rtol=0)
+    assert tokens == reference_tokens
+    short_logits = _engine_greedy(tmp_path / "original", prompt[:LONGROPE_ORIGINAL])[0]
+    assert np.abs(short_logits[0, -1] - logits[0, LONGROPE_ORIGINAL - 1]).max() > 1e-3  # the factors differ
 
 
 def _initializers(folder: Path) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ per component, sensitivity, reports) reads both alike.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -71,6 +72,11 @@ class DecoderBuilder:
     them), rotary GroupQueryAttention, o_proj, RMSNorm, SiLU-gated MLP, final RMSNorm, lm_head."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    activations: ClassVar[tuple[str, ...]] = ("silu",)
+    rope_types: ClassVar[tuple[str, ...]] = STATIC_ROPE_TYPES
+    norm_offset: ClassVar[float] = 0.0  # Gemma's RMSNorm multiplies by (1 + w): folded into the weight
+    pre_mlp_norm: ClassVar[str] = "post_attention_layernorm"
+    post_norms: ClassVar[tuple[str, str] | None] = None  # norms of the attention and MLP outputs (Gemma 2/3)
 
     def __init__(self, config, weights: SafetensorsWeights, data: ExternalData, info: ModelInfo,
                  settings: QuantSettings | None, precomputed: Mapping[str, QuantizedWeight] | None = None):
@@ -95,14 +101,20 @@ class DecoderBuilder:
     def check(self) -> None:
         """Refuse a configuration the graph would compute wrongly, naming what is not supported."""
         config = self.config
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise self.unsupported(f"activation {config.hidden_act!r}")
-        if rope_type_of(config) not in STATIC_ROPE_TYPES:
+        if self.activation() not in self.activations:
+            raise self.unsupported(f"activation {self.activation()!r}")
+        if rope_type_of(config) not in self.rope_types:
             raise self.unsupported(f"rotary scaling {rope_type_of(config)!r}")
-        if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
-            raise self.unsupported("partial rotary embedding")
+        rotary_dim = int(self.head_dim * getattr(config, "partial_rotary_factor", 1.0))
+        if rotary_dim != self.head_dim and rotary_dim % 16:
+            # GroupQueryAttention's cos/sin tables must be a multiple of 8 wide (half the rotated dimensions).
+            raise self.unsupported(f"partial rotary embedding over {rotary_dim} of {self.head_dim} dimensions per head "
+                                   "(GroupQueryAttention rotates a multiple of 16)")
         if getattr(config, "mlp_bias", False):
             raise self.unsupported("MLP biases")
+
+    def activation(self) -> str:
+        return getattr(self.config, "hidden_act", "silu")
 
     def embedding_scale(self) -> float:
         return 1.0
@@ -117,10 +129,28 @@ class DecoderBuilder:
         """Folded into the final norm's weight: norm(x) * w / s projects to logits / s exactly."""
         return 1.0
 
-    def sliding_window(self) -> int | None:
-        window = getattr(self.config, "sliding_window", None)
-        if window and getattr(self.config, "use_sliding_window", True):
-            return int(window)
+    def sliding_window(self, layer: int) -> int | None:
+        """The window of `layer`, as transformers' attention reads it: `layer_types` where the config has
+        them (Qwen, SmolLM3, Gemma), otherwise every layer (Mistral, Phi-3)."""
+        config = self.config
+        window = getattr(config, "sliding_window", None)
+        if not window or not getattr(config, "use_sliding_window", True):
+            return None
+        layer_types = getattr(config, "layer_types", None)
+        return int(window) if layer_types is None or layer_types[layer] == "sliding_attention" else None
+
+    def rotary_tables(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The cos/sin tables by name prefix (one unless layers rotate differently)."""
+        return {"gqa": rotary_caches(self.config)}
+
+    def rotary_table(self, layer: int) -> str:
+        return "gqa"
+
+    def positions(self, shared: dict) -> str:
+        """GroupQueryAttention's position_ids: none, so rotary positions count from the mask's first column."""
+        return ""
+
+    def final_softcap(self) -> float | None:
         return None
 
     def rotary(self, layer: int) -> bool:
@@ -141,8 +171,9 @@ class DecoderBuilder:
         shared = shared_inputs(graph)  # seqlens_k, total length, padding bias: from attention_mask
         self.nodes.extend(shared["nodes"])
         self.add(graph.initializer)
-        cos, sin = rotary_caches(config)
-        self.initializers += [self.data.tensor("gqa_cos_cache", cos), self.data.tensor("gqa_sin_cache", sin)]
+        for table, (cos, sin) in self.rotary_tables().items():
+            self.initializers += [self.data.tensor(f"{table}_cos_cache", cos), self.data.tensor(f"{table}_sin_cache", sin)]
+        shared["positions"] = self.positions(shared)
         hidden = self.embedding()
         if self.embedding_scale() != 1.0:
             hidden = self.scale("/model/embed_tokens/scale", hidden, self.embedding_scale())
@@ -153,12 +184,12 @@ class DecoderBuilder:
             hidden = self.decoder_layer(layer, hidden, shared)
         progress(0.9, "lm_head")
         hidden = self.norm("model.norm", hidden, scale=1.0 / self.logits_scale())
-        self.lm_head(hidden)
+        head_output = self.lm_head(hidden)
         graph.ClearField("node")
         graph.node.extend(self.nodes)
         graph.ClearField("initializer")
         graph.initializer.extend(self.initializers)
-        keep_last_logits(graph)
+        keep_last_logits(graph, head_output)
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
             producer_name="int4-workbench graph builder",
@@ -205,7 +236,7 @@ class DecoderBuilder:
         return self.node("Mul", [x, self.constant(f"{name}/factor", np.array(factor, np.float32))], name)
 
     def norm(self, module: str, x: str, scale: float = 1.0) -> str:
-        weight = self.weights.read(f"{module}.weight") * np.float32(scale)
+        weight = (self.weights.read(f"{module}.weight") + np.float32(self.norm_offset)) * np.float32(scale)
         name = "/" + module.replace(".", "/") + "/SimplifiedLayerNormalization"
         return self.node("SimplifiedLayerNormalization", [x, self.constant(f"{module}.weight", weight)], name,
                          axis=-1, epsilon=float(self.config.rms_norm_eps), stash_type=1)
@@ -214,23 +245,55 @@ class DecoderBuilder:
         prefix = f"model.layers.{layer}"
         scope = f"/model/layers.{layer}"
         x = self.norm(f"{prefix}.input_layernorm", hidden)
-        q, k, v = (self.linear(f"{prefix}.self_attn.{name}", x) for name in ("q_proj", "k_proj", "v_proj"))
+        attention = self.linear(f"{prefix}.self_attn.o_proj", self.attention(layer, x, shared))
+        if self.post_norms:
+            attention = self.norm(f"{prefix}.{self.post_norms[0]}", attention)
+        hidden = self.residual(f"{scope}/Add", hidden, attention)
+        x = self.norm(f"{prefix}.{self.pre_mlp_norm}", hidden)
+        mlp = self.mlp(f"{prefix}.mlp", x)
+        if self.post_norms:
+            mlp = self.norm(f"{prefix}.{self.post_norms[1]}", mlp)
+        return self.residual(f"{scope}/Add_1", hidden, mlp)
+
+    def qkv(self, layer: int, x: str) -> tuple[str, str, str]:
+        """GroupQueryAttention's query, key and value inputs (key and value empty for a packed query)."""
+        prefix = f"model.layers.{layer}.self_attn"
+        q, k, v = (self.linear(f"{prefix}.{name}", x) for name in ("q_proj", "k_proj", "v_proj"))
         q, k = self.qk_norm(layer, q, k)
-        window = self.sliding_window()
-        attention = self.node(
+        return q, k, v
+
+    def attention(self, layer: int, x: str, shared: dict) -> str:
+        window = self.sliding_window(layer)
+        table = self.rotary_table(layer)
+        softcap = getattr(self.config, "attn_logit_softcapping", None)
+        return self.node(
             "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", shared["seqlens_k"],
-             shared["total_length"], "gqa_cos_cache", "gqa_sin_cache", "", shared["bias"]],
-            f"{scope}/self_attn/GroupQueryAttention", outputs=(f"present.{layer}.key", f"present.{layer}.value"),
+            [*self.qkv(layer, x), f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
+             shared["seqlens_k"], shared["total_length"], f"{table}_cos_cache", f"{table}_sin_cache",
+             shared["positions"], shared["bias"]],
+            f"/model/layers.{layer}/self_attn/GroupQueryAttention",
+            outputs=(f"present.{layer}.key", f"present.{layer}.value"),
             domain=MS_DOMAIN, num_heads=self.heads,
             kv_num_heads=self.kv_heads, do_rotary=int(self.rotary(layer)), rotary_interleaved=0,
             scale=self.attention_scale(),
             # Sliding window: the last `window` positions, the current one included (checked against transformers).
             **({"local_window_size": window} if window else {}),
+            # Scores soft-capped before the mask and softmax: cap * tanh(scores / cap), as Gemma 2 trains them.
+            **({"softcap": float(softcap)} if softcap else {}),
         )
-        hidden = self.residual(f"{scope}/Add", hidden, self.linear(f"{prefix}.self_attn.o_proj", attention))
-        x = self.norm(f"{prefix}.post_attention_layernorm", hidden)
-        return self.residual(f"{scope}/Add_1", hidden, self.mlp(f"{prefix}.mlp", x))
+
+    def per_head_norms(self, layer: int, q: str, k: str) -> tuple[str, str]:
+        """RMSNorm over each head of q and k (Qwen3's and Gemma 3's q_norm / k_norm): ONNX Runtime's CPU
+        GroupQueryAttention does not take the norm weights, so reshape to heads, normalise, reshape back."""
+        normed = []
+        for name, heads, x in (("q_norm", self.heads, q), ("k_norm", self.kv_heads, k)):
+            module = f"model.layers.{layer}.self_attn.{name}"
+            scope = "/" + module.replace(".", "/")
+            split = self.node("Reshape", [x, self.constant(f"{scope}/heads", np.array([0, 0, heads, self.head_dim],
+                                                                                      np.int64))], f"{scope}/Reshape")
+            merged = self.constant(f"{scope}/merged", np.array([0, 0, heads * self.head_dim], np.int64))
+            normed.append(self.node("Reshape", [self.norm(module, split), merged], f"{scope}/Reshape_1"))
+        return normed[0], normed[1]
 
     def residual(self, name: str, hidden: str, update: str) -> str:
         if self.residual_scale() != 1.0:
@@ -239,11 +302,17 @@ class DecoderBuilder:
 
     def mlp(self, prefix: str, x: str) -> str:
         scope = "/" + prefix.replace(".", "/")
-        gate = self.linear(f"{prefix}.gate_proj", x)
-        activated = self.node("Mul", [gate, self.node("Sigmoid", [gate], f"{scope}/act_fn/Sigmoid")],
-                              f"{scope}/act_fn/Mul")
-        product = self.node("Mul", [activated, self.linear(f"{prefix}.up_proj", x)], f"{scope}/Mul")
+        gate, up = self.gate_up(prefix, x)
+        product = self.node("Mul", [self.activate(scope, gate), up], f"{scope}/Mul")
         return self.linear(f"{prefix}.down_proj", product)
+
+    def gate_up(self, prefix: str, x: str) -> tuple[str, str]:
+        return self.linear(f"{prefix}.gate_proj", x), self.linear(f"{prefix}.up_proj", x)
+
+    def activate(self, scope: str, gate: str) -> str:
+        if self.activation() == "gelu_pytorch_tanh":  # ONNX Runtime's FastGelu is GELU's tanh approximation
+            return self.node("FastGelu", [gate], f"{scope}/act_fn/FastGelu", domain=MS_DOMAIN)
+        return self.node("Mul", [gate, self.node("Sigmoid", [gate], f"{scope}/act_fn/Sigmoid")], f"{scope}/act_fn/Mul")
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -329,16 +398,24 @@ class DecoderBuilder:
                                                    self.weights.row_chunks(f"{module}.weight")))
         return self.node("Gather", [f"{module}.weight", "input_ids"], name, axis=0)
 
-    def lm_head(self, hidden: str) -> None:
+    def lm_head(self, hidden: str) -> str:
+        """Project onto the vocabulary; the name of the projection's output (the logits unless capped)."""
         source = "model.embed_tokens.weight" if self.tied else "lm_head.weight"
         bits = self.plan.get("lm_head") if self.settings else None
+        cap = self.final_softcap()
+        output = "/lm_head/logits" if cap else "logits"
         if self.tied and not bits and not self.layer_bits.get("model.embed_tokens"):
             # Both fp32: read the embeddings through a Transpose, as the optimum export does.
             self.layer_bits["lm_head"] = None
             transposed = self.node("Transpose", ["model.embed_tokens.weight"], "/lm_head/Transpose", perm=[1, 0])
-            self.nodes.append(helper.make_node("MatMul", [hidden, transposed], ["logits"], name="/lm_head/MatMul"))
-            return
-        self.linear("lm_head", hidden, source=source, output="logits")
+            self.nodes.append(helper.make_node("MatMul", [hidden, transposed], [output], name="/lm_head/MatMul"))
+        else:
+            self.linear("lm_head", hidden, source=source, output=output)
+        if cap:  # cap * tanh(logits / cap), on the kept positions only
+            tanh = self.node("Tanh", [self.scale("/lm_head/softcap/Div", output, 1.0 / cap)], "/lm_head/softcap/Tanh")
+            self.nodes.append(helper.make_node("Mul", [tanh, self.constant("/lm_head/softcap/cap", np.array(
+                cap, np.float32))], ["logits"], name="/lm_head/softcap/Mul"))
+        return output
 
 
 class Llama(DecoderBuilder):
@@ -346,12 +423,9 @@ class Llama(DecoderBuilder):
 
 
 class Qwen2(DecoderBuilder):
-    """q/k/v biases (read from the weights); a sliding window only where use_sliding_window says so."""
+    """q/k/v biases (read from the weights); sliding windows on the layers `layer_types` marks."""
 
     model_types = ("qwen2",)
-
-    def sliding_window(self) -> int | None:
-        return super().sliding_window() if getattr(self.config, "use_sliding_window", False) else None
 
 
 class Qwen3(Qwen2):
@@ -360,15 +434,7 @@ class Qwen3(Qwen2):
     model_types = ("qwen3",)
 
     def qk_norm(self, layer: int, q: str, k: str) -> tuple[str, str]:
-        normed = []
-        for name, heads, x in (("q_norm", self.heads, q), ("k_norm", self.kv_heads, k)):
-            module = f"model.layers.{layer}.self_attn.{name}"
-            scope = "/" + module.replace(".", "/")
-            split = self.node("Reshape", [x, self.constant(f"{scope}/heads", np.array([0, 0, heads, self.head_dim], np.int64))],
-                              f"{scope}/Reshape")
-            merged = self.constant(f"{scope}/merged", np.array([0, 0, heads * self.head_dim], np.int64))
-            normed.append(self.node("Reshape", [self.norm(module, split), merged], f"{scope}/Reshape_1"))
-        return normed[0], normed[1]
+        return self.per_head_norms(layer, q, k)
 
 
 class Granite(DecoderBuilder):
@@ -397,12 +463,107 @@ class SmolLM3(DecoderBuilder):
     def rotary(self, layer: int) -> bool:
         return bool(self.config.no_rope_layers[layer])
 
-    def sliding_window(self) -> int | None:
-        return super().sliding_window() if getattr(self.config, "use_sliding_window", False) else None
+
+class Phi3(DecoderBuilder):
+    """Llama with fused projections: qkv_proj feeds GroupQueryAttention packed, as it is; gate_up_proj is
+    one MatMul split in two (one larger MatMul per step instead of two). LongRoPE ("su"): short factors while
+    the sequence is within original_max_position_embeddings, long ones beyond, as transformers switches;
+    partial rotary embedding (Phi-4-mini) rotates the first dimensions of each head."""
+
+    model_types = ("phi3",)
+    rope_types = (*STATIC_ROPE_TYPES, "longrope")
+
+    def qkv(self, layer: int, x: str) -> tuple[str, str, str]:
+        return self.linear(f"model.layers.{layer}.self_attn.qkv_proj", x), "", ""
+
+    def gate_up(self, prefix: str, x: str) -> tuple[str, str]:
+        fused = self.linear(f"{prefix}.gate_up_proj", x)
+        scope = "/" + prefix.replace(".", "/")
+        gate, up = f"{scope}/Split_output_0", f"{scope}/Split_output_1"
+        self.nodes.append(helper.make_node("Split", [fused], [gate, up], name=f"{scope}/Split", axis=-1,
+                                           num_outputs=2))
+        return gate, up
+
+    def longrope(self) -> int | None:
+        """original_max_position_embeddings where the rotary frequencies switch with the length, else None."""
+        if rope_type_of(self.config) != "longrope":
+            return None
+        return int(getattr(self.config, "original_max_position_embeddings", None)
+                   or self.config.max_position_embeddings)
+
+    def rotary_tables(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        original = self.longrope()
+        if original is None:
+            return super().rotary_tables()
+        # One table: the short factors' first `original` positions, then the long factors' positions from 0;
+        # a step whose sequence is longer than `original` reads the second part (positions shifted by it).
+        short, long = rotary_caches(self.config), rotary_caches(self.config, seq_len=original + 1)
+        return {"gqa": tuple(np.concatenate([s[:original], l_]) for s, l_ in zip(short, long))}
+
+    def positions(self, shared: dict) -> str:
+        original = self.longrope()
+        if original is None:
+            return ""
+        scope = "/model/longrope/"
+        start = self.node("Sub", [shared["total"], self.node("Squeeze", [shared["sequence"]], f"{scope}Squeeze")],
+                          f"{scope}Sub")
+        steps = self.node("Range", [start, shared["total"], self.constant(f"{scope}one", np.array(1, np.int64))],
+                          f"{scope}Range")
+        limit = self.constant(f"{scope}original", np.array(original, np.int64))
+        is_long = self.node("Cast", [self.node("Greater", [shared["total"], limit], f"{scope}Greater")],
+                            f"{scope}Cast", to=TensorProto.INT64)
+        shifted = self.node("Add", [steps, self.node("Mul", [is_long, limit], f"{scope}Mul")], f"{scope}Add")
+        shape = self.node("Concat", [shared["batch"], shared["sequence"]], f"{scope}Concat", axis=0)
+        return self.node("Expand", [shifted, shape], f"{scope}Expand")
+
+
+class Gemma2(DecoderBuilder):
+    """Gemma 2: RMSNorm by (1 + w), norms on the attention and MLP outputs too, embeddings scaled by
+    sqrt(hidden) (a tied lm_head reads them unscaled), GELU (tanh) MLP, query_pre_attn_scalar, attention
+    scores and logits soft-capped, sliding windows on the layers `layer_types` marks."""
+
+    model_types = ("gemma2",)
+    activations = ("gelu_pytorch_tanh",)
+    norm_offset = 1.0
+    pre_mlp_norm = "pre_feedforward_layernorm"
+    post_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+    def activation(self) -> str:
+        return self.config.hidden_activation
+
+    def embedding_scale(self) -> float:
+        return float(np.float32(self.config.hidden_size**0.5))
+
+    def attention_scale(self) -> float:
+        return float(self.config.query_pre_attn_scalar) ** -0.5
+
+    def final_softcap(self) -> float | None:
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return float(cap) if cap else None
+
+
+class Gemma3(Gemma2):
+    """Gemma 3's text model: Gemma 2 with q/k norms, and its own rotary base (rope_local_base_freq, no scaling)
+    on the sliding-window layers."""
+
+    model_types = ("gemma3_text",)
+
+    def qk_norm(self, layer: int, q: str, k: str) -> tuple[str, str]:
+        return self.per_head_norms(layer, q, k)
+
+    def rotary_tables(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        local = copy.deepcopy(self.config)
+        local.rope_theta = self.config.rope_local_base_freq
+        local.rope_scaling = {"rope_type": "default"}
+        return {**super().rotary_tables(), "gqa_local": rotary_caches(local)}
+
+    def rotary_table(self, layer: int) -> str:
+        return "gqa_local" if self.config.layer_types[layer] == "sliding_attention" else "gqa"
 
 
 FAMILIES: dict[str, type[DecoderBuilder]] = {
-    model_type: family for family in (Llama, Qwen2, Qwen3, Granite, SmolLM3) for model_type in family.model_types
+    model_type: family for family in (Llama, Qwen2, Qwen3, Granite, SmolLM3, Phi3, Gemma2, Gemma3)
+    for model_type in family.model_types
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 
