@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import cli
 from models import build_tokenizer
 from onnx import numpy_helper
 from transformers import (
@@ -185,6 +187,26 @@ def test_int4_graph_equals_the_int4_pass(tiny_pair, settings, tmp_path):
     logits, tokens = _engine_greedy(tmp_path / "built")
     np.testing.assert_allclose(logits, pipeline_logits, atol=LOGITS_ATOL, rtol=0)
     assert tokens == pipeline_tokens and len(tokens) == NEW_TOKENS
+
+
+@pytest.mark.parametrize("family", ["phi3-longrope-partial", "gemma2", "gemma3"])
+def test_int4_end_to_end_through_the_cli(family, tmp_path):
+    """quantize (RTN, streamed by the builder) -> compare -> bundle, whose runner must answer as the workbench
+    does (the bundle is not written otherwise)."""
+    model = EXTRA[family](tmp_path / "model")
+    run = tmp_path / "run"
+    quantized = cli("quantize", str(model), "-o", str(run), "--method", "rtn", "--json", "-q")
+    assert quantized.returncode == 0, quantized.stderr
+    ops = json.loads(quantized.stdout)["ops"]
+    assert ops["GroupQueryAttention"] == 2 and ops["MatMulNBits"] >= 6
+    assert "built" in json.loads((run / "run.json").read_text())["graph"]
+    compared = cli("compare", str(run), "--prompt", "The quick brown fox", "--max-new-tokens", "8", "--json", "-q")
+    assert compared.returncode == 0, compared.stderr
+    row = json.loads(compared.stdout)["prompts"][0]
+    assert 0 < row["original"]["tokens"] <= 8 and 0 < row["int4"]["tokens"] <= 8
+    bundled = cli("bundle", str(run), "-o", str(tmp_path / "bundle"), "--json", "-q")
+    assert bundled.returncode == 0, bundled.stderr
+    assert json.loads(bundled.stdout)["target"] == "runner" and (tmp_path / "bundle").is_dir()
 
 
 def test_unknown_architecture_is_named(tiny_llama, tmp_path):
