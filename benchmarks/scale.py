@@ -112,22 +112,29 @@ def write_shard(path: Path, entries: list[tuple[str, tuple[int, ...]]], rng: np.
                 handle.write(chunk)
 
 
-def write_model(folder: Path, size: str) -> int:
-    """The model folder; returns its parameter count."""
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer of `vocab_size` ids (BOS 0, EOS 1) in `folder`."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    shape = SHAPES[size]
-    folder.mkdir(parents=True, exist_ok=True)
     special = ["<|begin_of_text|>", "<|end_of_text|>", "<unk>"]
     # The bench prompt's words get their own ids, so the INT4 model reads a real token sequence.
     words = list(dict.fromkeys(re.findall(r"\w+|[^\w\s]+", BENCH_TEXT)))
     vocab = special + words
-    vocab += [f"tok{i}" for i in range(shape["vocab_size"] - len(vocab))]
+    vocab += [f"tok{i}" for i in range(vocab_size - len(vocab))]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special[0], eos_token=special[1],
                             unk_token=special[2]).save_pretrained(folder)
+
+
+def write_model(folder: Path, size: str) -> int:
+    """The model folder; returns its parameter count."""
+    from transformers import LlamaConfig
+
+    shape = SHAPES[size]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(folder, shape["vocab_size"])
     config = LlamaConfig(**shape, rope_scaling=LLAMA3_ROPE, bos_token_id=0, eos_token_id=1,
                          torch_dtype="bfloat16", architectures=["LlamaForCausalLM"])
     config.save_pretrained(folder)
