@@ -264,29 +264,43 @@ def test_original_too_large_to_run_is_skipped_with_the_reason(tiny_llama, tmp_pa
 def test_streamed_gptq_equals_gptq_on_the_whole_model(tiny_qwen, tiny_qwen_onnx, tmp_path):
     """One decoder layer in memory at a time, results spilled to files: the very codes, scales and zero points,
     and the builder writes them as the INT4 pass does."""
-    from workbench.quantization.gptq import gptq_quantize
-    from workbench.quantization.streamed import SpilledWeights, streamed_gptq
-    from workbench.run.pipeline import _torch_plan
-
     settings = QuantSettings(method="gptq", symmetric=False, act_order=True)
-    plan = _torch_plan(inspect_folder(tiny_qwen), settings)
-    samples = np.random.default_rng(0).integers(3, 380, (6, 48))
-    options = {"block_size": settings.block_size, "symmetric": False, "act_order": True}
-    model = AutoModelForCausalLM.from_pretrained(tiny_qwen, dtype=torch.float32)
-    expected = gptq_quantize(model, torch.as_tensor(samples), plan, **options)
-    spilled = streamed_gptq(tiny_qwen, samples, plan, SpilledWeights(tmp_path / "spill"), progress=lambda f, m: None,
-                            cancelled=lambda: False, **options)
-    assert sorted(spilled) == sorted(expected) == sorted(plan) and len(list((tmp_path / "spill").glob("*.npz"))) == len(plan)
-    for name, weight in expected.items():
-        ours = spilled[name]
-        for field in ("q", "scales", "zero_points"):
-            np.testing.assert_array_equal(getattr(ours, field), getattr(weight, field), err_msg=f"{name}.{field}")
+    spilled = _streamed_gptq_equals_gptq(tiny_qwen, settings, tmp_path / "spill")
     info = inspect_folder(tiny_qwen)
-    quantize_onnx(tiny_qwen_onnx, tmp_path / "pipeline", info, settings, precomputed=expected)
+    quantize_onnx(tiny_qwen_onnx, tmp_path / "pipeline", info, settings, precomputed=spilled)
     build_decoder(tiny_qwen, tmp_path / "built", info, settings, precomputed=spilled)
     theirs, ours = _initializers(tmp_path / "pipeline"), _initializers(tmp_path / "built")
     for name in [n for n in theirs if "_Q4" in n]:
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+
+def _streamed_gptq_equals_gptq(model_dir: Path, settings: QuantSettings, spill: Path):
+    """GPTQ layer by layer from the safetensors gives GPTQ on the whole model's codes, scales and zero points."""
+    from workbench.quantization.gptq import gptq_quantize
+    from workbench.quantization.streamed import SpilledWeights, streamed_gptq
+    from workbench.run.pipeline import _torch_plan
+
+    plan = _torch_plan(inspect_folder(model_dir), settings)
+    samples = np.random.default_rng(0).integers(3, 380, (6, 48))
+    options = {"block_size": settings.block_size, "symmetric": settings.symmetric, "act_order": settings.act_order}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    expected = gptq_quantize(model, torch.as_tensor(samples), plan, **options)
+    spilled = streamed_gptq(model_dir, samples, plan, SpilledWeights(spill), progress=lambda f, m: None,
+                            cancelled=lambda: False, **options)
+    assert sorted(spilled) == sorted(expected) == sorted(plan) and len(list(spill.glob("*.npz"))) == len(plan)
+    for name, weight in expected.items():
+        ours = spilled[name]
+        for field in ("q", "scales", "zero_points"):
+            np.testing.assert_array_equal(getattr(ours, field), getattr(weight, field), err_msg=f"{name}.{field}")
+    return spilled
+
+
+@pytest.mark.parametrize("family", ["phi3-longrope-partial", "gemma2", "gemma3"])
+def test_streamed_gptq_on_the_other_families(family, tmp_path):
+    """The balanced preset's GPTQ streams these too (Gemma 3's computed buffers, the local rotary table and the
+    embedding scale, included)."""
+    model = EXTRA[family](tmp_path / "model")
+    _streamed_gptq_equals_gptq(model, QuantSettings(method="gptq", symmetric=False, act_order=True), tmp_path / "spill")
 
 
 def test_data_free_gptq_run_is_streamed(tiny_llama, tmp_path):

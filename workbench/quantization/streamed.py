@@ -72,16 +72,18 @@ class LazyModel:
     """A transformers causal LM on the meta device whose weights are loaded from safetensors as they are used."""
 
     def __init__(self, model_dir: Path):
+        from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.config = AutoConfig.from_pretrained(model_dir)
-        with torch.device("meta"):
+        # Parameters on the meta device; buffers (rotary frequencies, Gemma 3's embedding scale) are computed,
+        # not stored, so they are made on the CPU as the model builds them.
+        with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
         self.model.eval()
         self.weights = SafetensorsWeights(model_dir)
         inner = self.model.model
-        inner.rotary_emb = type(inner.rotary_emb)(config=self.config)  # its buffers are computed, not stored
-        self.tied = self.model.get_output_embeddings().weight is inner.embed_tokens.weight
+        self.tied = "lm_head.weight" not in self.weights  # the head reads the embeddings
         self.load(inner.embed_tokens, "model.embed_tokens.")
         self.load(inner.norm, "model.norm.")
         self.current: nn.Module | None = None
@@ -91,10 +93,13 @@ class LazyModel:
         inner.norm.register_forward_pre_hook(lambda module, args: self._load_head())
 
     def load(self, module: nn.Module, prefix: str) -> None:
+        buffers = {name: buffer.clone() for name, buffer in module.named_buffers() if not buffer.is_meta}
         module.to_empty(device="cpu")
         with torch.no_grad():
             for name, parameter in module.named_parameters():
                 parameter.copy_(torch.from_numpy(self.weights.read(prefix + name)))
+            for name, buffer in buffers.items():  # to_empty left them uninitialised
+                module.get_buffer(name).copy_(buffer)
 
     def _layer_hook(self, index: int):
         def hook(module, args):
