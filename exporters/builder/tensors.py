@@ -63,7 +63,7 @@ def has_weights(folder: Path) -> str | None:
 
     if gguf_of(Path(folder)) or any(Path(folder).glob("*.safetensors")):
         return None
-    return "the weights are not in safetensors files"
+    return "the weights are neither in safetensors files nor in a GGUF file"
 
 
 def open_weights(folder: Path) -> TensorSource:
