@@ -280,7 +280,7 @@ def _cached(folder: Path, make, *, progress: Progress, cancelled: Cancelled) -> 
 
 def _gguf_error(path: Path, error: Exception) -> WorkbenchError:
     return WorkbenchError(
-        f"{path.name} could not be loaded as a text generator: {error}. The workbench reads GGUF "
+        f"{path.name} could not be loaded as a text generator: {str(error).rstrip('.')}. The workbench reads GGUF "
         "files of the architectures transformers supports (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and 3). "
         "Use the model's Hugging Face folder instead if you have it."
     )
