@@ -26,7 +26,7 @@ from workbench.quality.evaluate import evaluate
 from workbench.quality.offgrid import build_offgrid_reference
 from workbench.run.pipeline import quantize_run
 from workbench.settings import PRESETS, QuantSettings
-from workbench.sources import cache_dir, demo_folder, resolve
+from workbench.sources import cache_dir, demo_folder, resolve, weights_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = {
@@ -67,7 +67,7 @@ def reference_folder() -> Path:
     folder = cache_dir() / "offgrid" / "smollm2-135m-rotated-seed0"
     if not (folder / "config.json").is_file():
         log.info("building the off-grid reference in %s", folder)
-        build_offgrid_reference(demo_folder(), folder, seed=0)
+        build_offgrid_reference(weights_folder(demo_folder()), folder, seed=0)
     return folder
 
 

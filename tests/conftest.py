@@ -22,7 +22,8 @@ JOB_TIMEOUT_MS = 180_000  # a GUI job on a tiny model, on a busy machine
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
-    """Converted GGUF models go to a per-session cache (the demo test opts out: it is slow to convert)."""
+    """GGUF sources' folders and fp32 conversions go to a per-session cache (the demo tests opt out: the
+    demo's fp32 conversion, which the optimum export reads, is slow to redo)."""
     os.environ["INT4_WORKBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 

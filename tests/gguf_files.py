@@ -20,6 +20,9 @@ BLOCK_TENSORS = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
 }
 
 
@@ -30,12 +33,15 @@ def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def write_llama_gguf(hf_dir: Path, path: Path) -> Path:
-    """An fp32 GGUF of a tiny Llama HF folder (tokenizer included), as llama.cpp's converter writes it."""
+def write_llama_gguf(hf_dir: Path, path: Path, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
+                     ) -> Path:
+    """A GGUF of a tiny Llama or Qwen2 HF folder (tokenizer included), as llama.cpp's converter writes it:
+    the matrices in `qtype`, the norms and biases in fp32."""
     config = json.loads((hf_dir / "config.json").read_text())
     tokenizer = json.loads((hf_dir / "tokenizer.json").read_text())
     weights = load_file(hf_dir / "model.safetensors")
-    writer = gguf.GGUFWriter(str(path), "llama")
+    architecture = config["model_type"]
+    writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -56,18 +62,30 @@ def write_llama_gguf(hf_dir: Path, path: Path) -> Path:
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
     writer.add_pad_token_id(config["pad_token_id"])
-    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    _add(writer, "token_embd.weight", weights["model.embed_tokens.weight"], qtype)
     for layer in range(config["num_hidden_layers"]):
         for hf_name, gguf_name in BLOCK_TENSORS.items():
-            tensor = weights[f"model.layers.{layer}.{hf_name}"]
-            if gguf_name == "attn_q.weight":
+            tensor = weights.get(f"model.layers.{layer}.{hf_name}")
+            if tensor is None:
+                continue
+            if architecture == "llama" and gguf_name == "attn_q.weight":
                 tensor = _permute(tensor, config["num_attention_heads"])
-            elif gguf_name == "attn_k.weight":
+            elif architecture == "llama" and gguf_name == "attn_k.weight":
                 tensor = _permute(tensor, config["num_key_value_heads"])
-            writer.add_tensor(f"blk.{layer}.{gguf_name}", np.ascontiguousarray(tensor))
-    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+            _add(writer, f"blk.{layer}.{gguf_name}", tensor, qtype)
+    _add(writer, "output_norm.weight", weights["model.norm.weight"], qtype)
+    if "lm_head.weight" in weights:
+        _add(writer, "output.weight", weights["lm_head.weight"], qtype)
     _finish(writer)
     return path
+
+
+def _add(writer: gguf.GGUFWriter, name: str, tensor: np.ndarray, qtype: gguf.GGMLQuantizationType) -> None:
+    tensor = np.ascontiguousarray(tensor, dtype=np.float32)
+    if tensor.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(name, tensor)
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
 
 
 def write_unsupported_gguf(path: Path) -> Path:

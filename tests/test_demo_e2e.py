@@ -14,7 +14,7 @@ HELD_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "sqlite
 
 @pytest.fixture
 def demo_cache(monkeypatch):
-    """The demo's fp32 conversion is slow to redo: use the user's cache like `make run` does."""
+    """The user's cache, like `make run`: the demo's folder (config and tokenizer from its GGUF) is made once."""
     monkeypatch.delenv("INT4_WORKBENCH_CACHE", raising=False)
 
 

@@ -101,7 +101,8 @@ def test_engine_errors_become_workbench_errors(tiny_llama_onnx):
 
 @pytest.fixture
 def demo_cache(monkeypatch):
-    """The demo's fp32 conversion is slow to redo: use the user's cache like `make run` does."""
+    """The demo's fp32 conversion (which the optimum export reads) is slow to redo: use the user's cache like
+    `make run` does."""
     monkeypatch.delenv("INT4_WORKBENCH_CACHE", raising=False)
 
 
@@ -110,10 +111,10 @@ def test_demo_model_fused_graph_answers_like_the_plain_one(demo_cache, tmp_path)
     """The real model: fusing attention keeps the greedy answer; the engine streams it in order."""
     from exporters.onnx_export import export_onnx
     from exporters.optimize import fuse_attention
-    from workbench.sources import resolve
+    from workbench.sources import resolve, weights_folder
 
     model = resolve("demo")
-    export_onnx(model.path, tmp_path / "plain", parameters=model.info.parameters)
+    export_onnx(weights_folder(model.path), tmp_path / "plain", parameters=model.info.parameters)
     shutil.copytree(tmp_path / "plain", tmp_path / "fused")
     assert fuse_attention(tmp_path / "fused", AutoConfig.from_pretrained(model.path)).fused
     plain, fused = ChatModel(tmp_path / "plain", "cpu"), ChatModel(tmp_path / "fused", "cpu")

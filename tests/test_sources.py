@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
 
 from gguf_files import write_llama_gguf, write_unsupported_gguf
 from workbench.errors import WorkbenchError
-from workbench.sources import inspect_folder, resolve
+from workbench.sources import inspect_folder, resolve, weights_folder
 
 
 def copy_model(source, tmp_path):
@@ -70,15 +70,25 @@ def test_missing_tokenizer(tiny_llama, tmp_path):
         inspect_folder(folder)
 
 
-def test_gguf_is_converted_to_the_same_model(tiny_llama, tmp_path):
+def test_gguf_is_opened_as_the_same_model(tiny_llama, tmp_path):
+    """Its folder: config and tokenizer from the GGUF's metadata, weights read from the GGUF; the fp32
+    conversion (for what needs transformers' own folder) is the same model too."""
+    from workbench.quantization.streamed import whole_model
+
     gguf_path = write_llama_gguf(tiny_llama, tmp_path / "tiny.gguf")
     resolved = resolve(str(gguf_path))
-    assert resolved.info.kind == "gguf"
+    assert resolved.info.kind == "gguf" and not list(resolved.path.glob("*.safetensors"))
+    assert resolved.info.weights == inspect_folder(tiny_llama).weights
     ids = torch.tensor([[3, 17, 42, 8, 99]])
-    expected = AutoModelForCausalLM.from_pretrained(tiny_llama)(ids).logits
-    converted = AutoModelForCausalLM.from_pretrained(resolved.path)(ids).logits
-    np.testing.assert_allclose(converted.detach().numpy(), expected.detach().numpy(), atol=1e-5)
-    assert resolve(str(gguf_path)).path == resolved.path  # converted once, then cached
+    expected = AutoModelForCausalLM.from_pretrained(tiny_llama)(ids).logits.detach().numpy()
+    with torch.no_grad():
+        streamed = whole_model(resolved.path)(ids).logits.numpy()
+    converted = AutoModelForCausalLM.from_pretrained(weights_folder(resolved.path))(ids).logits.detach().numpy()
+    np.testing.assert_array_equal(streamed, expected)  # an fp32 GGUF: the very weights
+    np.testing.assert_array_equal(converted, streamed)
+    with torch.no_grad():
+        np.testing.assert_array_equal(whole_model(tiny_llama)(ids).logits.numpy(), expected)
+    assert resolve(str(gguf_path)).path == resolved.path  # made once, then cached
 
 
 def test_gguf_of_an_unsupported_architecture(tmp_path):

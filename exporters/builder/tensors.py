@@ -1,5 +1,5 @@
-"""Weights in, weights out, one tensor at a time: safetensors shards read lazily, an external data file
-appended to as the graph is built.
+"""Weights in, weights out, one tensor at a time: safetensors shards (or a GGUF file, exporters.builder.
+gguf_weights) read lazily, an external data file appended to as the graph is built.
 
 A tensor is read in its stored dtype (bf16, fp16, fp32) and handed on in row chunks of float32, so
 the largest buffer is one stored tensor plus one chunk, never the model. Each read opens the shard
@@ -24,7 +24,61 @@ ALIGN_THRESHOLD = 2**20
 INLINE_BYTES = 1024  # smaller tensors stay in model.onnx, as save_model keeps them
 
 
-class SafetensorsWeights:
+class TensorSource:
+    """Tensors by Hugging Face name, read on demand as float32: what the builder and streamed GPTQ read."""
+
+    shapes: dict[str, tuple[int, ...]]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.shapes:
+            raise WorkbenchError(f"The weights have no tensor {name!r}; the model folder is incomplete or not the "
+                                 "architecture its config.json names.")
+        return self.shapes[name]
+
+    def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
+        """float32 copy of a tensor, or of a block of its rows / columns, from its stored dtype."""
+        raise NotImplementedError
+
+    def row_chunks(self, name: str) -> Iterator[np.ndarray]:
+        """A 2-D tensor as float32 blocks of whole rows, about CHUNK_BYTES each."""
+        rows, cols = self.shape(name)
+        step = max(1, CHUNK_BYTES // (4 * cols))
+        for start in range(0, rows, step):
+            yield self.read(name, rows=slice(start, min(start + step, rows)))
+
+    def transposed_chunks(self, name: str) -> Iterator[np.ndarray]:
+        """A (N, K) tensor as float32 blocks of rows of its transpose (K, N): MatMul's B layout."""
+        rows, cols = self.shape(name)
+        step = max(1, CHUNK_BYTES // (4 * rows))
+        for start in range(0, cols, step):
+            yield np.ascontiguousarray(self.read(name, cols=slice(start, min(start + step, cols))).T)
+
+
+def has_weights(folder: Path) -> str | None:
+    """None when `open_weights` can read this folder's weights tensor by tensor, else why not."""
+    from workbench.sources import gguf_of
+
+    if gguf_of(Path(folder)) or any(Path(folder).glob("*.safetensors")):
+        return None
+    return "the weights are neither in safetensors files nor in a GGUF file"
+
+
+def open_weights(folder: Path) -> TensorSource:
+    """The weights of a Hugging Face folder: its safetensors, or the GGUF file a GGUF source's folder names."""
+    from workbench.sources import gguf_of
+
+    gguf = gguf_of(Path(folder))
+    if gguf:
+        from exporters.builder.gguf_weights import GgufWeights
+
+        return GgufWeights(gguf, Path(folder))
+    return SafetensorsWeights(folder)
+
+
+class SafetensorsWeights(TensorSource):
     """The tensors of a Hugging Face folder's *.safetensors files, by name."""
 
     def __init__(self, folder: Path):
@@ -41,17 +95,7 @@ class SafetensorsWeights:
                     self.files[name] = shard
                     self.shapes[name] = tuple(handle.get_slice(name).get_shape())
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self.shapes:
-            raise WorkbenchError(f"The weights have no tensor {name!r}; the model folder is incomplete or not the "
-                                 "architecture its config.json names.")
-        return self.shapes[name]
-
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
-        """float32 copy of a tensor, or of a block of its rows / columns, from its stored dtype."""
         import torch
         from safetensors import safe_open
 
@@ -65,20 +109,6 @@ class SafetensorsWeights:
                 index[1] = cols
             tensor = part[tuple(index)]
         return tensor.to(torch.float32).numpy()
-
-    def row_chunks(self, name: str) -> Iterator[np.ndarray]:
-        """A 2-D tensor as float32 blocks of whole rows, about CHUNK_BYTES each."""
-        rows, cols = self.shape(name)
-        step = max(1, CHUNK_BYTES // (4 * cols))
-        for start in range(0, rows, step):
-            yield self.read(name, rows=slice(start, min(start + step, rows)))
-
-    def transposed_chunks(self, name: str) -> Iterator[np.ndarray]:
-        """A (N, K) tensor as float32 blocks of rows of its transpose (K, N): MatMul's B layout."""
-        rows, cols = self.shape(name)
-        step = max(1, CHUNK_BYTES // (4 * rows))
-        for start in range(0, cols, step):
-            yield np.ascontiguousarray(self.read(name, cols=slice(start, min(start + step, cols))).T)
 
 
 class ExternalData:

@@ -36,7 +36,7 @@ from workbench.sources import DEMO, DEMO_NAME, ResolvedModel, resolve
 KINDS = {
     "demo": "the demo model",
     "folder": "a Hugging Face folder",
-    "gguf": "a GGUF file, converted to 32-bit",
+    "gguf": "a GGUF file, read tensor by tensor",
     "hub": "from the Hugging Face hub",
 }
 
@@ -73,7 +73,7 @@ class ModelPage(Page):
         self.folder_button = QPushButton("Open folder…")
         self.folder_button.setToolTip("A Hugging Face model folder: config.json, tokenizer and *.safetensors weights.")
         self.gguf_button = QPushButton("Open GGUF file…")
-        self.gguf_button.setToolTip("A .gguf file (llama.cpp format); it is converted to 32-bit once and cached.")
+        self.gguf_button.setToolTip("A .gguf file (llama.cpp format); its weights are read from it as they are needed.")
         buttons = QHBoxLayout()
         for button in (self.demo_button, self.folder_button, self.gguf_button):
             buttons.addWidget(button)

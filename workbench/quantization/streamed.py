@@ -3,7 +3,7 @@
 GPTQ runs the decoder layers one after another on the calibration activations
 (workbench.quantization.layerwise); nothing needs the other layers' weights meanwhile. So the
 PyTorch model is built on the meta device and each decoder layer is loaded from the safetensors
-when it first runs, and dropped when the next one does; the embeddings live only while the
+(or the GGUF) when it first runs, and dropped when the next one does; the embeddings live only while the
 first layer's inputs are captured, the lm_head only while it is quantized. GPTQ's results go to
 files as they are made, for the graph builder to write. Peak memory: one decoder layer in float,
 its Hessians and the calibration activations, whatever the model's size.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporters.builder.tensors import SafetensorsWeights
+from exporters.builder.tensors import open_weights
 from workbench.quantization.blockquant import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,20 @@ class SpilledWeights(MutableMapping):
         return len(self.names)
 
 
-class LazyModel:
-    """A transformers causal LM on the meta device whose weights are loaded from safetensors as they are used."""
+def whole_model(model_dir: Path) -> nn.Module:
+    """The float32 PyTorch model of `model_dir` with all its weights, read as the builder reads them
+    (from safetensors or a GGUF source's file), in eval mode."""
+    lazy = LazyModel(model_dir, hooks=False)
+    for index, layer in enumerate(lazy.model.model.layers):
+        lazy.load(layer, f"model.layers.{index}.")
+    lazy._load_head()
+    return lazy.model
 
-    def __init__(self, model_dir: Path):
+
+class LazyModel:
+    """A transformers causal LM on the meta device whose weights are loaded as they are used."""
+
+    def __init__(self, model_dir: Path, *, hooks: bool = True):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -81,12 +91,14 @@ class LazyModel:
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
         self.model.eval()
-        self.weights = SafetensorsWeights(model_dir)
+        self.weights = open_weights(model_dir)
         inner = self.model.model
         self.tied = "lm_head.weight" not in self.weights  # the head reads the embeddings
         self.load(inner.embed_tokens, "model.embed_tokens.")
         self.load(inner.norm, "model.norm.")
         self.current: nn.Module | None = None
+        if not hooks:
+            return
         for index, layer in enumerate(inner.layers):
             layer.register_forward_pre_hook(self._layer_hook(index))
         # GPTQ reads the final norm's outputs just before it quantizes the lm_head.

@@ -24,6 +24,7 @@ from workbench.jobs import (
     check,
     never_cancelled,
     no_progress,
+    sub_progress,
 )
 from workbench.run.memory import graph_sizes, measure_session_memory, ram_components
 from workbench.quantization.int4_graph import QuantizeResult, layer_plan, quantize_onnx, written_op_counts
@@ -50,7 +51,7 @@ from workbench.run.folders import (
 from workbench.quantization.methods import METHODS
 from workbench.quantization.sensitivity import eight_bit_layers, measure_layers, with_eight_bit
 from workbench.settings import QuantSettings
-from workbench.sources import ResolvedModel, load_torch_model, resolve
+from workbench.sources import ResolvedModel, load_torch_model, resolve, weights_folder
 
 log = logging.getLogger(__name__)
 BUILT_FUSION = {"attention": "GroupQueryAttention", "built": "written fused from the weights by the graph builder"}
@@ -162,16 +163,18 @@ def prepare(model: ResolvedModel, work: Path, stages: Stages, settings: QuantSet
         return Source(model, original_dir, _calibration_label(settings, calibration), samples=samples, built=True,
                       original_skipped=skipped)
     log.info("graph builder not used: %s", why_not)
-    stages.run(
-        "export",
-        lambda p: export_onnx(
-            model.path, original_dir, parameters=model.info.parameters, trust_remote_code=trust_remote_code,
-            progress=p, cancelled=cancelled,
-        ),
-    )
+
+    def export(progress: Progress) -> Path:
+        """optimum reads transformers' folder: a GGUF source's fp32 conversion, made here if not yet."""
+        folder = weights_folder(model.path, progress=sub_progress(progress, 0.0, 0.3), cancelled=cancelled)
+        export_onnx(folder, original_dir, parameters=model.info.parameters, trust_remote_code=trust_remote_code,
+                    progress=sub_progress(progress, 0.3 if folder != model.path else 0.0, 1.0), cancelled=cancelled)
+        return folder
+
+    weights = stages.run("export", export)
     if not settings.needs_calibration:
         return Source(model, original_dir, None)
-    torch_model, tokenizer = load_torch_model(model.path, trust_remote_code)
+    torch_model, tokenizer = load_torch_model(weights, trust_remote_code)
     samples = stages.run(
         "calibration",
         lambda p: _calibration_samples(calibration, torch_model, tokenizer, settings, p, cancelled),

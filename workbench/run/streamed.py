@@ -1,4 +1,4 @@
-"""The streamed path of a run: the graph builder writes both graphs straight from the safetensors.
+"""The streamed path of a run: the graph builder writes both graphs straight from the safetensors or GGUF.
 
 On an architecture the builder knows, RTN, HQQ and GPTQ need no fp32 copy of the model: the INT4
 graph is written tensor by tensor, GPTQ holds one decoder layer at a time
@@ -24,6 +24,7 @@ from workbench.quantization.streamed import (
     SpilledWeights,
     onnx_written_samples,
     streamed_gptq,
+    whole_model,
 )
 from workbench.run.memory import (
     FITS,
@@ -102,10 +103,8 @@ def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSetting
         return file_samples(calibration, tokenizer, settings, progress)
     if fit_verdict(_run_ram(model.info), psutil.virtual_memory().available) == FITS:
         from workbench.quantization.calibration import self_written_samples
-        from workbench.sources import load_torch_model
 
-        torch_model, _ = load_torch_model(model.path, trust_remote_code=False)
-        return self_written_samples(torch_model, tokenizer, n, length, progress=progress, cancelled=cancelled)
+        return self_written_samples(whole_model(model.path), tokenizer, n, length, progress=progress, cancelled=cancelled)
     log.info("calibration text written by an RTN INT4 copy: the float model does not fit comfortably")
     writer = Path(tempfile.mkdtemp(prefix=".calibration-writer-", dir=work))
     try:

@@ -1,0 +1,138 @@
+"""GGUF sources read tensor by tensor: the same graphs and INT4 tensors as from transformers' fp32 conversion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from safetensors.numpy import load_file
+from transformers import AutoModelForCausalLM
+
+from exporters.builder import build_decoder
+from exporters.builder.tensors import open_weights
+from gguf_files import write_llama_gguf
+from workbench.errors import WorkbenchError
+from workbench.generation.engine import CausalLM
+from workbench.settings import QuantSettings
+from workbench.sources import GGUF_SOURCE, cache_dir, inspect_folder, resolve, weights_folder
+
+PROMPT = np.asarray([[5, 17, 42, 8, 99, 120, 33, 64, 7, 250, 31]], np.int64)
+Q8_0, Q4_1 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1
+
+
+@pytest.fixture(scope="module", params=[("llama", Q4_1), ("qwen2", Q8_0)], ids=["llama-q4_1", "qwen2-q8_0"])
+def gguf_source(request, tiny_llama, tiny_qwen, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny model's GGUF opened as a source (its folder), transformers' fp32 conversion of it, the file."""
+    architecture, qtype = request.param
+    hf_dir = {"llama": tiny_llama, "qwen2": tiny_qwen}[architecture]
+    path = write_llama_gguf(hf_dir, tmp_path_factory.mktemp("gguf") / f"{architecture}.gguf", qtype)
+    source = resolve(str(path)).path
+    return source, weights_folder(source), path
+
+
+def _initializers(folder: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(folder / "model.onnx"))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _logits(folder: Path) -> np.ndarray:
+    return CausalLM(str(folder / "model.onnx"), context_length=64).forward(PROMPT)[0]
+
+
+def test_a_gguf_source_holds_no_weights_and_reads_those_of_the_conversion(gguf_source):
+    source, converted, _ = gguf_source
+    assert (source / GGUF_SOURCE).is_file() and not list(source.glob("*.safetensors"))
+    assert (source / "tokenizer.json").is_file() and (source / "config.json").is_file()
+    assert inspect_folder(source).weights == inspect_folder(converted).weights
+    weights, expected = open_weights(source), load_file(converted / "model.safetensors")
+    assert set(weights.shapes) == set(expected)
+    for name, tensor in expected.items():
+        np.testing.assert_array_equal(weights.read(name), tensor, err_msg=name)
+    q = "model.layers.1.self_attn.q_proj.weight"  # llama: rows put back in HF order, block by block too
+    np.testing.assert_array_equal(np.concatenate([weights.read(q, rows=slice(s, s + 24)) for s in range(0, 64, 24)]),
+                                  expected[q])
+    np.testing.assert_array_equal(np.concatenate(list(weights.transposed_chunks(q)), axis=0), expected[q].T)
+
+
+@pytest.mark.parametrize("settings", [None, QuantSettings(), QuantSettings(symmetric=False, block_size=64)],
+                         ids=["fp32", "rtn-symmetric", "rtn-asymmetric-b64"])
+def test_graphs_from_the_gguf_equal_those_from_the_conversion(gguf_source, settings, tmp_path):
+    source, converted, _ = gguf_source
+    streamed = build_decoder(source, tmp_path / "streamed", inspect_folder(source), settings)
+    expected = build_decoder(converted, tmp_path / "converted", inspect_folder(converted), settings)
+    assert streamed.layer_bits == expected.layer_bits
+    ours, theirs = _initializers(tmp_path / "streamed"), _initializers(tmp_path / "converted")
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        np.testing.assert_array_equal(ours[name], tensor, err_msg=name)
+    np.testing.assert_array_equal(_logits(tmp_path / "streamed"), _logits(tmp_path / "converted"))
+    assert not (tmp_path / "streamed" / GGUF_SOURCE).exists()  # the bundle's side files never point at the GGUF
+
+
+def test_streamed_gptq_from_the_gguf_equals_gptq_from_the_conversion(gguf_source, tmp_path):
+    from workbench.quantization.streamed import SpilledWeights, streamed_gptq
+    from workbench.run.pipeline import _torch_plan
+
+    source, converted, _ = gguf_source
+    settings = QuantSettings(method="gptq", symmetric=False, act_order=True)
+    plan = _torch_plan(inspect_folder(source), settings)
+    samples = np.random.default_rng(0).integers(3, 380, (4, 32))
+    options = {"block_size": settings.block_size, "symmetric": False, "act_order": True, "progress": lambda f, m: None,
+               "cancelled": lambda: False}
+    ours = streamed_gptq(source, samples, plan, SpilledWeights(tmp_path / "ours"), **options)
+    theirs = streamed_gptq(converted, samples, plan, SpilledWeights(tmp_path / "theirs"), **options)
+    assert sorted(ours) == sorted(theirs) == sorted(plan)
+    for name in plan:
+        for field in ("q", "scales", "zero_points"):
+            np.testing.assert_array_equal(getattr(ours[name], field), getattr(theirs[name], field), err_msg=name)
+
+
+def test_the_whole_model_from_the_gguf_is_transformers_own(gguf_source):
+    """What writes data-free calibration text when the model fits: transformers' GGUF loader's model."""
+    from workbench.quantization.streamed import whole_model
+
+    source, _, gguf_path = gguf_source
+    reference = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    ids = torch.as_tensor(PROMPT)
+    with torch.no_grad():
+        np.testing.assert_array_equal(whole_model(source)(ids).logits.numpy(), reference.eval()(ids).logits.numpy())
+
+
+def test_an_rtn_run_from_a_gguf_is_streamed_without_a_conversion(tiny_qwen, tmp_path):
+    from workbench.run.pipeline import quantize_run
+
+    path = write_llama_gguf(tiny_qwen, tmp_path / "qwen.gguf", Q8_0)
+    record = quantize_run(str(path), tmp_path / "run", QuantSettings(method="rtn"))
+    assert record.model.kind == "gguf" and "built" in record.graph and record.original.skipped is None
+    assert not any(name.startswith("qwen-") for name in _names(cache_dir() / "gguf"))  # no fp32 copy made
+    assert record.ops["MatMulNBits"] == 2 * 7 + 1 and record.ops["GroupQueryAttention"] == 2
+    assert sorted(p.name for p in (tmp_path / "run" / "int4").glob("*.json")) == sorted(
+        p.name for p in (tmp_path / "run" / "original").glob("*.json"))
+
+
+def test_a_method_on_the_whole_model_converts_the_gguf_first(tiny_llama, tmp_path):
+    """AWQ runs on the whole PyTorch model and the optimum export: those read transformers' fp32 conversion."""
+    from workbench.run.pipeline import quantize_run
+
+    path = write_llama_gguf(tiny_llama, tmp_path / "awq.gguf", Q8_0)
+    settings = QuantSettings(method="awq", calibration_samples=2, calibration_tokens=16)
+    record = quantize_run(str(path), tmp_path / "run", settings)
+    assert "built" not in record.graph and record.ops["MatMulNBits"] >= 14
+    assert [name for name in _names(cache_dir() / "gguf") if name.startswith("awq-")]
+
+
+def _names(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir()] if folder.is_dir() else []
+
+
+def test_a_gguf_gone_since_it_was_opened_is_named(tiny_llama, tmp_path):
+    path = write_llama_gguf(tiny_llama, tmp_path / "moved.gguf")
+    source = resolve(str(path)).path
+    path.rename(tmp_path / "elsewhere.gguf")
+    with pytest.raises(WorkbenchError, match="moved.gguf, which is gone since it was opened. Open the GGUF file again"):
+        open_weights(source)
