@@ -294,6 +294,7 @@ def _json_schema(path: str | None) -> dict | None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from workbench.generation.chat import folder, run_suite
     from workbench.generation.compare import CompareOptions, read_prompts, write_table
+    from workbench.run.folders import load_run
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(Path(args.prompts))
     options = CompareOptions(
@@ -302,15 +303,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, truncate=args.truncate,
     )
     streaming = not args.json and len(prompts) == 1 and args.batch_size == 1
+    skipped = load_run(Path(args.run_dir)).original.skipped  # then the INT4 model answers alone
+    streamed = "int4" if skipped else "original"
 
     def show(model: str, index: int, token: int, piece: str) -> None:
         # Both models write at once; a terminal streams the original's answer, the INT4 one follows.
-        if model == "original":
+        if model == streamed:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
     if streaming:
-        sys.stdout.write("--- original ---\n")
+        sys.stdout.write(f"--- {streamed} ---\n")
     with progress_bar(not args.quiet and not streaming) as progress:
         result, conversation = run_suite(
             Path(args.run_dir), prompts, options, on_token=show if streaming else None, progress=progress
@@ -322,7 +325,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps({**result.to_dict(), "conversation": str(saved)}, indent=2))
         return 0
     if streaming:
-        print(f"\n--- int4 ---\n{result.rows[0]['int4']['text']}")
+        print(f"\n--- int4 ---\n{result.rows[0]['int4']['text']}" if not skipped else "")
     from workbench.generation.compare import to_markdown
 
     lines = [] if streaming else [to_markdown(result)]
@@ -330,16 +333,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
         lines.append("")
         for key in ("original", "int4"):
             entry = row[key]
+            if entry is None:
+                continue
             memory = f", peak RSS {format_size(entry['peak_rss_bytes'])}" if entry["peak_rss_bytes"] else ""
             lines.append(
                 f"{key:>8}: {entry['tokens']} tokens, TTFT {entry['ttft_s']:.3f} s, {entry['tokens_per_s']:.1f} tok/s, "
                 f"total {entry['total_s']:.2f} s{memory}"
             )
         agree = row["agreement"]
-        lines.append(
-            f"agreement: first divergence {agree['first_divergence']}, tokens {agree['token_agreement']:.0%}, "
-            f"chrF {agree['similarity']:.2f}"
-        )
+        if agree is not None:
+            lines.append(
+                f"agreement: first divergence {agree['first_divergence']}, tokens {agree['token_agreement']:.0%}, "
+                f"chrF {agree['similarity']:.2f}"
+            )
         if "judgement" in row:
             lines.append(f"judgement: {row['judgement']['sentence']}")
         if "speculative" in row:
@@ -352,6 +358,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         lines.append(
             "throughput: " + ", ".join(f"{k} {v['tokens_per_s']:.1f} tok/s" for k, v in result.throughput.items() if isinstance(v, dict))
         )
+    if skipped:
+        lines.append(f"the INT4 model answered alone; the original was not run: {skipped}")
     lines.append(f"provider: {result.provider} ({result.provider_reason})")
     lines.append(f"saved: {saved}")
     print("\n".join(lines))
