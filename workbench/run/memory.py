@@ -256,8 +256,8 @@ def draw_memory_chart(path: Path, original: dict, int4: dict, title: str) -> Non
                 continue
             axis.bar(["original", "INT4"], values, bottom=bottoms, color=colour, label=part, width=0.55)
             bottoms += values
-        for x, total in enumerate(bottoms):
-            axis.text(x, total, format_size(total * MIB), ha="center", va="bottom", fontsize=9)
+        for x, total in enumerate(bottoms):  # an original not run has no RAM figure: say so, not "0 bytes"
+            axis.text(x, total, format_size(total * MIB) if total else "not run", ha="center", va="bottom", fontsize=9)
         axis.set_title(label)
         axis.set_ylabel("MiB")
         axis.set_ylim(0, bottoms.max() * 1.15)

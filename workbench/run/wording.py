@@ -144,9 +144,10 @@ def card_saved_lines(record: RunRecord) -> list[str]:
     lines = [
         f"- On disk: {format_size(original.bytes)} → {format_size(int4.bytes)} ({record.size_ratio:.1f}x smaller, "
         f"{record.bits_per_weight:.1f} bits per weight).",
-        f"- Memory while answering: {ram_text(original.peak_rss_bytes)} → {format_size(int4.peak_rss_bytes)} peak "
-        + (f"({record.ram_ratio:.1f}x less)" if record.ram_ratio else f"(the original was not run: {original.skipped})")
-        + f", on the CPU of {machine_text(record.machine)}.",
+        (f"- Memory while answering: {format_size(original.peak_rss_bytes)} → {format_size(int4.peak_rss_bytes)} "
+         f"peak ({record.ram_ratio:.1f}x less)" if not original.skipped else
+         f"- Memory while answering: {format_size(int4.peak_rss_bytes)} peak (the original was not run: "
+         f"{original_reason(record)})") + f", on the CPU of {machine_text(record.machine)}.",
     ]
     speed = record.speed
     if speed:
