@@ -239,26 +239,18 @@ def test_rtn_run_takes_the_streamed_path(tiny_llama, tmp_path):
     assert len(tokens) == NEW_TOKENS
 
 
-def test_original_too_large_to_run_is_skipped_with_the_reason(tiny_llama, tmp_path, monkeypatch):
+def test_original_too_large_to_run_is_skipped_with_the_reason(tiny_llama, tmp_path):
+    """The reasons an original is not written; a run without one: tests/test_skipped_original.py."""
     import dataclasses
 
     from workbench.run import streamed
-    from workbench.run.folders import load_run
-    from workbench.run.pipeline import quantize_run
 
     info = inspect_folder(tiny_llama)
+    rtn = QuantSettings(method="rtn")
     huge = dataclasses.replace(info, parameters=10**12)  # 4 TB in fp32: no machine runs it
-    reason = streamed.original_skip_reason(huge, tmp_path)
-    assert "RAM to run" in reason and streamed.original_skip_reason(info, tmp_path) is None
-    monkeypatch.setattr(streamed, "original_skip_reason", lambda info, dest: reason)
-    record = quantize_run(str(tiny_llama), tmp_path / "run", QuantSettings(method="rtn"))
-    assert not (tmp_path / "run" / "original").exists()
-    assert record.original.skipped == reason and record.original.peak_rss_bytes is None
-    assert load_run(tmp_path / "run").original.skipped == reason  # run.json says why, and reads back
-    assert record.ram_ratio is None and record.int4.peak_rss_bytes > 0
-    assert record.size_ratio > 3  # against the fp32 size the weight shapes give
-    report = (tmp_path / "run" / "report.md").read_text()
-    assert reason in report and "too large to run here" in report
+    reason = streamed.original_skip_reason(huge, tmp_path, rtn)
+    assert "RAM to run" in reason and "measured alone" in reason
+    assert streamed.original_skip_reason(info, tmp_path, rtn) is None
 
 
 def test_streamed_gptq_equals_gptq_on_the_whole_model(tiny_qwen, tiny_qwen_onnx, tmp_path):

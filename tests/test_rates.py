@@ -67,7 +67,7 @@ def test_info_json_estimates_every_preset(own_cache, tiny_llama):
     assert set(data["estimates"]) == set(PRESETS)
     for name, figures in data["estimates"].items():
         assert figures["seconds"] == round(estimate_run(data["parameters"], PRESETS[name].settings).seconds)
-        assert "estimate" in figures["estimate"] and figures["peak_ram_bytes"] == data["ram_bytes"]["export"]
+        assert "estimate" in figures["estimate"] and figures["peak_ram_bytes"] >= data["ram_bytes"]["run_int4"]
 
 
 def test_stage_bars_fill_and_the_time_left_comes_from_the_rates(own_cache, qtbot, tiny_llama, tmp_path):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import mmap
+import platform
 import shutil
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -125,3 +129,34 @@ def test_demo_model_fused_graph_answers_like_the_plain_one(demo_cache, tmp_path)
     assert answer.tokens == plain.generate(ids, config).tokens
     assert "Paris" in answer.text and "".join(pieces) == answer.text
     assert fused.generate_speculative(plain, ids, config).tokens == answer.tokens
+
+
+def _mapped_rss(path) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:  # a mapping's header line
+                inside = len(fields) == 6 and fields[5] == str(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or tuple(map(int, platform.release().split(".")[:2])) < (5, 4),
+                    reason="MADV_PAGEOUT is Linux 5.4+")
+def test_while_a_session_loads_its_mapped_weights_leave_memory(tmp_path):
+    """What loading an 8B model needs to stay under 6 GiB: the weights file ONNX Runtime reads through to
+    prepack is paged out as it goes, so its pages and the prepacked copy do not add up."""
+    from workbench.generation.engine import PAGE_OUT_INTERVAL_S, paging_out
+
+    data = tmp_path / "model.onnx.data"
+    data.write_bytes(np.random.default_rng(0).bytes(32 * 2**20))
+    with open(data, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        sum(mapped[i] for i in range(0, len(mapped), mmap.PAGESIZE))  # read through, as prepacking does
+        before = _mapped_rss(data)
+        with paging_out(str(tmp_path)):
+            time.sleep(5 * PAGE_OUT_INTERVAL_S)
+            during = _mapped_rss(data)
+        assert before > 30 * 2**20 and during < before / 4

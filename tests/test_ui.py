@@ -115,7 +115,7 @@ def test_the_whole_wizard_from_model_to_report(window, qtbot, tiny_llama, prose,
     page = open_model(window, qtbot, tiny_llama)
     assert page.facts_box.isVisible()
     assert "model" in page.name.text()
-    assert page.fit_export.verdict in (FITS, TIGHT, NO_FIT)
+    assert page.fit_shrink.verdict in (FITS, TIGHT, NO_FIT)
     assert "MiB" in page.presets.text() or "KiB" in page.presets.text()
 
     qtbot.mouseClick(window.next_button, Qt.MouseButton.LeftButton)

@@ -71,7 +71,14 @@ class _Kept:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from workbench.run.memory import fit_verdict, original_sizes, preset_estimates, ram_estimates
+    from workbench.run.memory import (
+        fit_verdict,
+        original_sizes,
+        preset_estimates,
+        quantize_peak_ram,
+        ram_estimates,
+    )
+    from workbench.run.streamed import builder_reason
     from workbench.durations import rough_duration
     from workbench.run.pipeline import estimate_run
     from workbench.sources import resolve
@@ -80,7 +87,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         model = resolve(args.model, trust_remote_code=args.trust_remote_code, progress=progress)
     info = model.info
     presets = preset_estimates(info)
-    ram = ram_estimates(info)
+    default = PRESETS[DEFAULT_PRESET].settings
+    ram = ram_estimates(info, default, builder_reason(model, default) is None)
     fp32_onnx = sum(original_sizes(info).values())
     data = {
         "name": info.name,
@@ -112,15 +120,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     data["estimates"] = {}
     for name, preset in PRESETS.items():
         planned = estimate_run(info.parameters, preset.settings)
-        # Exporting the original is the step that needs the most memory (memory.ram_estimates).
+        streamed = builder_reason(model, preset.settings) is None
         data["estimates"][name] = {"seconds": round(planned.seconds), "estimate": planned.basis,
-                                   "peak_ram_bytes": ram["export"]}
+                                   "peak_ram_bytes": quantize_peak_ram(info, preset.settings, streamed)}
         lines.append(f"  time {name:<10} about {rough_duration(planned.seconds)} ({planned.basis})")
     free = ram["machine_available"]
-    data["fit"] = {step: fit_verdict(ram[step], free) for step in ("export", "run_original", "run_int4")}
+    data["fit"] = {step: fit_verdict(ram[step], free) for step in ("shrink", "run_original", "run_int4")}
     lines += [
         f"  this machine    {format_size(ram['machine_total'])} RAM, {format_size(free)} free",
-        f"  to export       about {format_size(ram['export'])}: {data['fit']['export']}",
+        f"  to shrink       about {format_size(ram['shrink'])} ({PRESETS[DEFAULT_PRESET].title.lower()}): "
+        f"{data['fit']['shrink']}",
         f"  to run          original about {format_size(ram['run_original'])}: {data['fit']['run_original']}; "
         f"INT4 about {format_size(ram['run_int4'])}: {data['fit']['run_int4']}",
     ]
@@ -174,6 +183,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             calibration=calibration,
             trust_remote_code=args.trust_remote_code,
             preset=args.preset,
+            original=not args.no_original,
             progress=progress,
         )
     data = {
@@ -237,7 +247,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     human = (
         f"{result.text}, {result.tokens:,} tokens: perplexity {result.original_perplexity:.2f} -> "
         f"{result.int4_perplexity:.2f} ({result.perplexity_increase_pct:+.1f} %), top-1 agreement "
-        f"{result.top1_agreement * 100:.1f} %, mean KL {result.mean_kl:.4f}"
+        f"{result.top1_agreement * 100:.1f} %, mean KL {result.mean_kl:.4f}" if result.compared else
+        f"{result.text}, {result.tokens:,} tokens: INT4 perplexity {result.int4_perplexity:.2f}; this run has no "
+        "original to compare with"
     )
     emit(args, result.to_dict(), human)
     return kept.finish()
@@ -282,6 +294,7 @@ def _json_schema(path: str | None) -> dict | None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from workbench.generation.chat import folder, run_suite
     from workbench.generation.compare import CompareOptions, read_prompts, write_table
+    from workbench.run.folders import load_run
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(Path(args.prompts))
     options = CompareOptions(
@@ -290,15 +303,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, truncate=args.truncate,
     )
     streaming = not args.json and len(prompts) == 1 and args.batch_size == 1
+    skipped = load_run(Path(args.run_dir)).original.skipped  # then the INT4 model answers alone
+    streamed = "int4" if skipped else "original"
 
     def show(model: str, index: int, token: int, piece: str) -> None:
         # Both models write at once; a terminal streams the original's answer, the INT4 one follows.
-        if model == "original":
+        if model == streamed:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
     if streaming:
-        sys.stdout.write("--- original ---\n")
+        sys.stdout.write(f"--- {streamed} ---\n")
     with progress_bar(not args.quiet and not streaming) as progress:
         result, conversation = run_suite(
             Path(args.run_dir), prompts, options, on_token=show if streaming else None, progress=progress
@@ -310,7 +325,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps({**result.to_dict(), "conversation": str(saved)}, indent=2))
         return 0
     if streaming:
-        print(f"\n--- int4 ---\n{result.rows[0]['int4']['text']}")
+        print(f"\n--- int4 ---\n{result.rows[0]['int4']['text']}" if not skipped else "")
     from workbench.generation.compare import to_markdown
 
     lines = [] if streaming else [to_markdown(result)]
@@ -318,16 +333,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
         lines.append("")
         for key in ("original", "int4"):
             entry = row[key]
+            if entry is None:
+                continue
             memory = f", peak RSS {format_size(entry['peak_rss_bytes'])}" if entry["peak_rss_bytes"] else ""
             lines.append(
                 f"{key:>8}: {entry['tokens']} tokens, TTFT {entry['ttft_s']:.3f} s, {entry['tokens_per_s']:.1f} tok/s, "
                 f"total {entry['total_s']:.2f} s{memory}"
             )
         agree = row["agreement"]
-        lines.append(
-            f"agreement: first divergence {agree['first_divergence']}, tokens {agree['token_agreement']:.0%}, "
-            f"chrF {agree['similarity']:.2f}"
-        )
+        if agree is not None:
+            lines.append(
+                f"agreement: first divergence {agree['first_divergence']}, tokens {agree['token_agreement']:.0%}, "
+                f"chrF {agree['similarity']:.2f}"
+            )
         if "judgement" in row:
             lines.append(f"judgement: {row['judgement']['sentence']}")
         if "speculative" in row:
@@ -340,6 +358,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         lines.append(
             "throughput: " + ", ".join(f"{k} {v['tokens_per_s']:.1f} tok/s" for k, v in result.throughput.items() if isinstance(v, dict))
         )
+    if skipped:
+        lines.append(f"the INT4 model answered alone; the original was not run: {skipped}")
     lines.append(f"provider: {result.provider} ({result.provider_reason})")
     lines.append(f"saved: {saved}")
     print("\n".join(lines))
@@ -355,18 +375,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             Path(args.run_dir), provider=args.provider, rounds=args.rounds, threads=args.threads,
             new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, progress=progress,
         ))
-    original, int4 = data["original"], data["int4"]
+    measured = [(key, data[key]) for key in ("original", "int4") if data[key] is not None]
+    how = (f"{data['provider']}, median of {data['rounds']} {'alternating ' if len(measured) == 2 else ''}rounds, "
+           f"{data['new_tokens']} tokens after a {data['prompt_tokens']}-token prompt")
     human = "\n".join(
         [
             f"{'':10}{'decode tok/s':>14}{'TTFT s':>10}{'RSS after load':>16}{'peak RSS':>12}",
             *(
                 f"{key:10}{d['tokens_per_s']:>14.1f}{d['ttft_s']:>10.3f}{format_size(d['load_rss_bytes']):>16}"
                 f"{format_size(d['peak_rss_bytes']):>12}"
-                for key, d in (("original", original), ("int4", int4))
+                for key, d in measured
             ),
-            f"INT4 decodes {data['speedup']:.2f}x as fast and needs {data['memory_ratio']:.2f}x less peak RAM "
-            f"({data['provider']}, median of {data['rounds']} alternating rounds, {data['new_tokens']} tokens "
-            f"after a {data['prompt_tokens']}-token prompt).",
+            f"INT4 decodes {data['speedup']:.2f}x as fast and needs {data['memory_ratio']:.2f}x less peak RAM ({how})."
+            if data["original"] else f"The INT4 model alone ({how}); this run has no original to compare with.",
         ]
     )
     emit(args, data, human)
@@ -466,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="keep the layers most sensitive to rounding at 8 bits, spending at most PCT %% more size")
     quantize.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                           help="GPTQ: quantize important columns first (the presets do)")
+    quantize.add_argument("--no-original", action="store_true",
+                          help="do not keep the fp32 original: the INT4 model alone is measured, compared and bundled")
     quantize.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model")
     quantize.set_defaults(func=cmd_quantize)
 

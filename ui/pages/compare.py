@@ -169,6 +169,11 @@ class AnswerColumn(QGroupBox):
         for label in self.metrics.values():
             label.setText("–")
 
+    def not_run(self, reason: str) -> None:
+        """This model does not answer in this run (an original too large to run here), and why."""
+        self.clear()
+        self.text.setMarkdown(f"*Not run here: {reason}.*")
+
     def _render(self) -> None:
         turns = self.turns + ([(self.prompt, "".join(self.pieces), [])] if self.prompt else [])
         self.text.setMarkdown(transcript_markdown(turns))
@@ -477,7 +482,7 @@ class ComparePage(Page):
             self.table.setRowCount(0)
             for column in self.columns.values():
                 column.show_turns([])
-        for column in self.columns.values():
+        for column in self.answering().values():
             column.begin(prompts[0])
         job = make_job(options)
         job.signals.partial.connect(self._token)
@@ -488,13 +493,14 @@ class ComparePage(Page):
         self._memory_timer.start()
         self._show_memory_now()
         self.memory_now.show()
-        return self.jobs.start(job, f"Loading both models{many}…", done=self._finished, cancelled=self._stopped)
+        loading = "the 4-bit model" if self.skipped else "both models"
+        return self.jobs.start(job, f"Loading {loading}{many}…", done=self._finished, cancelled=self._stopped)
 
     def _token(self, values: tuple) -> None:
         model, index, _token, piece = values
         if index != self._prompt_index:  # the next prompt of a file: the last answers join the transcript
             self._prompt_index = index
-            for column in self.columns.values():
+            for column in self.answering().values():
                 column.turns.append((column.prompt, "".join(column.pieces), []))
                 column.begin(self._prompts[index])
         self.columns[model].add(piece)
@@ -531,7 +537,7 @@ class ComparePage(Page):
         """Show a kept conversation (its transcript, last figures, judgement, table); None: a new one."""
         self.conversation = conversation
         turns = list(conversation.turns) if conversation else []
-        for key, column in self.columns.items():
+        for key, column in self.answering().items():
             column.show_turns([(t["prompt"], t[key]["text"], _marks(t, key)) for t in turns])
         self._clear_judgement()
         suite = conversation is not None and conversation.kind == SUITE
@@ -543,17 +549,22 @@ class ComparePage(Page):
             self.prompt.clear()  # the example prompt is for a new conversation
         if turns:
             last = turns[-1]
-            for key, column in self.columns.items():
+            for key, column in self.answering().items():
                 column.show_entry(last[key])
             self._show_judgement(last, conversation.provider)
         else:
-            for column in self.columns.values():
+            for column in self.answering().values():
                 column.clear()
+        if self.skipped:
+            self.columns[ORIGINAL].not_run(self.skipped)
         index = self.conversations.findData(conversation.id if conversation else None)
         self.conversations.setCurrentIndex(max(index, 0))
 
     def _show_judgement(self, turn: dict, provider: str) -> None:
         agreement = turn["agreement"]
+        if agreement is None:  # the original was not run: nothing to compare
+            self.agreement.setText(f"Only the 4-bit model answered, so nothing is compared. Ran on {provider.upper()}.")
+            return
         self.agreement.setText(
             f"Same word at {agreement['token_agreement']:.0%} of the places; the texts are "
             f"{agreement['similarity']:.0%} alike. Ran on {provider.upper()}."
@@ -616,9 +627,19 @@ class ComparePage(Page):
     def _conversation_chosen(self, index: int) -> None:
         self.show_conversation(self._kept.get(self.conversations.itemData(index)))
 
+    @property
+    def skipped(self) -> str | None:
+        """Why the open run has no original (then the 4-bit model answers alone), or None."""
+        return self.session.record.original.skipped if self.session.record else None
+
+    def answering(self) -> dict[str, AnswerColumn]:
+        """The columns of the models that answer in the open run."""
+        return {key: column for key, column in self.columns.items() if key == INT4 or not self.skipped}
+
     def _run_changed(self) -> None:
         """Another run is open: its own conversations are listed, the latest one shown."""
         self.problem.clear()
+        self.run_button.setText("Ask the 4-bit model" if self.skipped else "Ask both models")
         self._list_conversations()
         self.show_conversation(max(self._kept.values(), key=lambda c: c.created, default=None))
 

@@ -30,8 +30,11 @@ from workbench.run.memory import original_sizes, preset_estimates, ram_estimates
 from workbench.units import format_size
 from workbench.durations import rough_duration
 from workbench.run.pipeline import estimate_run
+from workbench.run.streamed import builder_reason
 from workbench.settings import DEFAULT_PRESET, PRESETS
 from workbench.sources import DEMO, DEMO_NAME, ResolvedModel, resolve
+
+DEFAULT_SETTINGS = PRESETS[DEFAULT_PRESET].settings  # what "To shrink it" is estimated for
 
 KINDS = {
     "demo": "the demo model",
@@ -48,7 +51,7 @@ def open_model(spec: str, trust_remote_code: bool, *, progress, cancelled) -> tu
     facts = ModelFacts(
         original_bytes=sum(original_sizes(model.info).values()),
         preset_bytes=preset_estimates(model.info),
-        ram=ram_estimates(model.info),
+        ram=ram_estimates(model.info, DEFAULT_SETTINGS, builder_reason(model, DEFAULT_SETTINGS) is None),
     )
     return model, facts
 
@@ -118,7 +121,7 @@ class ModelPage(Page):
         self.presets = QLabel()
         self.machine = QLabel()
         self.time = QLabel()
-        self.fit_export, self.fit_original, self.fit_int4 = FitLabel(), FitLabel(), FitLabel()
+        self.fit_shrink, self.fit_original, self.fit_int4 = FitLabel(), FitLabel(), FitLabel()
         self.fit_gpu = FitLabel()
         for label in (self.name, self.kind, self.parameters, self.context, self.size_now, self.presets, self.machine,
                       self.time):
@@ -132,7 +135,7 @@ class ModelPage(Page):
         form.addRow(term_label("Size after INT4", "INT4"), self.presets)
         form.addRow(term_label("This computer", "RAM"), self.machine)
         form.addRow("Time to shrink it", self.time)
-        form.addRow("To shrink it", self.fit_export)
+        form.addRow(f"To shrink it ({PRESETS[DEFAULT_PRESET].title.lower()})", self.fit_shrink)
         form.addRow("To run the original", self.fit_original)
         form.addRow("To run the INT4 model", self.fit_int4)
         form.addRow("INT4 on the GPU", self.fit_gpu)
@@ -203,7 +206,7 @@ class ModelPage(Page):
         self.machine.setText(
             f"{format_size(ram['machine_total'])} of RAM, {format_size(ram['machine_available'])} free now"
         )
-        self.fit_export.set_fit(ram["export"], ram["machine_available"])
+        self.fit_shrink.set_fit(ram["shrink"], ram["machine_available"])
         self.fit_original.set_fit(ram["run_original"], ram["machine_available"])
         self.fit_int4.set_fit(ram["run_int4"], ram["machine_available"])
         has_gpu = ram["gpu_free"] is not None

@@ -210,7 +210,9 @@ class ReportPage(Page):
                 self.speed_note.setText(
                     f"Not timed by the speed test yet. In your last conversation (Compare), the original wrote "
                     f"{last[ORIGINAL]['tokens_per_s']:.1f} and the 4-bit model {last[INT4]['tokens_per_s']:.1f} "
-                    "tokens per second, both at the same time."
+                    "tokens per second, both at the same time." if last[ORIGINAL] else
+                    f"Not timed by the speed test yet. In your last conversation (Compare), the 4-bit model wrote "
+                    f"{last[INT4]['tokens_per_s']:.1f} tokens per second."
                 )
             else:
                 self.speed_note.setText(
@@ -251,6 +253,8 @@ class ReportPage(Page):
         qualities = record.quality
         self.quality.setVisible(bool(qualities))
         self.quality_note.setText(
+            f"Lower perplexity is better. The original was not run, so nothing is compared: {record.original.skipped}."
+            if qualities and record.original.skipped else
             "Lower perplexity is better. " + scale_words()
             if qualities else
             "Not measured yet. Choose “Measure quality on a text…” and pick a few pages of text like yours."

@@ -15,7 +15,7 @@ from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progr
 from workbench.run.record import Speed
 from workbench.run.report import update_run
 from workbench.layout import INT4, ORIGINAL
-from workbench.run.folders import machine
+from workbench.run.folders import load_run, machine
 
 log = logging.getLogger(__name__)
 NEW_TOKENS = 128
@@ -47,7 +47,8 @@ def bench_run(
     progress: Progress = no_progress,
     cancelled: Cancelled = never_cancelled,
 ) -> dict:
-    """Median decode speed and TTFT over `rounds`, and the highest RSS seen, per model.
+    """Median decode speed and TTFT over `rounds`, and the highest RSS seen, per model (the INT4 one alone
+    where the run's original was skipped: then `original`, `speedup` and `memory_ratio` are None).
 
     The result is also kept in the run's record (`speed`) with the machine it was measured on,
     so the report and a bundle's manifest can quote it.
@@ -59,14 +60,16 @@ def bench_run(
         raise WorkbenchError(f"rounds must be at least 1, not {rounds}.")
     choice = choose_provider(provider)
     run_dir = Path(run_dir)
-    for key in (ORIGINAL, INT4):
+    # A run whose original was not kept (too large to run here) measures the INT4 model alone.
+    keys = (INT4,) if load_run(run_dir).original.skipped else (ORIGINAL, INT4)
+    for key in keys:
         if not (run_dir / key).is_dir():
             raise WorkbenchError(f"{run_dir} has no {key}/ folder; is it a run folder made by `quantize`?")
-    samples: dict[str, list[dict]] = {ORIGINAL: [], INT4: []}
-    steps = rounds * 2
+    samples: dict[str, list[dict]] = {key: [] for key in keys}
+    steps = rounds * len(keys)
     for index in range(steps):
         check(cancelled)
-        key = (ORIGINAL, INT4)[index % 2]
+        key = keys[index % len(keys)]
         samples[key].append(
             run_in_subprocess(
                 "workbench.generation.bench:measure_in_process",
@@ -74,14 +77,15 @@ def bench_run(
                     "model_dir": str(run_dir / key), "provider": choice.name, "threads": threads,
                     "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
                 },
-                progress=lambda f, m, i=index, k=key: progress((i + f) / steps, f"{k} round {i // 2 + 1}/{rounds}: {m}"),
+                progress=lambda f, m, i=index, k=key: progress(
+                    (i + f) / steps, f"{k} round {i // len(keys) + 1}/{rounds}: {m}"),
                 cancelled=cancelled,
                 expected_seconds=20.0,
                 message="measuring speed",
             )
         )
     summary = {key: _summary(values) for key, values in samples.items()}
-    original, int4 = summary[ORIGINAL], summary[INT4]
+    original, int4 = summary.get(ORIGINAL), summary[INT4]
     speed = {
         "provider": choice.name,
         "provider_reason": choice.reason,
@@ -90,8 +94,8 @@ def bench_run(
         "prompt_tokens": prompt_tokens,
         ORIGINAL: original,
         INT4: int4,
-        "speedup": round(int4["tokens_per_s"] / original["tokens_per_s"], 3),
-        "memory_ratio": round(original["peak_rss_bytes"] / int4["peak_rss_bytes"], 3),
+        "speedup": round(int4["tokens_per_s"] / original["tokens_per_s"], 3) if original else None,
+        "memory_ratio": round(original["peak_rss_bytes"] / int4["peak_rss_bytes"], 3) if original else None,
         "machine": machine(),
     }
     try:

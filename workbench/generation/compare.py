@@ -5,7 +5,8 @@ of the GIL while it computes), so the CLI and the GUI stream both answers togeth
 model's peak memory is measured once per run and provider, after the answers, in a fresh child
 process (workbench.generation.bench), because one process holding both sessions cannot tell
 them apart; the figures are kept in the run's conversations/ folder. Afterwards the original
-model rates each INT4 answer (workbench.quality.judgement).
+model rates each INT4 answer (workbench.quality.judgement). In a run whose original was skipped
+(too large to run here) the INT4 model answers alone: each row's original and agreement are None.
 """
 
 from __future__ import annotations
@@ -73,13 +74,13 @@ class CompareResult:
 
         summary = {
             key: {
-                metric: mean(row[key][metric] for row in self.rows)
+                metric: mean(_value(row, key, metric) for row in self.rows)
                 for metric in ("tokens", "ttft_s", "tokens_per_s", "total_s")
             }
             for key in MODELS
         }
         summary["agreement"] = {
-            metric: mean(row["agreement"][metric] for row in self.rows)
+            metric: mean(_value(row, "agreement", metric) for row in self.rows)
             for metric in ("first_divergence", "token_agreement", "similarity")
         }
         return summary
@@ -91,6 +92,11 @@ class CompareResult:
         if self.throughput:
             data["throughput"] = self.throughput
         return data
+
+
+def _value(row: dict, key: str, metric: str):
+    """A row's figure, None where that side was not run (a run whose original was skipped)."""
+    return row[key][metric] if row[key] is not None else None
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -161,8 +167,10 @@ def compare(
     cancelled: Cancelled = never_cancelled,
 ) -> CompareResult:
     """Both models answer each prompt; `history` holds the earlier rows of a conversation, whose
-    answers each model reads back as its own (one prompt only)."""
+    answers each model reads back as its own (one prompt only). The INT4 model answers alone where the
+    run's original was skipped."""
     from workbench.generation.runtime import ChatModel, choose_provider
+    from workbench.run.folders import load_run
 
     run_dir = Path(run_dir)
     if not prompts:
@@ -177,33 +185,40 @@ def compare(
         raise WorkbenchError(f"batch size must be at least 1, not {options.batch_size}.")
     if options.batch_size > 1 and (options.json_schema or options.speculative):
         raise WorkbenchError("Batch mode cannot be combined with a JSON schema or speculative decoding.")
-    for key in MODELS:
+    skipped = load_run(run_dir).original.skipped
+    if skipped and options.speculative:
+        raise WorkbenchError(f"Speculative decoding needs the original model, which this run does not have ({skipped}).")
+    keys = (INT4,) if skipped else MODELS
+    for key in keys:
         if not (run_dir / key).is_dir():
             raise WorkbenchError(f"{run_dir} has no {key}/ folder; is it a run folder made by `quantize`?")
     choice = choose_provider(options.provider)
-    progress(0.0, f"loading both models on {choice.name}")
+    progress(0.0, f"loading {'both models' if len(keys) == 2 else 'the INT4 model'} on {choice.name}")
     # Both sessions compute at once: each takes half of the processor's cores rather than all of them.
-    threads = max(1, (psutil.cpu_count(logical=False) or 2) // 2) if choice.name == "cpu" and options.batch_size == 1 else None
-    models = {key: ChatModel(run_dir / key, choice.name, threads) for key in MODELS}
-    turns = {key: [(row["prompt"], row[key]["text"]) for row in history] for key in MODELS}
+    threads = max(1, (psutil.cpu_count(logical=False) or 2) // len(keys)) \
+        if choice.name == "cpu" and options.batch_size == 1 else None
+    models = {key: ChatModel(run_dir / key, choice.name, threads) for key in keys}
+    turns = {key: [(row["prompt"], row[key]["text"]) for row in history] for key in keys}
     encoded = {key: [_fitted(models[key], f"Prompt {number}: " if len(prompts) > 1 else "", p, options, turns[key])
-                     for number, p in enumerate(prompts, 1)] for key in MODELS}
+                     for number, p in enumerate(prompts, 1)] for key in keys}
     result = CompareResult(choice.name, choice.reason)
     if options.batch_size > 1:
         answers = _batched(models, encoded, options, result, progress, cancelled)
     else:
         answers = _both_at_once(models, encoded, options, on_token, progress, cancelled)
-    memory = memory_figures(run_dir, choice.name, encoded[ORIGINAL][0], options, progress, cancelled) if options.measure_memory else {}
+    memory = memory_figures(run_dir, choice.name, encoded[INT4][0], keys, options, progress, cancelled) \
+        if options.measure_memory else {}
     for index, prompt in enumerate(prompts):
-        original, int4 = answers[ORIGINAL][index], answers[INT4][index]
+        int4 = answers[INT4][index]
+        original = answers[ORIGINAL][index] if ORIGINAL in answers else None
         row = {
             "prompt": prompt,
-            ORIGINAL: _model_entry(original, memory.get(ORIGINAL)),
+            ORIGINAL: _model_entry(original, memory.get(ORIGINAL)) if original else None,
             INT4: _model_entry(int4, memory.get(INT4)),
-            "agreement": agreement(original.tokens, int4.tokens, original.text, int4.text),
+            "agreement": agreement(original.tokens, int4.tokens, original.text, int4.text) if original else None,
             "settings": options.to_dict(),
         }
-        if options.judge:
+        if options.judge and original:
             check(cancelled)
             progress(0.99, "the original model rates the 4-bit answer")
             row["judgement"] = _judge(models, encoded, index, original, int4)
@@ -237,14 +252,15 @@ def _judge(models, encoded, index: int, original: GenerationResult, int4: Genera
 
 def _both_at_once(models, encoded, options: CompareOptions, on_token, progress, cancelled) -> dict:
     """Each prompt answered by both models at the same time, one thread each, streaming as they go."""
-    answers: dict[str, list] = {key: [] for key in MODELS}
+    keys = list(models)
+    answers: dict[str, list] = {key: [] for key in keys}
     if options.speculative:
         answers["speculative"] = []
-    count = len(encoded[ORIGINAL])
+    count = len(encoded[INT4])
     lock = threading.Lock()  # both threads count into one progress report
     for index in range(count):
         check(cancelled)
-        written = dict.fromkeys(MODELS, 0)
+        written = dict.fromkeys(keys, 0)
         failed = threading.Event()  # one model's error stops the other one too
 
         def stop(failed: threading.Event = failed) -> bool:
@@ -254,11 +270,11 @@ def _both_at_once(models, encoded, options: CompareOptions, on_token, progress, 
             def stream(token: int, piece: str) -> None:
                 with lock:
                     written[key] += 1
-                    done = sum(written.values()) / (2 * options.config.max_new_tokens)
+                    done = sum(written.values()) / (len(keys) * options.config.max_new_tokens)
+                    so_far = (f"original {written[ORIGINAL]}, " if ORIGINAL in written else "") + f"4-bit {written[INT4]}"
                     progress(
                         0.9 * (index + min(done, 1.0)) / count,  # the rest: memory, once per run
-                        f"prompt {index + 1}/{count}: writing (original {written[ORIGINAL]}, "
-                        f"4-bit {written[INT4]} tokens)",
+                        f"prompt {index + 1}/{count}: writing ({so_far} tokens)",
                     )
                 if on_token is not None:  # outside the lock: a slow reader of one model holds up only that one
                     on_token(key, index, token, piece)
@@ -272,14 +288,14 @@ def _both_at_once(models, encoded, options: CompareOptions, on_token, progress, 
                 failed.set()
                 raise
 
-        with ThreadPoolExecutor(len(MODELS), thread_name_prefix="compare") as pool:
-            running = {key: pool.submit(answer, key) for key in MODELS}
+        with ThreadPoolExecutor(len(keys), thread_name_prefix="compare") as pool:
+            running = {key: pool.submit(answer, key) for key in keys}
             done = {key: future.exception() for key, future in running.items()}
         for error in done.values():
             if error is not None:
                 raise error
         check(cancelled)  # a cancelled answer is incomplete: nothing to compare
-        for key in MODELS:
+        for key in keys:
             answers[key].append(running[key].result())
         if options.speculative:
             answers["speculative"].append(
@@ -304,8 +320,8 @@ def _speculative(models, ids, options: CompareOptions, greedy: GenerationResult,
 
 
 def _batched(models, encoded, options: CompareOptions, result: CompareResult, progress, cancelled) -> dict:
-    answers: dict[str, list] = {key: [] for key in MODELS}
-    for key in MODELS:
+    answers: dict[str, list] = {key: [] for key in models}
+    for key in models:
         seconds = tokens = 0.0
         prompts = encoded[key]
         for start in range(0, len(prompts), options.batch_size):
@@ -323,7 +339,8 @@ def _batched(models, encoded, options: CompareOptions, result: CompareResult, pr
     return answers
 
 
-def memory_figures(run_dir: Path, provider: str, prompt_ids: list[int], options: CompareOptions, progress, cancelled):
+def memory_figures(run_dir: Path, provider: str, prompt_ids: list[int], keys: Sequence[str], options: CompareOptions,
+                   progress, cancelled):
     """Each model's peak memory on `provider`: measured once per run (on its first comparison), then
     read back from conversations/memory.json, so later answers need not wait for it."""
     path = Path(run_dir) / CONVERSATIONS / MEMORY_FILE
@@ -333,7 +350,7 @@ def memory_figures(run_dir: Path, provider: str, prompt_ids: list[int], options:
         log.warning("%s cannot be read (%s); measuring memory again", path, error)
         known = {}
     if provider not in known:
-        known[provider] = _measure_memory(run_dir, provider, prompt_ids, options, progress, cancelled)
+        known[provider] = _measure_memory(run_dir, provider, prompt_ids, keys, options, progress, cancelled)
         try:
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(known, indent=2), encoding="utf-8")
@@ -342,11 +359,12 @@ def memory_figures(run_dir: Path, provider: str, prompt_ids: list[int], options:
     return known[provider]
 
 
-def _measure_memory(run_dir: Path, provider: str, prompt_ids: list[int], options: CompareOptions, progress, cancelled):
+def _measure_memory(run_dir: Path, provider: str, prompt_ids: list[int], keys: Sequence[str], options: CompareOptions,
+                    progress, cancelled):
     from workbench.subprocess_job import run_in_subprocess
 
     measured = {}
-    for index, key in enumerate(MODELS):
+    for index, key in enumerate(keys):
         measured[key] = run_in_subprocess(
             "workbench.generation.bench:measure_in_process",
             {
@@ -366,15 +384,15 @@ def _measure_memory(run_dir: Path, provider: str, prompt_ids: list[int], options
 TABLE_COLUMNS = (
     ("#", lambda i, r: i),
     ("prompt", lambda i, r: _short(r["prompt"])),
-    ("original tokens", lambda i, r: r[ORIGINAL]["tokens"]),
+    ("original tokens", lambda i, r: _value(r, ORIGINAL, "tokens")),
     ("int4 tokens", lambda i, r: r[INT4]["tokens"]),
-    ("original tok/s", lambda i, r: r[ORIGINAL]["tokens_per_s"]),
+    ("original tok/s", lambda i, r: _value(r, ORIGINAL, "tokens_per_s")),
     ("int4 tok/s", lambda i, r: r[INT4]["tokens_per_s"]),
-    ("original TTFT s", lambda i, r: r[ORIGINAL]["ttft_s"]),
+    ("original TTFT s", lambda i, r: _value(r, ORIGINAL, "ttft_s")),
     ("int4 TTFT s", lambda i, r: r[INT4]["ttft_s"]),
-    ("first divergence", lambda i, r: r["agreement"]["first_divergence"]),
-    ("token agreement", lambda i, r: r["agreement"]["token_agreement"]),
-    ("similarity (chrF)", lambda i, r: r["agreement"]["similarity"]),
+    ("first divergence", lambda i, r: _value(r, "agreement", "first_divergence")),
+    ("token agreement", lambda i, r: _value(r, "agreement", "token_agreement")),
+    ("similarity (chrF)", lambda i, r: _value(r, "agreement", "similarity")),
 )
 
 

@@ -1,7 +1,8 @@
 """Quality of the INT4 model against the original on the user's text.
 
 Both models read the same windows of tokens; per position we compare the next-token
-distributions: perplexity of each, top-1 agreement, and KL(original || int4).
+distributions: perplexity of each, top-1 agreement, and KL(original || int4). Where the run's
+original was skipped (too large to run here) the INT4 model's perplexity is measured alone.
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ class _Totals:
     agree: int = 0
     kl: float = 0.0
 
-    def add(self, original_logits: np.ndarray, int4_logits: np.ndarray, targets: np.ndarray) -> None:
-        """Logits (positions, vocab) predicting `targets` (positions,)."""
-        log_p = log_softmax(original_logits.astype(np.float64))
+    def add(self, original_logits: np.ndarray | None, int4_logits: np.ndarray, targets: np.ndarray) -> None:
+        """Logits (positions, vocab) predicting `targets` (positions,); no original's: the INT4 figures alone."""
         log_q = log_softmax(int4_logits.astype(np.float64))
         rows = np.arange(len(targets))
         self.positions += len(targets)
-        self.original_nll -= float(log_p[rows, targets].sum())
         self.int4_nll -= float(log_q[rows, targets].sum())
+        if original_logits is None:
+            return
+        log_p = log_softmax(original_logits.astype(np.float64))
+        self.original_nll -= float(log_p[rows, targets].sum())
         self.agree += int((original_logits.argmax(-1) == int4_logits.argmax(-1)).sum())
         self.kl += float((np.exp(log_p) * (log_p - log_q)).sum())
 
@@ -63,7 +66,7 @@ def text_tokens(text_path: Path, tokenizer, max_tokens: int | None = None) -> np
 
 
 def evaluate(
-    original_dir: Path,
+    original_dir: Path | None,
     int4_dir: Path,
     text_path: Path,
     *,
@@ -77,16 +80,17 @@ def evaluate(
 
     check_sizes(window, max_tokens)
     progress(0.0, "reading the text")
-    tokenizer = AutoTokenizer.from_pretrained(original_dir)
+    tokenizer = AutoTokenizer.from_pretrained(int4_dir)  # the same tokenizer in both folders
     tokens = text_tokens(Path(text_path), tokenizer, max_tokens)[:max_tokens]
     if len(tokens) < MIN_TOKENS:
         raise WorkbenchError(
             f"{Path(text_path).name} has only {len(tokens)} tokens; quality needs at least {MIN_TOKENS} "
             "(a few paragraphs; a few thousand tokens give steadier figures)."
         )
-    progress(0.02, "loading both models")
-    models = [OnnxCausalLM(original_dir, provider), OnnxCausalLM(int4_dir, provider)]
-    context = models[0].context_length
+    progress(0.02, "loading both models" if original_dir else "loading the INT4 model")
+    original = OnnxCausalLM(original_dir, provider) if original_dir else None
+    int4 = OnnxCausalLM(int4_dir, provider)
+    context = int4.context_length
     if context and window > context:  # fused attention refuses inputs longer than its rotary tables
         window = context
     starts = range(0, len(tokens) - 1, window)
@@ -97,12 +101,15 @@ def evaluate(
         if len(chunk) < 2:
             break
         inputs = chunk[:-1][None, :]
-        original_logits, _ = models[0].forward(inputs)
-        int4_logits, _ = models[1].forward(inputs)
-        totals.add(original_logits[0], int4_logits[0], chunk[1:])
+        original_logits = original.forward(inputs)[0][0] if original else None
+        totals.add(original_logits, int4.forward(inputs)[0][0], chunk[1:])
         progress(0.05 + 0.95 * (index + 1) / len(starts), f"window {index + 1}/{len(starts)}")
-    original_ppl = math.exp(totals.original_nll / totals.positions)
     int4_ppl = math.exp(totals.int4_nll / totals.positions)
+    if original is None:
+        return QualityResult(text=Path(text_path).name, tokens=totals.positions, window=window,
+                             original_perplexity=None, int4_perplexity=round(int4_ppl, 4),
+                             perplexity_increase_pct=None, top1_agreement=None, mean_kl=None)
+    original_ppl = math.exp(totals.original_nll / totals.positions)
     return QualityResult(
         text=Path(text_path).name,
         tokens=totals.positions,
@@ -125,16 +132,17 @@ def evaluate_run(
     progress: Progress = no_progress,
     cancelled: Cancelled = never_cancelled,
 ) -> QualityResult:
-    """Evaluate a run folder's two models and keep the result (one entry per text) in run.json and the report."""
+    """Evaluate a run folder's two models (the INT4 one alone where the original was skipped) and keep the
+    result (one entry per text) in run.json and the report."""
     from workbench.run.report import update_run
     from workbench.layout import INT4, ORIGINAL
     from workbench.run.folders import load_run
 
     run_dir = Path(run_dir)
-    load_run(run_dir)  # refuse a folder that is not a run before minutes of work
+    skipped = load_run(run_dir).original.skipped  # and refuse a folder that is not a run before minutes of work
     check_sizes(window, max_tokens)
     result = evaluate(
-        run_dir / ORIGINAL, run_dir / INT4, text_path, window=window, max_tokens=max_tokens, provider=provider,
+        None if skipped else run_dir / ORIGINAL, run_dir / INT4, text_path, window=window, max_tokens=max_tokens, provider=provider,
         progress=progress, cancelled=cancelled,
     )
     try:

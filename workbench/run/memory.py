@@ -17,21 +17,41 @@ from workbench.jobs import Cancelled, Progress, never_cancelled, no_progress
 from workbench.quantization.int4_graph import module_name
 from workbench.quantization.sizes import COMPONENTS, int4_bytes
 from workbench.units import MIB, format_size
-from workbench.settings import PRESETS
+from workbench.settings import PRESETS, QuantSettings
 from workbench.sources import ModelInfo
 
 log = logging.getLogger(__name__)
-# RAM rules of thumb, measured on the demo model here (see docs in the README): exporting holds
-# the PyTorch model and the traced graph at once; running holds the weights plus buffers.
 # Fit verdict: the share of the currently available memory a step needs. Under half leaves room
 # for the rest of the machine (browser, office apps, the OS cache); above nine tenths the system
 # starts swapping or the step is killed.
 COMFORTABLE_SHARE = 0.5
 TIGHT_SHARE = 0.9
 FITS, TIGHT, NO_FIT = "fits comfortably", "tight", "will not fit"
-EXPORT_RAM_FACTOR = 3.0
+# RAM rules, each checked against measured peaks of the whole process tree (docs/scale.md).
+# The streamed path (workbench.run.streamed) holds Python with PyTorch, ONNX and ONNX Runtime
+# loaded, one tensor read in row chunks and the graph being written: its peak grows with the
+# largest decoder layer, not with the model.
+STREAMED_BASE_BYTES = 736 * MIB
+STREAMED_LAYER_SHARE = 0.14
+# Streamed GPTQ holds one decoder layer in float with a Hessian per linear, the calibration
+# activations in and out of it, and works on one weight at a time (a float copy, its rounding and
+# its error: about three times the weight), the lm_head included (workbench.quantization.streamed).
+GPTQ_WEIGHT_COPIES = 3
+# The optimum export path (issue 14, demo to 1.1B): the PyTorch model, its trace and a reloaded ONNX
+# copy at once; GPTQ keeps the PyTorch model through calibration as well.
+EXPORT_BASE_BYTES = 800 * MIB
+EXPORT_RAM_FACTOR = {"rtn": 2.1, "hqq": 2.1}
+EXPORT_RAM_FACTOR_CALIBRATED = 2.9
+# A session holds its weights as ONNX Runtime prepacks them (the INT4 ones into a larger layout at
+# accuracy level 4) plus its own buffers; the mapped weights file is paged out while it loads.
 RUN_RAM_FACTOR = 1.2
 RUNTIME_OVERHEAD_BYTES = 300 * 2**20
+# Disk: the export path holds the fp32 export, the INT4 copy and the intermediate files at once
+# (1.65-1.94x the fp32 size measured); the streamed path writes the INT4 graph, and for GPTQ its
+# spilled results and, without a calibration file, an RTN copy that writes the calibration text.
+EXPORT_DISK_FACTOR = 2.0
+STREAMED_DISK_MARGIN = 1.05  # the INT4 size estimate came within 1.5 % of the written files at 1B and 8B
+RUN_FILES_BYTES = 64 * MIB  # tokenizer, config and report next to each graph
 
 
 def original_sizes(info: ModelInfo) -> dict[str, int]:
@@ -48,21 +68,76 @@ def preset_estimates(info: ModelInfo) -> dict[str, int]:
     return {name: int4_bytes(info, preset.settings) for name, preset in PRESETS.items()}
 
 
-def ram_estimates(info: ModelInfo) -> dict[str, int | None]:
-    """Memory each step needs, next to what this machine has (GPU figures are None without a GPU)."""
+def ram_estimates(info: ModelInfo, settings: QuantSettings, streamed: bool) -> dict[str, int | None]:
+    """Memory each step needs with these settings (`streamed`: the run takes the graph builder's path),
+    next to what this machine has (GPU figures are None without a GPU)."""
     from workbench.generation.runtime import gpu_memory
 
-    int4 = int4_bytes(info, PRESETS["balanced"].settings)
     gpu = gpu_memory()
     return {
-        "export": int(info.fp32_bytes * EXPORT_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES),
-        "run_original": int(info.fp32_bytes * RUN_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES),
-        "run_int4": int(int4 * RUN_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES),
+        "shrink": shrink_ram(info, settings, streamed),
+        "run_original": run_original_ram(info),
+        "run_int4": run_int4_ram(info, settings),
         "machine_total": psutil.virtual_memory().total,
         "machine_available": psutil.virtual_memory().available,
         "gpu_total": gpu[0] if gpu else None,
         "gpu_free": gpu[1] if gpu else None,
     }
+
+
+def shrink_ram(info: ModelInfo, settings: QuantSettings, streamed: bool) -> int:
+    """Peak RAM of `quantize` up to the INT4 model written (measuring each side runs it: run_*_ram)."""
+    if not streamed:
+        factor = EXPORT_RAM_FACTOR.get(settings.method, EXPORT_RAM_FACTOR_CALIBRATED)
+        return int(EXPORT_BASE_BYTES + factor * info.fp32_bytes)
+    layer = layer_bytes(info)
+    peak = STREAMED_BASE_BYTES + STREAMED_LAYER_SHARE * layer
+    if settings.method == "gptq":
+        largest_weight = max(w.rows * w.cols * 4 for w in info.weights)
+        activations = 2 * settings.calibration_samples * settings.calibration_tokens * info.hidden_size * 4
+        hessians = sum(w.cols * w.cols * 4 for w in info.weights if w.role == "layers") // max(info.layers, 1)
+        gptq = layer + hessians + activations + GPTQ_WEIGHT_COPIES * largest_weight
+        # Data-free calibration text: the float model where it fits comfortably, else an RTN INT4 copy.
+        free = psutil.virtual_memory().available
+        writer = run_original_ram(info) if fit_verdict(run_original_ram(info), free) == FITS else \
+            run_int4_ram(info, QuantSettings(method="rtn"))
+        peak = max(STREAMED_BASE_BYTES + gptq, STREAMED_BASE_BYTES + writer)
+    return int(peak)
+
+
+def quantize_peak_ram(info: ModelInfo, settings: QuantSettings, streamed: bool) -> int:
+    """Peak RAM of the whole `quantize`: shrinking, then running each side to measure it (the streamed path
+    skips an original that will not fit in the free RAM)."""
+    original = run_original_ram(info)
+    if streamed and fit_verdict(original, psutil.virtual_memory().available) == NO_FIT:
+        original = 0
+    return max(shrink_ram(info, settings, streamed), run_int4_ram(info, settings), original)
+
+
+def run_original_ram(info: ModelInfo) -> int:
+    """RAM to run the fp32 original (measured: demo 0.69 GiB, 1B shape 5.67 GiB)."""
+    return int(info.fp32_bytes * RUN_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES)
+
+
+def run_int4_ram(info: ModelInfo, settings: QuantSettings) -> int:
+    """RAM to run the INT4 model these settings write."""
+    return int(int4_bytes(info, settings) * RUN_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES)
+
+
+def run_disk_bytes(info: ModelInfo, settings: QuantSettings, streamed: bool) -> int:
+    """Free disk a run needs before it starts. On the streamed path the fp32 original is written only
+    where there is room for it (workbench.run.streamed.original_skip_reason), so it is not counted."""
+    if not streamed:
+        return int(info.fp32_bytes * EXPORT_DISK_FACTOR)
+    int4 = int4_bytes(info, settings)
+    if settings.method == "gptq":  # the spilled GPTQ results, and the RTN copy writing calibration text
+        int4 += int4_bytes(info, settings) + int4_bytes(info, QuantSettings(method="rtn"))
+    return int(int4 * STREAMED_DISK_MARGIN) + RUN_FILES_BYTES
+
+
+def layer_bytes(info: ModelInfo) -> int:
+    """The fp32 bytes of one decoder layer's weight matrices (the families here have equal layers)."""
+    return sum(w.rows * w.cols * 4 for w in info.weights if w.role == "layers") // max(info.layers, 1)
 
 
 def fit_verdict(needed: int, available: int) -> str:
@@ -182,8 +257,8 @@ def draw_memory_chart(path: Path, original: dict, int4: dict, title: str) -> Non
                 continue
             axis.bar(["original", "INT4"], values, bottom=bottoms, color=colour, label=part, width=0.55)
             bottoms += values
-        for x, total in enumerate(bottoms):
-            axis.text(x, total, format_size(total * MIB), ha="center", va="bottom", fontsize=9)
+        for x, total in enumerate(bottoms):  # an original not run has no RAM figure: say so, not "0 bytes"
+            axis.text(x, total, format_size(total * MIB) if total else "not run", ha="center", va="bottom", fontsize=9)
         axis.set_title(label)
         axis.set_ylabel("MiB")
         axis.set_ylim(0, bottoms.max() * 1.15)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from workbench.jobs import (
     no_progress,
     sub_progress,
 )
-from workbench.run.memory import graph_sizes, measure_session_memory, ram_components
+from workbench.run.memory import graph_sizes, measure_session_memory, ram_components, run_disk_bytes
 from workbench.quantization.int4_graph import QuantizeResult, layer_plan, quantize_onnx, written_op_counts
 from workbench.run.rates import Estimate, estimate, remember, timed_weights
 from workbench.run.report import write_report
@@ -54,6 +55,7 @@ from workbench.settings import QuantSettings
 from workbench.sources import ResolvedModel, load_torch_model, resolve, weights_folder
 
 log = logging.getLogger(__name__)
+NOT_ASKED = "the fp32 original was not kept, as asked; the INT4 model is measured alone"
 BUILT_FUSION = {"attention": "GroupQueryAttention", "built": "written fused from the weights by the graph builder"}
 
 
@@ -83,22 +85,24 @@ def quantize_run(
     calibration: Path | None = None,
     trust_remote_code: bool = False,
     preset: str | None = None,
+    original: bool = True,
     progress: Progress = no_progress,
     cancelled: Cancelled = never_cancelled,
 ) -> RunRecord:
-    """Quantize a model into `run_dir`; return the run record (also saved as run.json)."""
+    """Quantize a model into `run_dir`; return the run record (also saved as run.json). Without `original`
+    the fp32 original is not kept, and the INT4 model is measured alone."""
     run_dir = Path(run_dir)
     check_output_dir(run_dir, 0)  # before the (possibly long) model resolution
     calibrated = settings.needs_calibration
     # Each stage weighs what it takes on this machine, so the overall fraction is a share of the time.
     stages = Stages(progress, timed_weights(run_stages(settings), settings, calibration if calibrated else None))
-    model = resolve_model(spec, run_dir, stages, trust_remote_code, cancelled)
+    model = resolve_model(spec, run_dir, stages, trust_remote_code, cancelled, settings)
     settings.check_patterns([w.name for w in model.info.weights])
     if calibration is not None and not calibrated:
         log.warning("%s does not use calibration data; %s is ignored", settings.method, calibration)
     with staged_dir(run_dir) as work:
         source = prepare(model, work, stages, settings, calibration if calibrated else None, trust_remote_code,
-                         cancelled)
+                         cancelled, original=original)
         sensitivity = None
         if settings.sensitive_8bit_pct:
             measured = stages.run("sensitivity", lambda p: measure_layers(
@@ -140,24 +144,28 @@ def method_stages(settings: QuantSettings) -> list[tuple[Stage, float]]:
 
 
 def resolve_model(spec: str | ResolvedModel, run_dir: Path, stages: Stages, trust_remote_code: bool,
-                  cancelled: Cancelled) -> ResolvedModel:
-    """The model behind `spec` (stage "model"), once `run_dir` is known to have room for a run of it."""
+                  cancelled: Cancelled, settings: QuantSettings, *, streamed: bool = True) -> ResolvedModel:
+    """The model behind `spec` (stage "model"), once `run_dir` is known to have room for a run of it
+    with these settings (on the streamed path where `streamed` and the model allow it)."""
     model = spec if isinstance(spec, ResolvedModel) else stages.run(
         "model", lambda p: resolve(spec, trust_remote_code=trust_remote_code, progress=p, cancelled=cancelled)
     )
-    check_output_dir(run_dir, needed_bytes=int(model.info.fp32_bytes * 1.4))
+    streamed = streamed and builder_reason(model, settings) is None
+    check_output_dir(run_dir, needed_bytes=run_disk_bytes(model.info, settings, streamed))
     return model
 
 
 def prepare(model: ResolvedModel, work: Path, stages: Stages, settings: QuantSettings, calibration: Path | None,
-            trust_remote_code: bool, cancelled: Cancelled, *, streamed: bool = True) -> Source:
+            trust_remote_code: bool, cancelled: Cancelled, *, streamed: bool = True, original: bool = True) -> Source:
     """Stage "export" into `work`/original, then, when the settings need them, the PyTorch model
     and stage "calibration" (from the file, or written by the model itself when there is none).
-    With `streamed` the graph builder writes the graphs where it can (workbench.run.streamed)."""
+    With `streamed` the graph builder writes the graphs where it can (workbench.run.streamed);
+    without `original` the fp32 original is not kept (the export path deletes it once quantized)."""
     original_dir = work / ORIGINAL
     why_not = builder_reason(model, settings) if streamed else "the PyTorch model is needed"
     if why_not is None:
-        skipped = stages.run("export", lambda p: build_original(model, original_dir, progress=p, cancelled=cancelled))
+        skipped = stages.run("export", lambda p: build_original(model, original_dir, settings, progress=p,
+                                                                cancelled=cancelled)) if original else NOT_ASKED
         samples = stages.run("calibration", lambda p: calibration_samples(
             model, work, settings, calibration, progress=p, cancelled=cancelled)) if settings.needs_calibration else None
         return Source(model, original_dir, _calibration_label(settings, calibration), samples=samples, built=True,
@@ -172,14 +180,16 @@ def prepare(model: ResolvedModel, work: Path, stages: Stages, settings: QuantSet
         return folder
 
     weights = stages.run("export", export)
+    skipped = None if original else NOT_ASKED
     if not settings.needs_calibration:
-        return Source(model, original_dir, None)
+        return Source(model, original_dir, None, original_skipped=skipped)
     torch_model, tokenizer = load_torch_model(weights, trust_remote_code)
     samples = stages.run(
         "calibration",
         lambda p: _calibration_samples(calibration, torch_model, tokenizer, settings, p, cancelled),
     )
-    return Source(model, original_dir, _calibration_label(settings, calibration), torch_model, samples)
+    return Source(model, original_dir, _calibration_label(settings, calibration), torch_model, samples,
+                  original_skipped=skipped)
 
 
 def _calibration_label(settings: QuantSettings, calibration: Path | None) -> str | None:
@@ -222,6 +232,8 @@ def finish_run(work: Path, stages: Stages, source: Source, settings: QuantSettin
     # After quantization, which maps MatMuls to modules by node name.
     fusion = BUILT_FUSION if source.built else stages.run(
         "fuse", lambda p: _fuse(source.original_dir, int4_dir, p, cancelled))
+    if source.original_skipped:  # the export path needed it to make the INT4 graph
+        shutil.rmtree(source.original_dir, ignore_errors=True)
     measured = stages.run("measure", lambda p: _measure(source.original_dir, int4_dir, source.info, p, cancelled,
                                                         skipped=source.original_skipped))
     check(cancelled)

@@ -28,11 +28,16 @@ class QualityResult:
     text: str  # file name of the text
     tokens: int  # scored positions
     window: int
-    original_perplexity: float
+    original_perplexity: float | None  # this and the comparisons below: None when the original was skipped
     int4_perplexity: float
-    perplexity_increase_pct: float
-    top1_agreement: float
-    mean_kl: float
+    perplexity_increase_pct: float | None
+    top1_agreement: float | None
+    mean_kl: float | None
+
+    @property
+    def compared(self) -> bool:
+        """Whether the original was measured too (not where the run's original was skipped)."""
+        return self.original_perplexity is not None
 
     def to_dict(self) -> dict:
         return {
@@ -96,10 +101,10 @@ class Speed:
     rounds: int
     new_tokens: int
     prompt_tokens: int
-    original: dict
+    original: dict | None  # None when the run's original was skipped
     int4: dict
-    speedup: float
-    memory_ratio: float
+    speedup: float | None
+    memory_ratio: float | None
     machine: dict | None = None  # where it was measured
 
     def to_dict(self) -> dict:

@@ -29,10 +29,10 @@ from workbench.quantization.streamed import (
 from workbench.run.memory import (
     FITS,
     NO_FIT,
-    RUN_RAM_FACTOR,
-    RUNTIME_OVERHEAD_BYTES,
     fit_verdict,
     original_sizes,
+    run_disk_bytes,
+    run_original_ram,
 )
 from workbench.settings import QuantSettings
 from workbench.sources import ModelInfo, ResolvedModel
@@ -54,29 +54,25 @@ def builder_reason(model: ResolvedModel, settings: QuantSettings) -> str | None:
     return supports(model.path, model.info.model_type)
 
 
-def _run_ram(info: ModelInfo) -> int:
-    """RAM to run the fp32 model (the rule of thumb `info` uses)."""
-    return int(info.fp32_bytes * RUN_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES)
-
-
-def original_skip_reason(info: ModelInfo, dest: Path) -> str | None:
+def original_skip_reason(info: ModelInfo, dest: Path, settings: QuantSettings) -> str | None:
     """Why the fp32 original is not written here: it would not run in this machine's free memory, or not fit
-    on its disk; None when it is written."""
-    needed = _run_ram(info)
+    on its disk next to what the INT4 side needs; None when it is written."""
+    needed = run_original_ram(info)
     available = psutil.virtual_memory().available
     if fit_verdict(needed, available) == NO_FIT:
         return (f"the fp32 original needs about {needed / 2**30:.1f} GiB of RAM to run and {available / 2**30:.1f} "
                 "GiB are free, so it was not written; the INT4 model is measured alone")
     free = shutil.disk_usage(dest.parent).free
-    if free < 1.2 * info.fp32_bytes:
+    if free < 1.05 * info.fp32_bytes + run_disk_bytes(info, settings, streamed=True):
         return (f"the fp32 original takes {info.fp32_bytes / 2**30:.1f} GiB and {free / 2**30:.1f} GiB of disk "
                 "are free, so it was not written; the INT4 model is measured alone")
     return None
 
 
-def build_original(model: ResolvedModel, dest: Path, *, progress: Progress, cancelled: Cancelled) -> str | None:
+def build_original(model: ResolvedModel, dest: Path, settings: QuantSettings, *, progress: Progress,
+                   cancelled: Cancelled) -> str | None:
     """The fp32 original in `dest`, or the reason it was skipped."""
-    reason = original_skip_reason(model.info, dest)
+    reason = original_skip_reason(model.info, dest, settings)
     if reason:
         log.warning("original skipped: %s", reason)
         return reason
@@ -101,7 +97,7 @@ def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSetting
     n, length = settings.calibration_samples, settings.calibration_tokens
     if calibration is not None:
         return file_samples(calibration, tokenizer, settings, progress)
-    if fit_verdict(_run_ram(model.info), psutil.virtual_memory().available) == FITS:
+    if fit_verdict(run_original_ram(model.info), psutil.virtual_memory().available) == FITS:
         from workbench.quantization.calibration import self_written_samples
 
         return self_written_samples(whole_model(model.path), tokenizer, n, length, progress=progress, cancelled=cancelled)

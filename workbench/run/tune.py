@@ -107,9 +107,9 @@ def tune_run(
          *((stage.candidate(i + 1, len(candidates)), 12) for i in range(len(candidates))), (stage.FUSE, 1),
          (stage.MEASURE, 2)],
     )
-    model = resolve_model(spec, run_dir, stages, trust_remote_code, cancelled)
-    _check_text_length(model, text)
     calibrated = next((c for c in candidates if c.needs_calibration), candidates[0])
+    model = resolve_model(spec, run_dir, stages, trust_remote_code, cancelled, calibrated, streamed=False)
+    _check_text_length(model, text)
     with staged_dir(run_dir) as work:
         # Candidates measure their sensitive layers on the PyTorch model: the export path keeps it.
         source = prepare(model, work, stages, calibrated, calibration, trust_remote_code, cancelled, streamed=False)

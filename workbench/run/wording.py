@@ -12,9 +12,12 @@ from workbench.run.record import QualityResult, RunRecord, Speed
 from workbench.settings import PRESETS
 from workbench.units import format_size
 
+NOT_RUN = "not run"
+
+
 def ram_text(value: int | None) -> str:
     """A measured peak RAM, or that the model was not run."""
-    return format_size(value) if value is not None else "not run"
+    return format_size(value) if value is not None else NOT_RUN
 
 
 def machine_text(machine: dict) -> str:
@@ -23,8 +26,9 @@ def machine_text(machine: dict) -> str:
 
 def verdict(record: RunRecord) -> str:
     """One plain sentence on what was saved and what it cost, on the one verdict scale."""
-    saved = f"The INT4 model is {record.size_ratio:.1f}x smaller on disk and " + (
-        f"needs {record.ram_ratio:.1f}x less RAM" if record.ram_ratio else "the original was too large to run here")
+    if record.original.skipped:
+        return _alone_verdict(record)
+    saved = f"The INT4 model is {record.size_ratio:.1f}x smaller on disk and needs {record.ram_ratio:.1f}x less RAM"
     if record.speed:
         saved += f", and writes {record.speed.speedup:.1f}x as fast"
     if not record.quality:
@@ -35,6 +39,25 @@ def verdict(record: RunRecord) -> str:
     benchmark = preset.benchmark if preset and preset.settings == record.settings else None
     cost = quality_sentence(quality.perplexity_increase_pct, quality.text, quality.top1_agreement * 100, benchmark)
     return f"{saved}; {cost}."
+
+
+def _alone_verdict(record: RunRecord) -> str:
+    """The verdict of a run whose original was skipped: what the INT4 model measured by itself, and why
+    nothing is compared."""
+    lines = [f"The INT4 model is {record.size_ratio:.1f}x smaller on disk than the fp32 original would be "
+             f"and needs {format_size(record.int4.peak_rss_bytes)} of RAM"]
+    if record.speed:
+        lines[0] += f", writing {record.speed.int4['tokens_per_s']:.1f} tokens per second"
+    if record.quality:
+        q = record.quality[-1]
+        lines[0] += f"; its perplexity on {q.text} is {q.int4_perplexity:.2f}"
+    lines.append(f"Nothing is compared with the original, which was not run here: {original_reason(record)}.")
+    return ". ".join(lines)
+
+
+def original_reason(record: RunRecord) -> str:
+    """Why a run has no original (its `skipped` reason), for a sentence."""
+    return record.original.skipped or ""
 
 
 def quantized_line(record: RunRecord) -> str:
@@ -71,6 +94,9 @@ def figure_rows(record: RunRecord) -> dict[str, tuple[str, str, str]]:
 
 def quality_cells(quality: QualityResult) -> tuple[str, ...]:
     """One text's row in the Report step: text, tokens, perplexity, increase, agreement, KL."""
+    if not quality.compared:
+        return (quality.text, f"{quality.tokens:,}", f"{quality.int4_perplexity:.2f} (INT4 alone)", NOT_RUN,
+                NOT_RUN, NOT_RUN)
     return (
         quality.text,
         f"{quality.tokens:,}",
@@ -84,6 +110,12 @@ def quality_cells(quality: QualityResult) -> tuple[str, ...]:
 def speed_rows(speed: Speed) -> dict[str, tuple[str, str, str]]:
     """The Report step's speed table: original, INT4 and the change."""
     original, int4 = speed.original, speed.int4
+    if original is None:
+        return {
+            "tokens_per_s": (NOT_RUN, f"{int4['tokens_per_s']:.1f} tokens/s", ""),
+            "ttft_s": (NOT_RUN, f"{int4['ttft_s']:.2f} s", ""),
+            "peak_rss_bytes": (NOT_RUN, format_size(int4["peak_rss_bytes"]), ""),
+        }
     return {
         "tokens_per_s": (f"{original['tokens_per_s']:.1f} tokens/s", f"{int4['tokens_per_s']:.1f} tokens/s",
                          f"{speed.speedup:.1f}x as fast"),
@@ -91,6 +123,9 @@ def speed_rows(speed: Speed) -> dict[str, tuple[str, str, str]]:
         "peak_rss_bytes": (format_size(original["peak_rss_bytes"]), format_size(int4["peak_rss_bytes"]),
                            f"{speed.memory_ratio:.1f}x less"),
     }
+
+
+SPEED_TITLES = {"tokens_per_s": "decode tokens/s", "ttft_s": "time to first token", "peak_rss_bytes": "peak RAM"}
 
 
 def speed_note(speed: Speed) -> str:
@@ -109,15 +144,18 @@ def card_saved_lines(record: RunRecord) -> list[str]:
     lines = [
         f"- On disk: {format_size(original.bytes)} → {format_size(int4.bytes)} ({record.size_ratio:.1f}x smaller, "
         f"{record.bits_per_weight:.1f} bits per weight).",
-        f"- Memory while answering: {ram_text(original.peak_rss_bytes)} → {format_size(int4.peak_rss_bytes)} peak "
-        + (f"({record.ram_ratio:.1f}x less)" if record.ram_ratio else f"(the original was not run: {original.skipped})")
-        + f", on the CPU of {machine_text(record.machine)}.",
+        (f"- Memory while answering: {format_size(original.peak_rss_bytes)} → {format_size(int4.peak_rss_bytes)} "
+         f"peak ({record.ram_ratio:.1f}x less)" if not original.skipped else
+         f"- Memory while answering: {format_size(int4.peak_rss_bytes)} peak (the original was not run: "
+         f"{original_reason(record)})") + f", on the CPU of {machine_text(record.machine)}.",
     ]
     speed = record.speed
     if speed:
+        pace = (f"{speed.int4['tokens_per_s']:.1f} tokens per second (the original was not run)" if not speed.original
+                else f"{speed.original['tokens_per_s']:.1f} → {speed.int4['tokens_per_s']:.1f} tokens per "
+                f"second ({speed.speedup:.1f}x)")
         lines.append(
-            f"- Speed: {speed.original['tokens_per_s']:.1f} → {speed.int4['tokens_per_s']:.1f} tokens per "
-            f"second ({speed.speedup:.1f}x), first token after {speed.int4['ttft_s']:.2f} s, on "
+            f"- Speed: {pace}, first token after {speed.int4['ttft_s']:.2f} s, on "
             f"{speed.provider.upper()} ({machine_text(speed.machine or record.machine)})."
         )
     else:
@@ -129,6 +167,10 @@ def card_lost_lines(record: RunRecord) -> list[str]:
     """The model card's "What was lost": the quality on each text, explained for a newcomer."""
     if not record.quality:
         return ["- Not measured: the quality cost of this model is unknown."]
+    if record.original.skipped:
+        return [f"- Not measured against the original, which was not run: {original_reason(record)}."] + [
+            f"- On {q.text} ({q.tokens:,} tokens): perplexity (how unsure the model is of the right next word; "
+            f"lower is better) {q.int4_perplexity:.2f}." for q in record.quality]
     return [
         f"- On {q.text} ({q.tokens:,} tokens): perplexity (how unsure the model is of the right next "
         f"word; lower is better) {q.original_perplexity:.2f} → {q.int4_perplexity:.2f} "
@@ -257,25 +299,28 @@ def render_report(record: RunRecord) -> str:
             lines.append(
                 f"| {q.text} | {q.tokens:,} | {q.original_perplexity:.2f} | {q.int4_perplexity:.2f} "
                 f"| +{q.perplexity_increase_pct:.1f} % | {q.top1_agreement * 100:.1f} % | {q.mean_kl:.4f} |"
+                if q.compared else f"| {q.text} | {q.tokens:,} | {NOT_RUN} | {q.int4_perplexity:.2f} | | | |"
             )
-        lines += ["", scale_words()]
+        lines += ["", scale_words() if not record.original.skipped else
+                  f"The original was not run, so nothing is compared: {original_reason(record)}."]
     else:
         lines.append("Not measured yet: `int4-workbench evaluate RUN_DIR --text FILE`.")
     lines += ["", "## Speed", ""]
     speed = record.speed
     if speed:
+        original = speed.original or dict.fromkeys(speed.int4)
+        cell = {"tokens_per_s": lambda v: f"{v:.1f}", "ttft_s": lambda v: f"{v:.2f} s", "peak_rss_bytes": format_size}
         lines += [
             f"On {speed.provider}, {speed.new_tokens} new tokens after a {speed.prompt_tokens}-token "
-            f"prompt, median of {speed.rounds} alternating rounds:",
+            f"prompt, median of {speed.rounds} {'alternating ' if speed.original else ''}rounds:",
             "",
             "| | original | INT4 |",
             "|---|---:|---:|",
-            f"| decode tokens/s | {speed.original['tokens_per_s']:.1f} | {speed.int4['tokens_per_s']:.1f} |",
-            f"| time to first token | {speed.original['ttft_s']:.2f} s | {speed.int4['ttft_s']:.2f} s |",
-            f"| peak RAM | {format_size(speed.original['peak_rss_bytes'])} | "
-            f"{format_size(speed.int4['peak_rss_bytes'])} |",
+            *(f"| {title} | {NOT_RUN if original[key] is None else cell[key](original[key])} | "
+              f"{cell[key](speed.int4[key])} |" for key, title in SPEED_TITLES.items()),
             "",
-            f"INT4 decodes {speed.speedup:.2f}x as fast with {speed.memory_ratio:.2f}x less peak RAM.",
+            f"INT4 decodes {speed.speedup:.2f}x as fast with {speed.memory_ratio:.2f}x less peak RAM."
+            if speed.original else f"The original was not run: {original_reason(record)}.",
         ]
     else:
         lines.append("Not measured yet: `int4-workbench bench RUN_DIR`.")
