@@ -111,7 +111,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append(f"  INT4 {name:<10} {format_size(size)} ({fp32_onnx / size:.1f}x smaller)  {PRESETS[name].description}")
     data["estimates"] = {}
     for name, preset in PRESETS.items():
-        planned = estimate_run(info.parameters, preset.settings)
+        planned = estimate_run(model, preset.settings, opens_model=True)
         # Exporting the original is the step that needs the most memory (memory.ram_estimates).
         data["estimates"][name] = {"seconds": round(planned.seconds), "estimate": planned.basis,
                                    "peak_ram_bytes": ram["export"]}

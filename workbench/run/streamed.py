@@ -58,12 +58,17 @@ def _run_ram(info: ModelInfo) -> int:
     return int(info.fp32_bytes * RUN_RAM_FACTOR + RUNTIME_OVERHEAD_BYTES)
 
 
+def original_fits(info: ModelInfo) -> bool:
+    """Whether the fp32 original would run in this machine's free memory (else it is not written)."""
+    return fit_verdict(_run_ram(info), psutil.virtual_memory().available) != NO_FIT
+
+
 def original_skip_reason(info: ModelInfo, dest: Path) -> str | None:
     """Why the fp32 original is not written here: it would not run in this machine's free memory, or not fit
     on its disk; None when it is written."""
     needed = _run_ram(info)
     available = psutil.virtual_memory().available
-    if fit_verdict(needed, available) == NO_FIT:
+    if not original_fits(info):
         return (f"the fp32 original needs about {needed / 2**30:.1f} GiB of RAM to run and {available / 2**30:.1f} "
                 "GiB are free, so it was not written; the INT4 model is measured alone")
     free = shutil.disk_usage(dest.parent).free
