@@ -28,9 +28,10 @@ from workbench.sources import cache_dir
 log = logging.getLogger(__name__)
 RATES_FILE = "rates.json"
 RATES_VERSION = 2  # 1 had no separate keys for the graph builder's stages: its rates are not reused
-# Seconds per billion parameters on a quiet two-core machine (x86-64, 24 GiB), 2026-12-02: the
-# builder's stages from the demo model (SmolLM2-135M) with the balanced preset, the PyTorch path's
-# from the demo with the quality preset and with AWQ. Calibration rates are for CALIBRATION_TOKENS.
+# Seconds per billion parameters on a two-core machine (x86-64, 24 GiB): the graph builder's stages
+# and "model", "calibration:written" and "measure" from the demo model (SmolLM2-135M), balanced
+# preset, on a quiet machine (2026-12-02); the PyTorch path's stages as measured earlier on a busy
+# one. Calibration rates are for CALIBRATION_TOKENS tokens of text.
 DEFAULT_RATES = {
     "model": 29.4,
     "export": 600.0,  # the PyTorch (optimum) export

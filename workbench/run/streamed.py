@@ -35,6 +35,7 @@ from workbench.run.memory import (
 )
 from workbench.settings import QuantSettings
 from workbench.sources import ModelInfo, ResolvedModel
+from workbench.units import format_size
 
 log = logging.getLogger(__name__)
 STREAMED_METHODS = ("rtn", "hqq", "gptq")
@@ -69,11 +70,11 @@ def original_skip_reason(info: ModelInfo, dest: Path) -> str | None:
     needed = _run_ram(info)
     available = psutil.virtual_memory().available
     if not original_fits(info):
-        return (f"the fp32 original needs about {needed / 2**30:.1f} GiB of RAM to run and {available / 2**30:.1f} "
-                "GiB are free, so it was not written; the INT4 model is measured alone")
+        return (f"the fp32 original needs about {format_size(needed)} of RAM to run and {format_size(available)} "
+                "are free, so it was not written; the INT4 model is measured alone")
     free = shutil.disk_usage(dest.parent).free
     if free < 1.2 * info.fp32_bytes:
-        return (f"the fp32 original takes {info.fp32_bytes / 2**30:.1f} GiB and {free / 2**30:.1f} GiB of disk "
+        return (f"the fp32 original takes {format_size(info.fp32_bytes)} and {format_size(free)} of disk "
                 "are free, so it was not written; the INT4 model is measured alone")
     return None
 

@@ -234,11 +234,10 @@ def render_report(record: RunRecord) -> str:
         "|---|---:|---:|",
         f"| model on disk | {format_size(original.bytes)} | {format_size(int4.bytes)} |",
     ]
-    for component in original.components:
-        lines.append(
-            f"| &nbsp;&nbsp;{component} | {format_size(original.components[component])} | "
-            f"{format_size(int4.components[component])} |"
-        )
+    disk = {"original": original.disk_parts, "int4": int4.disk_parts}
+    for component in dict.fromkeys([*disk["original"], *disk["int4"]]):
+        lines.append(f"| &nbsp;&nbsp;{component} | {format_size(disk['original'].get(component, 0))} | "
+                     f"{format_size(disk['int4'].get(component, 0))} |")
     lines += [
         f"| peak RAM (measured) | {ram_text(original.peak_rss_bytes)} | {format_size(int4.peak_rss_bytes)} |",
         "",
