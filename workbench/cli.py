@@ -115,7 +115,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         # Exporting the original is the step that needs the most memory (memory.ram_estimates).
         data["estimates"][name] = {"seconds": round(planned.seconds), "estimate": planned.basis,
                                    "peak_ram_bytes": ram["export"]}
-        lines.append(f"  time {name:<10} about {rough_duration(planned.seconds)} ({planned.basis})")
+        lines.append(f"  time {name:<10} {rough_duration(planned.seconds)} ({planned.basis})")
     free = ram["machine_available"]
     data["fit"] = {step: fit_verdict(ram[step], free) for step in ("export", "run_original", "run_int4")}
     lines += [

@@ -182,8 +182,8 @@ class ModelPage(Page):
             return
         plans = {name: estimate_run(model, preset.settings) for name, preset in PRESETS.items()}
         self.time.setText(
-            "<br>".join(f"{PRESETS[name].title}: about {rough_duration(plan.seconds)}" for name, plan in plans.items())
-            + f"<br><i>{plans[DEFAULT_PRESET].basis.capitalize()}.</i>"
+            "<br>".join(f"{PRESETS[name].title}: {rough_duration(plan.seconds)}" for name, plan in plans.items())
+            + f"<br><i>{plans[DEFAULT_PRESET].basis_sentence}</i>"
         )
 
     def _opened(self, result: tuple[ResolvedModel, ModelFacts], trust_remote_code: bool) -> None:

@@ -251,7 +251,7 @@ class QuantizePage(Page):
             self.model_label.setText("none yet")
         else:
             info = session.model.info
-            self.model_label.setText(f"{info.name} ({format_size(info.fp32_bytes)} now)")
+            self.model_label.setText(f"{info.name} ({format_size(info.fp32_bytes)} of 32-bit weights)")
             if not self._name_edited and not self.jobs.running:
                 self.name.setText(default_run_name(session.runs_dir, info.name, self._run_kind()))
         self._describe_settings()
@@ -267,7 +267,7 @@ class QuantizePage(Page):
             self.time_label.setText(f"several runs: up to {len(CANDIDATES)} settings are tried")
         else:
             plan = self._estimate()
-            self.time_label.setText(f"about {rough_duration(plan.seconds)} ({plan.basis})")
+            self.time_label.setText(f"{rough_duration(plan.seconds)}\n{plan.basis_sentence}")
         self._check_name()
 
     def _estimate(self) -> Estimate:
@@ -379,7 +379,7 @@ class QuantizePage(Page):
                 row.bar.setValue(round(done * 1000))
         self._fraction = event.fraction
         self.overall.setValue(round(event.fraction * 1000))
-        self.status.emit(f"Quantizing: {event.fraction:.0%}, {stage.title.lower()}")
+        self.status.emit(f"Quantizing: {event.fraction:.0%}. {stage.title}")
         self._log(f"{stage.title}: {event.message}")
 
     def _finish_row(self, row: StageRow) -> None:
@@ -400,7 +400,7 @@ class QuantizePage(Page):
             finished = [name for name, row in self.rows.items() if row.state == DONE]
             remaining = self._plan.remaining(finished, self._stage, self._plan.stage_fraction(self._stage, self._fraction),
                                              time.monotonic() - self._stage_began)
-            text += f" · about {rough_duration(remaining)} left"
+            text += f" · {rough_duration(remaining)} left"
         elif self._fraction >= MIN_FRACTION_FOR_ESTIMATE:
             remaining = elapsed * (1 - self._fraction) / self._fraction
             text += f" · about {human_duration(remaining)} left"

@@ -251,7 +251,7 @@ class ReportPage(Page):
         qualities = record.quality
         self.quality.setVisible(bool(qualities))
         self.quality_note.setText(
-            "Lower perplexity is better. " + scale_words()
+            "Less surprise (lower perplexity) is better. " + scale_words()
             if qualities else
             "Not measured yet. Choose “Measure quality on a text…” and pick a few pages of text like yours."
         )

@@ -162,13 +162,17 @@ class Estimate:
     def basis(self) -> str:
         """Where the figure comes from, in words (it is always an estimate)."""
         if self.measured and self.measured >= set(self.stages):
-            return (f"an estimate from the runs made on this machine ({self.runs} so far), for a model of this size"
-                    if self.runs else "an estimate from the runs made on this machine")
-        typical = ", ".join(TITLES.get(name, name).lower() for name in self.stages if name not in self.measured)
+            return f"an estimate from the runs made on this machine ({self.runs} so far), for a model of this size"
+        typical = ", ".join(TITLES.get(name, name) for name in self.stages if name not in self.measured)
         if self.measured:
-            return ("an estimate: partly from the runs made on this machine, partly from typical rates "
-                    f"(for: {typical})")
-        return "a rough estimate from typical rates (of a two-core computer): no run was timed on this machine yet"
+            return ("an estimate partly from the runs made on this machine, partly from the rates of a typical "
+                    f"two-core computer for: {typical}")
+        return "a rough estimate from the rates of a typical two-core computer: no run was timed on this machine yet"
+
+    @property
+    def basis_sentence(self) -> str:
+        """`basis` as a sentence of its own (the stage titles in it keep their capitals)."""
+        return self.basis[:1].upper() + self.basis[1:] + "."
 
     def stage_fraction(self, stage: str, overall: float) -> float:
         """The share of `stage` done when the whole job (weighted by these seconds) is at `overall`."""
