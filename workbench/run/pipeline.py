@@ -127,8 +127,9 @@ def quantize_run(
 
 
 def converted_since(model: ResolvedModel, moment: float) -> bool:
-    """Whether `model` was converted to a folder (demo, GGUF) after `moment` (a time.time())."""
-    return model.info.kind in ("demo", "gguf") and (model.path / "config.json").stat().st_mtime >= moment
+    """Whether `model` was converted to a folder (demo, GGUF) after `moment` (a time.time()); a second
+    of slack for file systems that keep whole seconds."""
+    return model.info.kind in ("demo", "gguf") and (model.path / "config.json").stat().st_mtime > moment - 1.0
 
 
 def run_stages(settings: QuantSettings, *, built: bool | None = None) -> list[tuple[Stage, float]]:
