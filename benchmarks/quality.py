@@ -27,6 +27,7 @@ from workbench.quality.offgrid import build_offgrid_reference
 from workbench.run.pipeline import quantize_run
 from workbench.settings import PRESETS, QuantSettings
 from workbench.sources import cache_dir, demo_folder, resolve, weights_folder
+from workbench.units import format_size
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = {
@@ -115,11 +116,11 @@ def measure(name: str, model: str, candidate: Candidate, out: Path, args) -> dic
 
 def markdown(rows: list[dict]) -> str:
     texts = list(TEXTS)
-    header = "| candidate | MB | x smaller | bits/weight | " + " | ".join(
+    header = "| candidate | size | x smaller | bits/weight | " + " | ".join(
         f"{t} ppl +% | {t} top-1" for t in texts) + " | int4 tok/s (x original) | quantize s |"
     lines = [header, "|" + "---|" * (6 + 2 * len(texts))]
     for row in rows:
-        cells = [row["name"], f"{row['int4_bytes'] / 1e6:.1f}", f"{row['size_ratio']:.2f}",
+        cells = [row["name"], format_size(row["int4_bytes"]), f"{row['size_ratio']:.2f}",
                  f"{row['bits_per_weight']:.2f}"]
         for text in texts:
             quality = row["quality"].get(text)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,8 +17,12 @@ from ui.pages.quantize import QuantizePage
 from ui.pages.settings import SettingsPage
 from workbench.durations import rough_duration
 from workbench.run import rates
-from workbench.run.pipeline import estimate_run, quantize_run, run_stages
+from workbench.run.pipeline import estimate_run, quantize_run
+from workbench.run.rates import RunShape
 from workbench.settings import PRESETS, QuantSettings
+from workbench.sources import resolve
+
+from gguf_files import write_llama_gguf
 
 RTN = QuantSettings(method="rtn")
 JOB_TIMEOUT_MS = 180_000
@@ -31,24 +36,57 @@ def own_cache(tmp_path, monkeypatch):
 
 
 def test_a_finished_run_teaches_the_rates_its_estimates_use(own_cache, tiny_llama, tmp_path):
-    before = estimate_run(10**9, RTN)
+    model = resolve(str(tiny_llama))
+    shape = RunShape(RTN)  # the graph builder writes the tiny Llama
+    before = estimate_run(model, RTN, opens_model=True)
     assert before.basis.startswith("a rough estimate") and before.seconds == pytest.approx(
-        sum(rates.DEFAULT_RATES[stage.name] for stage, weight in run_stages(RTN) if weight))
+        sum(rates.DEFAULT_RATES[shape.key(name)] for name in before.stages) * model.info.parameters / 1e9
+        + rates.DEFAULT_REST_S)
     record = quantize_run(str(tiny_llama), tmp_path / "run", RTN)
-    known = json.loads(rates.rates_path().read_text())["machines"][rates.machine_id()]
+    known = rates.measured_rates()
     parameters = record.model.parameters
+    assert set(record.timings_s) == set(before.stages)  # the estimate counted the stages that ran, no others
     for stage, seconds in record.timings_s.items():
-        assert known[stage] == {"seconds_per_billion": pytest.approx(seconds / parameters * 1e9, rel=1e-3), "runs": 1}
-    after = estimate_run(parameters, RTN)
-    assert after.basis == "an estimate from the runs made on this machine"
-    assert after.seconds == pytest.approx(sum(record.timings_s.values()), rel=1e-3)
-    # A second run counts half: the rate follows the machine as it is now.
-    rates.remember({"int4": 4 * record.timings_s["int4"]}, parameters, RTN, None)
-    assert rates.measured_rates()["int4"]["seconds_per_billion"] == pytest.approx(
-        2.5 * record.timings_s["int4"] / parameters * 1e9, rel=1e-3)
-    # Data-free calibration and a calibration file are timed apart.
+        assert known[shape.key(stage)] == {"seconds_per_billion": pytest.approx(seconds / parameters * 1e9, rel=1e-3),
+                                           "runs": 1}
+    after = estimate_run(model, RTN, opens_model=True)
+    assert after.basis == "an estimate from the runs made on this machine (1 so far), for a model of this size"
+    assert after.seconds == pytest.approx(sum(record.timings_s.values()) + known[rates.REST]["seconds"], rel=1e-3)
+    # The app's Quantize step has the model open already: no time for opening it.
+    assert "model" not in estimate_run(model, RTN).stages
+
+
+def test_a_remembered_rate_changes_the_next_estimate(own_cache, tiny_llama):
+    model = resolve(str(tiny_llama))
+    shape = RunShape(RTN)
+    rates.remember({"int4": 10.0}, 10**9, shape)
+    assert estimate_run(model, RTN).stages["int4"] == pytest.approx(10.0 * model.info.parameters / 1e9)
+    # A step that became five times faster (a new version, a quieter machine): one run is enough.
+    rates.remember({"int4": 2.0}, 10**9, shape)
+    assert estimate_run(model, RTN).stages["int4"] == pytest.approx(2.0 * model.info.parameters / 1e9)
+    # A run a little off the remembered rate is noise: it moves the estimate half-way.
+    rates.remember({"int4": 2.5}, 10**9, shape)
+    assert rates.measured_rates()["int4:built"] == {"seconds_per_billion": 2.25, "runs": 3}
+
+
+def test_each_way_of_running_a_stage_is_timed_apart():
     gptq = QuantSettings(method="gptq")
-    assert rates.rate_key("calibration", gptq, None) != rates.rate_key("calibration", gptq, tmp_path / "text.txt")
+    built, exported = RunShape(gptq), RunShape(gptq, built=False)
+    assert built.key("export") != exported.key("export") and built.key("gptq") != exported.key("gptq")
+    assert built.key("measure") == exported.key("measure") != RunShape(gptq, original=False).key("measure")
+    assert RunShape(gptq, original=False).key("export") is None  # the builder writes no original then
+    # Data-free calibration and a calibration file are timed apart, per token of text.
+    assert built.key("calibration") != RunShape(gptq, Path("text.txt")).key("calibration")
+    longer = RunShape(QuantSettings(method="gptq", calibration_samples=64))
+    assert longer.work("calibration") == 2 * built.work("calibration") and longer.work("gptq") == 1.0
+
+
+def test_a_conversion_on_first_use_does_not_teach_the_model_stage(own_cache, tiny_llama, tmp_path):
+    gguf_file = write_llama_gguf(tiny_llama, tmp_path / "tiny.gguf")
+    quantize_run(str(gguf_file), tmp_path / "first", RTN)  # converts the GGUF file to a folder, then quantizes
+    assert "model" not in rates.measured_rates() and "int4:built" in rates.measured_rates()
+    quantize_run(str(gguf_file), tmp_path / "second", RTN)  # converted already: opening it is what is timed
+    assert rates.measured_rates()["model"]["runs"] == 1
 
 
 def test_remaining_time_follows_the_rates_then_the_stage_pace():
@@ -65,23 +103,23 @@ def test_info_json_estimates_every_preset(own_cache, tiny_llama):
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert set(data["estimates"]) == set(PRESETS)
+    model = resolve(str(tiny_llama))
     for name, figures in data["estimates"].items():
-        assert figures["seconds"] == round(estimate_run(data["parameters"], PRESETS[name].settings).seconds)
+        assert figures["seconds"] == round(estimate_run(model, PRESETS[name].settings, opens_model=True).seconds)
         assert "estimate" in figures["estimate"] and figures["peak_ram_bytes"] >= data["ram_bytes"]["run_int4"]
 
 
 def test_stage_bars_fill_and_the_time_left_comes_from_the_rates(own_cache, qtbot, tiny_llama, tmp_path):
     # This machine is said to export at a day per million parameters: the tiny model's export
     # alone is then expected to take hours, which only the rates can tell.
-    rates.remember({"export": 86400.0}, 10**6, RTN, None)
+    rates.remember({"export": 86400.0}, 10**6, RunShape(QuantSettings(method="awq"), built=False))
     window = MainWindow(tmp_path / "runs")
     qtbot.addWidget(window)
     window.show()
     window.page(ModelPage).load(str(tiny_llama))
     qtbot.waitUntil(lambda: not jobs.running() and window.session.model is not None, timeout=JOB_TIMEOUT_MS)
-    info = window.session.model.info
-    balanced = estimate_run(info.parameters, PRESETS["balanced"].settings)
-    assert f"Balanced: about {rough_duration(balanced.seconds)}" in window.page(ModelPage).time.text()
+    balanced = estimate_run(window.session.model, PRESETS["balanced"].settings)
+    assert f"Balanced: {rough_duration(balanced.seconds)}" in window.page(ModelPage).time.text()
     settings = window.page(SettingsPage)
     settings.advanced.set_open(True)
     # AWQ takes the optimum export, which reports its progress for a while even on the tiny model
@@ -89,7 +127,7 @@ def test_stage_bars_fill_and_the_time_left_comes_from_the_rates(own_cache, qtbot
     settings.method.setCurrentIndex(settings.method.findData("awq"))
     window.go(STEP_PAGES.index(QuantizePage))
     page = window.page(QuantizePage)
-    plan = estimate_run(window.session.model.info.parameters, window.session.settings)
+    plan = estimate_run(window.session.model, window.session.settings)
     assert plan.stages["export"] > 3600 and "partly from the runs made on this machine" in page.time_label.text()
 
     seen = []

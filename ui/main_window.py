@@ -44,7 +44,6 @@ NEEDS = {
     "model": ("model", "Choose a model first (step Model)."),
     "run": ("run_dir", "Quantize a model first, or open one of the earlier runs listed on the left."),
 }
-BUSY_REASON = "Quantizing is running: wait until it finishes, or cancel it."
 
 
 def run_title(run_dir: Path) -> str:
@@ -152,7 +151,6 @@ class MainWindow(QMainWindow):
             page.status.connect(self.statusBar().showMessage)
         self.session.model_changed.connect(self._update_steps)
         self.session.run_changed.connect(self._run_opened)
-        self.session.busy_changed.connect(self._busy_changed)
         self.session.runs_dir_changed.connect(self.refresh_runs)
 
         self.refresh_runs()
@@ -175,8 +173,6 @@ class MainWindow(QMainWindow):
     def unavailable(self, index: int) -> str | None:
         """Why step `index` cannot be opened now, in words; None when it can."""
         page = self.pages[index]
-        if page.sets_inputs and self.session.busy:
-            return BUSY_REASON
         if page.needs:
             attribute, reason = NEEDS[page.needs]
             if getattr(self.session, attribute) is None:
@@ -212,11 +208,6 @@ class MainWindow(QMainWindow):
             reason = blocker
             self.next_button.setVisible(False)
         self.hint.setText(reason or "")
-
-    def _busy_changed(self, busy: bool) -> None:
-        self.runs.setEnabled(not busy)
-        self.open_run_button.setEnabled(not busy and self.runs.currentItem() is not None)
-        self._update_steps()
 
     def refresh_runs(self) -> None:
         self.runs.clear()

@@ -35,7 +35,6 @@ class Session(QObject):
     calibration_changed = Signal()
     runs_dir_changed = Signal()
     run_changed = Signal()
-    busy_changed = Signal(bool)  # a quantization is running: the inputs must not change under it
 
     def __init__(self, runs_dir: Path):
         super().__init__()
@@ -50,7 +49,6 @@ class Session(QObject):
         self.calibration_problem: str | None = None  # a chosen file that cannot be used, and why
         self.run_dir: Path | None = None
         self.record: RunRecord | None = None
-        self.busy = False
 
     def set_model(self, model: ResolvedModel, facts: ModelFacts, trust_remote_code: bool = False) -> None:
         self.model, self.facts, self.trust_remote_code = model, facts, trust_remote_code
@@ -75,7 +73,3 @@ class Session(QObject):
     def set_run(self, run_dir: Path, record: RunRecord) -> None:
         self.run_dir, self.record = Path(run_dir), record
         self.run_changed.emit()
-
-    def set_busy(self, busy: bool) -> None:
-        self.busy = busy
-        self.busy_changed.emit(busy)

@@ -119,11 +119,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append(f"  INT4 {name:<10} {format_size(size)} ({fp32_onnx / size:.1f}x smaller)  {PRESETS[name].description}")
     data["estimates"] = {}
     for name, preset in PRESETS.items():
-        planned = estimate_run(info.parameters, preset.settings)
+        planned = estimate_run(model, preset.settings, opens_model=True)
         streamed = builder_reason(model, preset.settings) is None
         data["estimates"][name] = {"seconds": round(planned.seconds), "estimate": planned.basis,
                                    "peak_ram_bytes": quantize_peak_ram(info, preset.settings, streamed)}
-        lines.append(f"  time {name:<10} about {rough_duration(planned.seconds)} ({planned.basis})")
+        lines.append(f"  time {name:<10} {rough_duration(planned.seconds)} ({planned.basis})")
     free = ram["machine_available"]
     data["fit"] = {step: fit_verdict(ram[step], free) for step in ("shrink", "run_original", "run_int4")}
     lines += [

@@ -13,8 +13,8 @@ def human_duration(seconds: float) -> str:
 
 
 def rough_duration(seconds: float) -> str:
-    """An estimate in words as precise as it deserves: "under a minute", "23 min", "1 h 10 min"."""
+    """An estimate in words as precise as it deserves: "under a minute", "about 23 min", "about 1 h 10 min"."""
     if seconds < 60:
         return "under a minute"
     minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+    return f"about {minutes} min" if minutes < 60 else f"about {minutes // 60} h {minutes % 60:02d} min"

@@ -12,7 +12,6 @@ class Page(QWidget):
     title = ""
     purpose = ""  # one sentence: what this step is for
     needs = None  # "model" or "run": what must exist before the step can be opened
-    sets_inputs = False  # changes what a running quantization reads, so it is locked meanwhile
     changed = Signal()  # whether Next may be pressed may have changed
     status = Signal(str)  # a short message for the window's status bar
 

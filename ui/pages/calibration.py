@@ -43,7 +43,6 @@ class CalibrationPage(Page):
         "the model for, or let the model write its own."
     )
     needs = "model"
-    sets_inputs = True
 
     def __init__(self, session, parent=None):
         super().__init__(session, parent)

@@ -62,7 +62,6 @@ class ModelPage(Page):
         "Choose the language model to shrink; you will see how big it is now, after INT4, and whether it "
         "fits this computer."
     )
-    sets_inputs = True
 
     def __init__(self, session, parent=None):
         super().__init__(session, parent)
@@ -151,6 +150,7 @@ class ModelPage(Page):
         self.hub_id.returnPressed.connect(lambda: self.load(self.hub_id.text()))
         # A run made or opened since: an earlier problem opening a model no longer describes the state.
         session.run_changed.connect(self.problem.clear)
+        session.run_changed.connect(self._show_times)  # a finished run taught the rates the times come from
 
     def blocker(self) -> str | None:
         if self.jobs.running:
@@ -179,6 +179,16 @@ class ModelPage(Page):
         if path:
             self.load(path)
 
+    def _show_times(self, model: ResolvedModel | None = None) -> None:
+        model = model or self.session.model
+        if model is None:
+            return
+        plans = {name: estimate_run(model, preset.settings) for name, preset in PRESETS.items()}
+        self.time.setText(
+            "<br>".join(f"{PRESETS[name].title}: {rough_duration(plan.seconds)}" for name, plan in plans.items())
+            + f"<br><i>{plans[DEFAULT_PRESET].basis_sentence}</i>"
+        )
+
     def _opened(self, result: tuple[ResolvedModel, ModelFacts], trust_remote_code: bool) -> None:
         model, facts = result
         self._show(model, facts)
@@ -197,11 +207,7 @@ class ModelPage(Page):
                 for name, size in facts.preset_bytes.items()
             )
         )
-        plans = {name: estimate_run(info.parameters, preset.settings) for name, preset in PRESETS.items()}
-        self.time.setText(
-            "<br>".join(f"{PRESETS[name].title}: about {rough_duration(plan.seconds)}" for name, plan in plans.items())
-            + f"<br><i>{plans[DEFAULT_PRESET].basis.capitalize()}.</i>"
-        )
+        self._show_times(model)
         ram = facts.ram
         self.machine.setText(
             f"{format_size(ram['machine_total'])} of RAM, {format_size(ram['machine_available'])} free now"

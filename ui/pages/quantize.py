@@ -97,8 +97,8 @@ class StageRow:
 class QuantizePage(Page):
     title = "Quantize"
     purpose = (
-        "Make the INT4 copy of the model. The expected time is below. Meanwhile you can look at earlier runs; "
-        "the model and its settings stay as chosen until it ends."
+        "Make the INT4 copy of the model. The expected time is below. Meanwhile you can keep using the window: "
+        "look at earlier runs, or change steps 1–3 for the next run (a run keeps the choices it started with)."
     )
     needs = "model"
 
@@ -112,6 +112,7 @@ class QuantizePage(Page):
         self._stage, self._stage_began = None, 0.0
         self._name_edited = False
         self._last_logged = ""
+        self._running_choices: tuple | None = None  # what the running job was started with
 
         plan = QGroupBox("What will happen")
         form = QFormLayout(plan)
@@ -132,6 +133,8 @@ class QuantizePage(Page):
         folder_row.addWidget(self.folder_label, 1)
         folder_row.addWidget(self.folder_button)
         self.name_problem = InlineMessage()
+        self.next_note = InlineMessage()
+        form.addRow(self.next_note)
         form.addRow("Model", self.model_label)
         form.addRow("Settings", self.settings_label)
         form.addRow("Example text", self.calibration_label)
@@ -230,14 +233,25 @@ class QuantizePage(Page):
     def entered(self) -> None:
         self._refresh_plan()
 
+    def _choices(self) -> tuple:
+        session = self.session
+        return session.model, session.preset, session.settings, session.tune, session.calibration
+
     def _refresh_plan(self) -> None:
         session = self.session
+        if self._running_choices is not None:  # the plan shown is the running job's until it ends
+            if self._choices() != self._running_choices:
+                self.next_note.note("You changed steps 1–3 while this run goes on: it keeps the choices below, "
+                                    "and your new ones are used when you start the next run.")
+            else:
+                self.next_note.clear()
+            return
         self.folder_label.setText(str(session.runs_dir))
         if session.model is None:
             self.model_label.setText("none yet")
         else:
             info = session.model.info
-            self.model_label.setText(f"{info.name} ({format_size(info.fp32_bytes)} now)")
+            self.model_label.setText(f"{info.name} ({format_size(info.fp32_bytes)} of 32-bit weights)")
             if not self._name_edited and not self.jobs.running:
                 self.name.setText(default_run_name(session.runs_dir, info.name, self._run_kind()))
         self._describe_settings()
@@ -253,12 +267,12 @@ class QuantizePage(Page):
             self.time_label.setText(f"several runs: up to {len(CANDIDATES)} settings are tried")
         else:
             plan = self._estimate()
-            self.time_label.setText(f"about {rough_duration(plan.seconds)} ({plan.basis})")
+            self.time_label.setText(f"{rough_duration(plan.seconds)}\n{plan.basis_sentence}")
         self._check_name()
 
     def _estimate(self) -> Estimate:
         session = self.session
-        return estimate_run(session.model.info.parameters, session.settings, session.calibration)
+        return estimate_run(session.model, session.settings, session.calibration)
 
     def _describe_settings(self) -> None:
         session = self.session
@@ -322,6 +336,7 @@ class QuantizePage(Page):
         self.result.clear()
         self._began, self._fraction = time.monotonic(), 0.0
         self._plan = self._estimate() if session.tune is None else None
+        self._running_choices = self._choices()
         self._stage, self._stage_began = None, self._began
         self.overall.setValue(0)
         self._clock.start()
@@ -330,7 +345,6 @@ class QuantizePage(Page):
         self.cancel_button.setEnabled(True)
         self.name.setEnabled(False)
         self.folder_button.setEnabled(False)
-        session.set_busy(True)
         return self.jobs.start(job, done=self._finished, cancelled=self._cancelled)
 
     def cancel(self) -> None:
@@ -365,7 +379,7 @@ class QuantizePage(Page):
                 row.bar.setValue(round(done * 1000))
         self._fraction = event.fraction
         self.overall.setValue(round(event.fraction * 1000))
-        self.status.emit(f"Quantizing: {event.fraction:.0%}, {stage.title.lower()}")
+        self.status.emit(f"Quantizing: {event.fraction:.0%}. {stage.title}")
         self._log(f"{stage.title}: {event.message}")
 
     def _finish_row(self, row: StageRow) -> None:
@@ -386,7 +400,7 @@ class QuantizePage(Page):
             finished = [name for name, row in self.rows.items() if row.state == DONE]
             remaining = self._plan.remaining(finished, self._stage, self._plan.stage_fraction(self._stage, self._fraction),
                                              time.monotonic() - self._stage_began)
-            text += f" · about {rough_duration(remaining)} left"
+            text += f" · {rough_duration(remaining)} left"
         elif self._fraction >= MIN_FRACTION_FOR_ESTIMATE:
             remaining = elapsed * (1 - self._fraction) / self._fraction
             text += f" · about {human_duration(remaining)} left"
@@ -427,13 +441,8 @@ class QuantizePage(Page):
         self.cancel_button.setEnabled(False)
         self.name.setEnabled(True)
         self.folder_button.setEnabled(True)
-        self.session.set_busy(False)
         self.status.emit(self.times.text())
-        self._refresh_plan_after_run()
-
-    def _refresh_plan_after_run(self) -> None:
-        """A new default name (the old folder now exists), the rows kept as the run left them."""
-        session = self.session
-        if session.model is not None and not self._name_edited:
-            self.name.setText(default_run_name(session.runs_dir, session.model.info.name, self._run_kind()))
-        self._check_name()
+        # The choices made meanwhile, a new default name (the old folder now exists), the rows kept as the run left them.
+        self._running_choices = None
+        self.next_note.clear()
+        self._refresh_plan()

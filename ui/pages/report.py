@@ -253,9 +253,10 @@ class ReportPage(Page):
         qualities = record.quality
         self.quality.setVisible(bool(qualities))
         self.quality_note.setText(
-            f"Lower perplexity is better. The original was not run, so nothing is compared: {record.original.skipped}."
+            f"Less surprise (lower perplexity) is better. The original was not run, so nothing is compared: "
+            f"{record.original.skipped}."
             if qualities and record.original.skipped else
-            "Lower perplexity is better. " + scale_words()
+            "Less surprise (lower perplexity) is better. " + scale_words()
             if qualities else
             "Not measured yet. Choose “Measure quality on a text…” and pick a few pages of text like yours."
         )

@@ -100,7 +100,6 @@ class SettingsPage(Page):
         "setting to see what it means."
     )
     needs = "model"
-    sets_inputs = True
 
     def __init__(self, session, parent=None):
         super().__init__(session, parent)

@@ -42,12 +42,12 @@ METHODS: dict[str, Method] = {
         Method("hqq", "HQQ: fitted rounding, no example text", "HQQ", float_zero_points=True),
         Method(
             "gptq", "GPTQ: learns from example text (slower, best quality)", "GPTQ", calibrated=True, act_order=True,
-            stage=Stage("gptq", "GPTQ rounding", "GPTQ"), weight=8,
+            stage=Stage("gptq", "Round the weights carefully (GPTQ)", "GPTQ"), weight=8,
             function="workbench.quantization.gptq:quantize_with_settings",
         ),
         Method(
             "awq", "AWQ: protects what example text needs most", "AWQ", calibrated=True,
-            stage=Stage("awq", "AWQ scaling and rounding", "AWQ"), weight=4,
+            stage=Stage("awq", "Scale and round the weights (AWQ)", "AWQ"), weight=4,
             function="workbench.quantization.awq:quantize_with_settings",
         ),
     )

@@ -243,11 +243,13 @@ def pyplot():
     return plt
 
 
-def draw_memory_chart(path: Path, original: dict, int4: dict, title: str) -> None:
-    """Two panels (disk, RAM), each a stacked bar for original and INT4, one colour per component."""
+def draw_memory_chart(path: Path, original: dict, int4: dict, title: str) -> list[str]:
+    """Two panels (disk, RAM), each a stacked bar for original and INT4, one colour per component;
+    returns the totals written above the bars."""
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(9, 4.2), dpi=110)
     colours = ["#4c72b0", "#dd8452", "#55a868", "#8172b3", "#937860", "#bbbbbb"]
+    totals = []
     for axis, key, label in ((axes[0], "disk", "On disk"), (axes[1], "ram", "In RAM (measured peak)")):
         parts = list(dict.fromkeys([*original[key], *int4[key]]))
         bottoms = np.zeros(2)
@@ -258,7 +260,8 @@ def draw_memory_chart(path: Path, original: dict, int4: dict, title: str) -> Non
             axis.bar(["original", "INT4"], values, bottom=bottoms, color=colour, label=part, width=0.55)
             bottoms += values
         for x, total in enumerate(bottoms):  # an original not run has no RAM figure: say so, not "0 bytes"
-            axis.text(x, total, format_size(total * MIB) if total else "not run", ha="center", va="bottom", fontsize=9)
+            totals.append(format_size(total * MIB) if total else "not run")
+            axis.text(x, total, totals[-1], ha="center", va="bottom", fontsize=9)
         axis.set_title(label)
         axis.set_ylabel("MiB")
         axis.set_ylim(0, bottoms.max() * 1.15)
@@ -267,3 +270,4 @@ def draw_memory_chart(path: Path, original: dict, int4: dict, title: str) -> Non
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+    return totals

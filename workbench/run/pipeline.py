@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from workbench.jobs import (
 )
 from workbench.run.memory import graph_sizes, measure_session_memory, ram_components, run_disk_bytes
 from workbench.quantization.int4_graph import QuantizeResult, layer_plan, quantize_onnx, written_op_counts
-from workbench.run.rates import Estimate, estimate, remember, timed_weights
+from workbench.run.rates import Estimate, RunShape, estimate, remember
 from workbench.run.report import write_report
 from workbench.layout import INT4, ORIGINAL, folder_model_bytes
 from workbench.run import stages as stage
@@ -38,6 +39,7 @@ from workbench.run.streamed import (
     build_original,
     builder_reason,
     calibration_samples,
+    original_fits,
     quantize_streamed,
     skipped_original,
     streamable,
@@ -94,15 +96,22 @@ def quantize_run(
     run_dir = Path(run_dir)
     check_output_dir(run_dir, 0)  # before the (possibly long) model resolution
     calibrated = settings.needs_calibration
+    reads = calibration if calibrated else None
     # Each stage weighs what it takes on this machine, so the overall fraction is a share of the time.
-    stages = Stages(progress, timed_weights(run_stages(settings), settings, calibration if calibrated else None))
+    # A model still to open is taken to suit the graph builder until it is open.
+    if isinstance(spec, ResolvedModel):
+        plan = estimate_run(spec, settings, calibration)
+    else:
+        plan = estimate(10**9, RunShape(settings, reads, streamable(settings)),
+                        stage_names(settings, built=streamable(settings), opens_model=True))
+    stages = Stages(progress, [(s, plan.stages.get(s.name, 0.0)) for s, _ in run_stages(settings)])
+    opened, began = time.time(), time.perf_counter()
     model = resolve_model(spec, run_dir, stages, trust_remote_code, cancelled, settings)
     settings.check_patterns([w.name for w in model.info.weights])
     if calibration is not None and not calibrated:
         log.warning("%s does not use calibration data; %s is ignored", settings.method, calibration)
     with staged_dir(run_dir) as work:
-        source = prepare(model, work, stages, settings, calibration if calibrated else None, trust_remote_code,
-                         cancelled, original=original)
+        source = prepare(model, work, stages, settings, reads, trust_remote_code, cancelled, original=original)
         sensitivity = None
         if settings.sensitive_8bit_pct:
             measured = stages.run("sensitivity", lambda p: measure_layers(
@@ -113,28 +122,52 @@ def quantize_run(
         record = finish_run(work, stages, source, settings, result, cancelled,
                             preset=preset, extra={"sensitivity": sensitivity} if sensitivity else {})
     record = record.replace(run_dir=str(run_dir.absolute()))
-    remember(record.timings_s, record.model.parameters, settings, calibration if calibrated else None)
+    # Converting the demo or a GGUF file happens once: it would teach the model stage a time no later run takes.
+    timings = {name: seconds for name, seconds in record.timings_s.items()
+               if not (name == "model" and converted_since(model, opened))}
+    remember(timings, record.model.parameters,
+             RunShape(settings, reads, source.built, original=source.original_skipped is None),
+             rest_s=time.perf_counter() - began - sum(record.timings_s.values()))
     return record
 
 
-def run_stages(settings: QuantSettings) -> list[tuple[Stage, float]]:
-    """The stages of `quantize_run` for these settings, in order; weight 0: not run. What each weighs
-    is how long it takes on this machine (rates.timed_weights)."""
+def converted_since(model: ResolvedModel, moment: float) -> bool:
+    """Whether `model` was converted to a folder (demo, GGUF) after `moment` (a time.time()); a second
+    of slack for file systems that keep whole seconds."""
+    return model.info.kind in ("demo", "gguf") and (model.path / "config.json").stat().st_mtime > moment - 1.0
+
+
+def run_stages(settings: QuantSettings, *, built: bool | None = None) -> list[tuple[Stage, float]]:
+    """The stages of `quantize_run` for these settings, in order; weight 0: not run (`built`: the
+    graph builder writes the graphs, which fuses attention itself; None: wherever the settings allow).
+    What each weighs is how long it takes on this machine (estimate_run)."""
+    built = streamable(settings) if built is None else built
     return [
         (stage.MODEL, 1),
         (stage.EXPORT, 1),
         (stage.CALIBRATION, 1 if settings.needs_calibration else 0),
         (stage.SENSITIVITY, 1 if settings.sensitive_8bit_pct else 0),
         *method_stages(settings),
-        (stage.FUSE, 0 if streamable(settings) else 1),  # the graph builder writes attention fused
+        (stage.FUSE, 0 if built else 1),
         (stage.MEASURE, 1),
     ]
 
 
-def estimate_run(parameters: int, settings: QuantSettings, calibration: Path | None = None) -> Estimate:
-    """How long `quantize_run` should take here for a model of `parameters` (rates learnt on this machine)."""
+def stage_names(settings: QuantSettings, *, built: bool, opens_model: bool) -> list[str]:
+    """The stages a run goes through, by name; "model" only when the run opens the model itself."""
+    return [s.name for s, weight in run_stages(settings, built=built) if weight and (opens_model or s.name != "model")]
+
+
+def estimate_run(model: ResolvedModel, settings: QuantSettings, calibration: Path | None = None, *,
+                 opens_model: bool = False) -> Estimate:
+    """How long `quantize_run` should take here for `model` (rates learnt on this machine), counting
+    the stages it will go through: the graph builder's where it can write this model, no fp32
+    original where it would not run here, and opening the model only when `opens_model` (the CLI
+    opens it; the app's Quantize step has it open already)."""
     reads = calibration if settings.needs_calibration else None
-    return estimate(parameters, settings, reads, [s.name for s, weight in run_stages(settings) if weight])
+    built = builder_reason(model, settings) is None
+    shape = RunShape(settings, reads, built, original=not built or original_fits(model.info))
+    return estimate(model.info.parameters, shape, stage_names(settings, built=built, opens_model=opens_model))
 
 
 def method_stages(settings: QuantSettings) -> list[tuple[Stage, float]]:

@@ -2,9 +2,11 @@
 
 Every finished run leaves its stage timings, per billion parameters, in a small JSON file in the
 user's cache folder (rates.json, one entry per machine); estimates before a run, the pipeline's
-stage weights and the remaining time during a run all come from these rates. A stage never
-measured here takes a default rate, measured once on a busy two-core machine, and the estimate
-says so.
+stage weights and the remaining time during a run all come from these rates. A stage is timed
+apart for each way it can run (the graph builder or the PyTorch export; calibration text written
+by the model or read from a file, per calibration token), so a run of one kind does not teach
+the estimate of another. A stage never timed here takes a default rate, measured on a two-core
+machine, and the estimate says so.
 """
 
 from __future__ import annotations
@@ -19,35 +21,72 @@ from pathlib import Path
 
 import psutil
 
-from workbench.jobs import Stage
+from workbench.run import stages as stage_list
 from workbench.settings import QuantSettings
 from workbench.sources import cache_dir
 
 log = logging.getLogger(__name__)
 RATES_FILE = "rates.json"
-RATES_VERSION = 1
-# Seconds per billion parameters, from the demo model (SmolLM2-135M) on a busy two-core machine.
+RATES_VERSION = 2  # 1 had no separate keys for the graph builder's stages: its rates are not reused
+# Seconds per billion parameters on a two-core machine (x86-64, 24 GiB): the graph builder's stages
+# and "model", "calibration:written" and "measure" from the demo model (SmolLM2-135M), balanced
+# preset, on a quiet machine (2026-12-02); the PyTorch path's stages as measured earlier on a busy
+# one. Calibration rates are for CALIBRATION_TOKENS tokens of text.
 DEFAULT_RATES = {
-    "model": 80.0,
-    "export": 600.0,
-    "calibration:written": 6700.0,  # the model writes its own example text
+    "model": 29.4,
+    "export": 600.0,  # the PyTorch (optimum) export
+    "export:built": 6.8,  # the graph builder writes the fp32 original from the safetensors
+    "calibration:written": 387.5,  # the model writes its own example text
     "calibration:file": 40.0,
     "sensitivity": 1500.0,
-    "gptq": 2500.0,
+    "gptq": 2500.0,  # on the whole PyTorch model
+    "gptq:built": 319.6,  # one decoder layer at a time, for the graph builder
     "awq": 1500.0,
-    "int4": 50.0,
+    "int4": 50.0,  # the INT4 pass over the exported graph
+    "int4:built": 12.8,  # the graph builder writes the INT4 graph
     "fuse": 55.0,
-    "measure": 60.0,
+    "measure": 37.8,  # both models: sizes, and RAM of a real session each
+    "measure:int4": 5.7,  # the INT4 model alone (the original too large to write): an 8B shape, docs/scale.md
 }
-# A new measurement counts this much against what was remembered: recent runs speak for the machine now.
+# A run's time outside its stages (the run folder, run.json, report.md and memory.png), in seconds
+# whatever the model's size.
+REST = "rest"
+DEFAULT_REST_S = 2.0
+BUILT_STAGES = ("export", "gptq", "int4")  # the stages the graph builder does its own way
+# The calibration rates are per this many tokens (the presets' 32 samples of 256 tokens): the
+# time to write or read the text grows with its length.
+CALIBRATION_TOKENS = 32 * 256
+# A new timing within this factor of the remembered one is averaged with it (half each), so one
+# noisy run moves the estimate only half-way; further off, the machine or the workbench changed
+# (another load, a faster step in a new version) and the new timing replaces the old at once.
+STEADY_FACTOR = 1.5
 NEW_WEIGHT = 0.5
+TITLES = {stage.name: stage.title for stage in stage_list.ALL}
 
 
-def rate_key(stage: str, settings: QuantSettings, calibration: Path | None) -> str:
-    """The rate a stage is timed by: data-free calibration is a different job from reading a file."""
-    if stage == "calibration":
-        return "calibration:file" if calibration is not None else "calibration:written"
-    return stage
+@dataclass(frozen=True)
+class RunShape:
+    """What decides how long each stage of a run takes, besides the model's size."""
+
+    settings: QuantSettings
+    calibration: Path | None = None  # a calibration file read (None: the model writes its own, or none is used)
+    built: bool = True  # the graph builder writes the graphs (workbench.run.streamed)
+    original: bool = True  # the fp32 original is written and measured (skipped when too large to run here)
+
+    def key(self, stage: str) -> str | None:
+        """The rate `stage` is timed by in a run of this shape; None when it does nothing worth timing
+        (the builder's export when the original is not written)."""
+        if stage == "export" and self.built and not self.original:
+            return None
+        if stage == "calibration":
+            return "calibration:file" if self.calibration is not None else "calibration:written"
+        if stage == "measure" and not self.original:
+            return "measure:int4"
+        return f"{stage}:built" if self.built and stage in BUILT_STAGES else stage
+
+    def work(self, stage: str) -> float:
+        """How much more work `stage` is than its rate stands for (the calibration text's length)."""
+        return self.settings.calibration_token_count / CALIBRATION_TOKENS if stage == "calibration" else 1.0
 
 
 def machine_id() -> str:
@@ -74,20 +113,21 @@ def measured_rates() -> dict[str, dict]:
     return _read().get("machines", {}).get(machine_id(), {})
 
 
-def remember(timings_s: dict[str, float], parameters: int, settings: QuantSettings, calibration: Path | None) -> None:
-    """Fold a finished run's stage timings into this machine's rates (a write failure is only logged)."""
+def remember(timings_s: dict[str, float], parameters: int, shape: RunShape, rest_s: float | None = None) -> None:
+    """Fold a finished run's stage timings, and the seconds it spent outside its stages (`rest_s`:
+    the run folder, the report), into this machine's rates (a write failure is only logged).
+
+    Leave out of `timings_s` a stage that did something no later run repeats (converting the demo
+    or a GGUF file on first use)."""
     data = _read() or {"version": RATES_VERSION, "machines": {}}
     rates = data["machines"].setdefault(machine_id(), {})
     billions = parameters / 1e9
     for stage, seconds in timings_s.items():
-        if billions <= 0 or stage not in {k.partition(":")[0] for k in DEFAULT_RATES}:
-            continue
-        key = rate_key(stage, settings, calibration)
-        rate = seconds / billions
-        known = rates.get(key)
-        if known:
-            rate = (1 - NEW_WEIGHT) * known["seconds_per_billion"] + NEW_WEIGHT * rate
-        rates[key] = {"seconds_per_billion": round(rate, 3), "runs": (known or {}).get("runs", 0) + 1}
+        key = shape.key(stage)
+        if billions > 0 and key in DEFAULT_RATES:
+            rates[key] = _folded(rates.get(key), "seconds_per_billion", seconds / billions / shape.work(stage))
+    if rest_s is not None:
+        rates[REST] = _folded(rates.get(REST), "seconds", rest_s)
     path = rates_path()
     temporary = path.with_suffix(".partial")
     try:
@@ -98,29 +138,45 @@ def remember(timings_s: dict[str, float], parameters: int, settings: QuantSettin
         log.warning("cannot remember the stage timings in %s: %s", path, error)
 
 
+def _folded(known: dict | None, unit: str, value: float) -> dict:
+    """A remembered rate with a new measurement folded in (see STEADY_FACTOR)."""
+    if known and 1 / STEADY_FACTOR <= value / max(known[unit], 1e-9) <= STEADY_FACTOR:
+        value = (1 - NEW_WEIGHT) * known[unit] + NEW_WEIGHT * value
+    return {unit: round(value, 3), "runs": (known or {}).get("runs", 0) + 1}
+
+
 @dataclass(frozen=True)
 class Estimate:
     """Seconds per stage before a run, and whether each comes from this machine's own runs."""
 
     stages: dict[str, float]
     measured: frozenset[str] = field(default_factory=frozenset)  # the stages timed here before
+    runs: int = 0  # the most runs any of the measured rates comes from
+    rest: float = 0.0  # seconds outside the stages (the report), after them
 
     @property
     def seconds(self) -> float:
-        return sum(self.stages.values())
+        return sum(self.stages.values()) + self.rest
 
     @property
     def basis(self) -> str:
         """Where the figure comes from, in words (it is always an estimate)."""
         if self.measured and self.measured >= set(self.stages):
-            return "an estimate from the runs made on this machine"
+            return f"an estimate from the runs made on this machine ({self.runs} so far), for a model of this size"
+        typical = ", ".join(TITLES.get(name, name) for name in self.stages if name not in self.measured)
         if self.measured:
-            return "an estimate: partly from the runs made on this machine, partly from typical rates"
-        return "a rough estimate from typical rates: no run was timed on this machine yet"
+            return ("an estimate partly from the runs made on this machine, partly from the rates of a typical "
+                    f"two-core computer for: {typical}")
+        return "a rough estimate from the rates of a typical two-core computer: no run was timed on this machine yet"
+
+    @property
+    def basis_sentence(self) -> str:
+        """`basis` as a sentence of its own (the stage titles in it keep their capitals)."""
+        return self.basis[:1].upper() + self.basis[1:] + "."
 
     def stage_fraction(self, stage: str, overall: float) -> float:
         """The share of `stage` done when the whole job (weighted by these seconds) is at `overall`."""
-        total = self.seconds or 1.0
+        total = sum(self.stages.values()) or 1.0
         start = 0.0
         for name, seconds in self.stages.items():
             if name == stage:
@@ -130,9 +186,9 @@ class Estimate:
 
     def remaining(self, done: Iterable[str], current: str | None, fraction: float, elapsed: float) -> float:
         """Seconds left: the current stage's rest (from its own pace once a tenth is done, else its
-        estimate) plus every stage not started yet."""
+        estimate) plus every stage not started yet, and the time after them."""
         done = set(done)
-        left = 0.0
+        left = self.rest
         for stage, seconds in self.stages.items():
             if stage in done:
                 continue
@@ -150,27 +206,18 @@ class Estimate:
 STAGE_PACE_FRACTION = 0.1
 
 
-def timed_weights(
-    weights: Sequence[tuple[Stage, float]], settings: QuantSettings, calibration: Path | None
-) -> list[tuple[Stage, float]]:
-    """A job's stage weights as the seconds per billion parameters each takes here (0 stays 0: not run).
-
-    Every stage's time grows with the model's size alike, so these weights hold for any model."""
-    rates = measured_rates()
-    return [(stage, _rate(rates, rate_key(stage.name, settings, calibration)) if weight else 0.0)
-            for stage, weight in weights]
-
-
 def _rate(rates: dict, key: str) -> float:
     known = rates.get(key)
-    return known["seconds_per_billion"] if known else DEFAULT_RATES.get(key, 0.0)
+    return known["seconds_per_billion"] if known else DEFAULT_RATES[key]
 
 
-def estimate(parameters: int, settings: QuantSettings, calibration: Path | None, stages: Sequence[str]) -> Estimate:
-    """How long each of `stages` should take for a model of `parameters` with these settings."""
+def estimate(parameters: int, shape: RunShape, stages: Sequence[str]) -> Estimate:
+    """How long each of `stages` should take for a model of `parameters` in a run of this shape."""
     rates = measured_rates()
-    keys = {stage: rate_key(stage, settings, calibration) for stage in stages}
+    keys = {stage: shape.key(stage) for stage in stages if shape.key(stage)}
     return Estimate(
-        {stage: _rate(rates, key) * parameters / 1e9 for stage, key in keys.items()},
+        {stage: _rate(rates, key) * shape.work(stage) * parameters / 1e9 for stage, key in keys.items()},
         frozenset(stage for stage, key in keys.items() if key in rates),
+        max((rates[key]["runs"] for key in keys.values() if key in rates), default=0),
+        rates[REST]["seconds"] if REST in rates else DEFAULT_REST_S,
     )

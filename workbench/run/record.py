@@ -74,6 +74,9 @@ class RunSource:
         return dataclasses.asdict(self)
 
 
+FILE_STRUCTURE = "graph and padding"  # the part of a model's files that is not tensors
+
+
 @dataclass(frozen=True)
 class ModelFigures:
     """One model of the run (original or INT4) as measured: sizes per component, peak RAM of a session."""
@@ -83,6 +86,13 @@ class ModelFigures:
     ram_components: dict[str, int]
     peak_rss_bytes: int | None  # None when the model was not run (`skipped`)
     skipped: str | None = None  # why the original was not written here (too large to run on this machine)
+
+    @property
+    def disk_parts(self) -> dict[str, int]:
+        """The size on disk per component, adding up to `bytes` (the files as measured): the components
+        count the tensors only, so the graph itself and the files' padding are one more part."""
+        rest = self.bytes - sum(self.components.values())
+        return {**self.components, FILE_STRUCTURE: rest} if rest > 0 else dict(self.components)
 
     def to_dict(self) -> dict:
         data = {"bytes": self.bytes, "components": self.components, "ram_components": self.ram_components,

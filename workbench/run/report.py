@@ -9,24 +9,28 @@ from workbench.layout import CHART_FILE, REPORT_FILE, TUNE_CHART_FILE
 from workbench.run.folders import load_run, save_run, write_failed
 from workbench.run.memory import draw_memory_chart, pyplot
 from workbench.run.record import RunRecord
-from workbench.run.wording import render_report
+from workbench.run.wording import part_words, render_report
 from workbench.units import MIB
 
 
 def write_report(run_dir: Path, record: RunRecord) -> None:
     try:
-        draw_memory_chart(
-            run_dir / CHART_FILE,
-            {"disk": record.original.components, "ram": record.original.ram_components},
-            {"disk": record.int4.components, "ram": record.int4.ram_components},
-            f"{record.source.name}: {record.size_ratio:.1f}x smaller on disk, "
-            + (f"{record.ram_ratio:.1f}x less RAM" if record.ram_ratio else "original not run"),
-        )
+        draw_memory_chart(run_dir / CHART_FILE, *memory_chart(record))
         if record.tune is not None:
             draw_tune_chart(run_dir / TUNE_CHART_FILE, record.tune)
         (run_dir / REPORT_FILE).write_text(render_report(record), encoding="utf-8")
     except OSError as error:
         raise write_failed(error, Path(error.filename or run_dir)) from error
+
+
+def memory_chart(record: RunRecord) -> tuple[dict, dict, str]:
+    """memory.png's figures: disk (adding up to the measured files) and RAM per component of both models, and its title."""
+    return (
+        {"disk": part_words(record.original.disk_parts), "ram": part_words(record.original.ram_components)},
+        {"disk": part_words(record.int4.disk_parts), "ram": part_words(record.int4.ram_components)},
+        f"{record.source.name}: {record.size_ratio:.1f}x smaller on disk, "
+        + (f"{record.ram_ratio:.1f}x less RAM" if record.ram_ratio else "original not run"),
+    )
 
 
 def draw_tune_chart(path: Path, tune: dict) -> None:

@@ -36,6 +36,7 @@ from workbench.run.memory import (
 )
 from workbench.settings import QuantSettings
 from workbench.sources import ModelInfo, ResolvedModel
+from workbench.units import format_size
 
 log = logging.getLogger(__name__)
 STREAMED_METHODS = ("rtn", "hqq", "gptq")
@@ -54,17 +55,22 @@ def builder_reason(model: ResolvedModel, settings: QuantSettings) -> str | None:
     return supports(model.path, model.info.model_type)
 
 
+def original_fits(info: ModelInfo) -> bool:
+    """Whether the fp32 original would run in this machine's free memory (else it is not written)."""
+    return fit_verdict(run_original_ram(info), psutil.virtual_memory().available) != NO_FIT
+
+
 def original_skip_reason(info: ModelInfo, dest: Path, settings: QuantSettings) -> str | None:
     """Why the fp32 original is not written here: it would not run in this machine's free memory, or not fit
     on its disk next to what the INT4 side needs; None when it is written."""
     needed = run_original_ram(info)
     available = psutil.virtual_memory().available
-    if fit_verdict(needed, available) == NO_FIT:
-        return (f"the fp32 original needs about {needed / 2**30:.1f} GiB of RAM to run and {available / 2**30:.1f} "
-                "GiB are free, so it was not written; the INT4 model is measured alone")
+    if not original_fits(info):
+        return (f"the fp32 original needs about {format_size(needed)} of RAM to run and {format_size(available)} "
+                "are free, so it was not written; the INT4 model is measured alone")
     free = shutil.disk_usage(dest.parent).free
     if free < 1.05 * info.fp32_bytes + run_disk_bytes(info, settings, streamed=True):
-        return (f"the fp32 original takes {info.fp32_bytes / 2**30:.1f} GiB and {free / 2**30:.1f} GiB of disk "
+        return (f"the fp32 original takes {format_size(info.fp32_bytes)} and {format_size(free)} of disk "
                 "are free, so it was not written; the INT4 model is measured alone")
     return None
 

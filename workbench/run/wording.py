@@ -81,6 +81,16 @@ def tune_lines(record: RunRecord) -> list[str]:
     return lines
 
 
+# The parts of a model as memory.png and report.md name them (run.json keeps the short keys).
+PART_WORDS = {"lm_head": "output layer (lm_head)", "other": "norms and the rest", "runtime": "working memory",
+              "python + onnxruntime": "Python and ONNX Runtime"}
+
+
+def part_words(parts: dict[str, int]) -> dict[str, int]:
+    """`parts` with plain names."""
+    return {PART_WORDS.get(name, name): size for name, size in parts.items()}
+
+
 def figure_rows(record: RunRecord) -> dict[str, tuple[str, str, str]]:
     """The Report step's table: original, INT4 and the change, for disk, RAM and bits per weight."""
     original, int4 = record.original, record.int4
@@ -88,8 +98,16 @@ def figure_rows(record: RunRecord) -> dict[str, tuple[str, str, str]]:
         "disk": (format_size(original.bytes), format_size(int4.bytes), f"{record.size_ratio:.1f}x smaller"),
         "ram": (ram_text(original.peak_rss_bytes), format_size(int4.peak_rss_bytes),
                 f"{record.ram_ratio:.1f}x less" if record.ram_ratio else "original not run"),
-        "bits": ("32", f"{record.bits_per_weight:.1f}", ""),
+        "bits": ("32", f"{record.bits_per_weight:.1f}", _bits_note(record)),
     }
+
+
+def _bits_note(record: RunRecord) -> str:
+    """Why an INT4 model averages more than 4 bits per number."""
+    kept = set(record.int4_layers.values())
+    larger = " or ".join(words for bits, words in ((8, "at 8 bits"), (None, "unshrunk")) if bits in kept)
+    return f"4 bits each, plus a scale per {record.settings.block_size} numbers" + (
+        f", and some layers kept {larger}" if larger else "")
 
 
 def quality_cells(quality: QualityResult) -> tuple[str, ...]:
@@ -276,11 +294,10 @@ def render_report(record: RunRecord) -> str:
         "|---|---:|---:|",
         f"| model on disk | {format_size(original.bytes)} | {format_size(int4.bytes)} |",
     ]
-    for component in original.components:
-        lines.append(
-            f"| &nbsp;&nbsp;{component} | {format_size(original.components[component])} | "
-            f"{format_size(int4.components[component])} |"
-        )
+    disk = {"original": original.disk_parts, "int4": int4.disk_parts}
+    for component in dict.fromkeys([*disk["original"], *disk["int4"]]):
+        lines.append(f"| &nbsp;&nbsp;{PART_WORDS.get(component, component)} | {format_size(disk['original'].get(component, 0))} | "
+                     f"{format_size(disk['int4'].get(component, 0))} |")
     lines += [
         f"| peak RAM (measured) | {ram_text(original.peak_rss_bytes)} | {format_size(int4.peak_rss_bytes)} |",
         "",
