@@ -138,7 +138,7 @@ class DecoderBuilder:
         self.check()
         config = self.config
         graph = helper.make_graph([], "decoder", self.graph_inputs(), self.graph_outputs())
-        shared = shared_inputs(graph)  # seqlens_k, total length, padding bias: from attention_mask
+        shared = shared_inputs(graph)  # seqlens_k and total length, from attention_mask
         self.nodes.extend(shared["nodes"])
         self.add(graph.initializer)
         cos, sin = rotary_caches(config)
@@ -220,7 +220,7 @@ class DecoderBuilder:
         attention = self.node(
             "GroupQueryAttention",
             [q, k, v, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", shared["seqlens_k"],
-             shared["total_length"], "gqa_cos_cache", "gqa_sin_cache", "", shared["bias"]],
+             shared["total_length"], "gqa_cos_cache", "gqa_sin_cache"],
             f"{scope}/self_attn/GroupQueryAttention", outputs=(f"present.{layer}.key", f"present.{layer}.value"),
             domain=MS_DOMAIN, num_heads=self.heads,
             kv_num_heads=self.kv_heads, do_rotary=int(self.rotary(layer)), rotary_interleaved=0,
