@@ -225,9 +225,10 @@ def card_section(target: str) -> list[str]:
         f"`--host 0.0.0.0` also needs `--api-key KEY` (or ${API_KEY_ENV}), which every request must then send "
         "as `Authorization: Bearer KEY`.",
         "",
-        "A request answered alone gets exactly `run.py`'s greedy text. Batched with others its arithmetic "
-        "changes by rounding; where the model quantizes activations to 8 bits that can now and then change a "
-        "nearly tied word (as in other batching servers). `--parallel 1` always gives `run.py`'s text.",
+        "Each request gets `run.py`'s greedy text, batched with others or not: every answer in the batch is "
+        "computed at its own positions (its logits were equal to the bit in INT4 Workbench's tests on x86 CPUs; "
+        "another CPU's kernels could round a batched row differently, and `--parallel 1` still gives `run.py`'s "
+        "text then).",
         "",
         "### More replicas: Ray Serve",
         "",
