@@ -12,10 +12,8 @@ BUNDLE is a runner bundle (`int4-workbench bundle RUN -o BUNDLE`). The server (`
   disconnecting early. Every answer that was not abandoned must come back complete (finish reason,
   [DONE], the token count asked for or an end of text): otherwise it is `lost`. Its text is compared
   with the greedy answer of the same prompt decoded alone (the bundle's engine in this process):
-  `exact` or `differs`. On a graph with float activations (quantize with --accuracy-level 0) a
-  batched row gives the single-stream text exactly, so `differs` must be 0; with int8 activations
-  (level 4, the default) a padded row's rounding can change a word (engine.Batch) and `differs`
-  measures how often.
+  `exact` or `differs`. A batched row is decoded at its own positions (engine.Batch) and gives the
+  single-stream text, with int8 activations (accuracy level 4, the default) too: `differs` must be 0.
 - Peak RSS of the server process (and any children), sampled every 0.25 s.
 
 One JSON object on stdout.

@@ -7,9 +7,10 @@ time dispatching those nodes than multiplying weights. The pass keeps the model'
 projection node as it is, so it runs on the fp32 and the INT4 graph alike, before or after
 quantization, and name-based layer mapping keeps working.
 
-Rotary positions inside GroupQueryAttention count from the first column of the attention mask;
-for a left-padded row that shifts every position by the padding, which rotary attention does not
-see (it depends only on position differences). Padding is masked with an additive bias.
+GroupQueryAttention takes each row's length from the attention mask (the count of its ones, as
+onnxruntime-genai's graphs do): the rows of a batch are right-padded, every row's tokens sit at
+their real positions in the KV buffer and rotary embedding uses those positions. Columns past a
+row's length are masked with an additive bias.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from workbench.generation.engine import FUSED_KEY, FUSED_VALUE, LOGITS_TO_KEEP
 log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inverse frequencies fixed in advance
-PAD_BIAS = -1e9  # finite: a row of padding only attends to padding and must not turn into NaN
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def _rewrite(model: onnx.ModelProto, config) -> None:
         output = f"{scope}GroupQueryAttention_output_0"
         attention_nodes[entry[0].name] = helper.make_node(
             "GroupQueryAttention",
-            [q, k, v, *past, shared["seqlens_k"], shared["total_length"], "gqa_cos_cache", "gqa_sin_cache", "", shared["bias"]],
+            [q, k, v, *past, shared["seqlens_k"], shared["total_length"], "gqa_cos_cache", "gqa_sin_cache"],
             [output, *present],
             name=f"{scope}GroupQueryAttention",
             domain=MS_DOMAIN,
@@ -217,68 +217,26 @@ def _scope_output(nodes, produced_by, scope: str) -> str:
 
 
 def shared_inputs(graph: onnx.GraphProto) -> dict:
-    """seqlens_k, total length and the padding bias, computed once from the attention mask."""
+    """seqlens_k (each row's length - 1) and the total length, computed once from the attention mask."""
     prefix = "/model/gqa_inputs/"
-    constants = {
-        "one": np.array(1, np.int64),
-        "zero_axis": np.array([0], np.int64),
-        "one_axis": np.array([1], np.int64),
-        "bias_axes": np.array([1, 2], np.int64),
-        "pad_bias": np.array(PAD_BIAS, np.float32),
-        "one_float": np.array(1.0, np.float32),
-    }
+    constants = {"one": np.array(1, np.int64), "one_axis": np.array([1], np.int64)}
     graph.initializer.extend(numpy_helper.from_array(v, f"{prefix}{k}") for k, v in constants.items())
     c = {k: f"{prefix}{k}" for k in constants}
 
     def node(op, inputs, name, **attrs):
         return helper.make_node(op, inputs, [f"{prefix}{name}"], name=f"{prefix}{name}", **attrs)
 
+    # Each row's own length: a batch's rows are right-padded, each at its real positions.
     nodes = [
         node("Shape", ["attention_mask"], "mask_shape"),
         node("Gather", [f"{prefix}mask_shape", c["one"]], "total", axis=0),
-        node("Gather", [f"{prefix}mask_shape", c["zero_axis"]], "batch", axis=0),
         node("Cast", [f"{prefix}total"], "total_length", to=TensorProto.INT32),
-        node("Sub", [f"{prefix}total", c["one"]], "last"),
-        node("Expand", [f"{prefix}last", f"{prefix}batch"], "last_per_row"),
+        node("ReduceSum", ["attention_mask", c["one_axis"]], "lengths", keepdims=0),
+        node("Sub", [f"{prefix}lengths", c["one"]], "last_per_row"),
         node("Cast", [f"{prefix}last_per_row"], "seqlens_k", to=TensorProto.INT32),
-        # (batch, total) mask -> (batch, 1, sequence, total) additive bias
-        node("Shape", ["input_ids"], "ids_shape"),
-        node("Gather", [f"{prefix}ids_shape", c["one_axis"]], "sequence", axis=0),
-        node("Concat", [f"{prefix}batch", c["one_axis"], f"{prefix}sequence", f"{prefix}total_1d"], "bias_shape", axis=0),
-        node("Unsqueeze", [f"{prefix}total", c["zero_axis"]], "total_1d"),
-        node("Cast", ["attention_mask"], "mask_float", to=TensorProto.FLOAT),
-        node("Sub", [c["one_float"], f"{prefix}mask_float"], "padding"),
-        node("Mul", [f"{prefix}padding", c["pad_bias"]], "bias_2d"),
-        node("Unsqueeze", [f"{prefix}bias_2d", c["bias_axes"]], "bias_4d"),
-        node("Expand", [f"{prefix}bias_4d", f"{prefix}bias_shape"], "bias"),
     ]
-    return {
-        "nodes": _topological(nodes),
-        "seqlens_k": f"{prefix}seqlens_k",
-        "total_length": f"{prefix}total_length",
-        "total": f"{prefix}total",  # int64 scalar
-        "sequence": f"{prefix}sequence",  # int64, shape (1,)
-        "batch": f"{prefix}batch",  # int64, shape (1,)
-        "bias": f"{prefix}bias",
-    }
-
-
-def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    produced = {o: n for n in nodes for o in n.output}
-    ordered, seen = [], set()
-
-    def visit(node):
-        if node.name in seen:
-            return
-        seen.add(node.name)
-        for name in node.input:
-            if name in produced:
-                visit(produced[name])
-        ordered.append(node)
-
-    for node in nodes:
-        visit(node)
-    return ordered
+    return {"nodes": nodes, "seqlens_k": f"{prefix}seqlens_k", "total_length": f"{prefix}total_length",
+            "total": f"{prefix}total", "lengths": f"{prefix}lengths"}  # int64: a scalar, and (batch,)
 
 
 def _live(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:

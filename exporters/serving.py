@@ -25,6 +25,8 @@ from workbench.jobs import Cancelled, Progress, check, never_cancelled, no_progr
 log = logging.getLogger(__name__)
 RAY_REQUIREMENTS_FILE = "requirements-ray.txt"
 RAY_PACKAGE = "ray[serve]"
+RAY_CONFIG_FILE = "serve_config.yaml"  # the ray-serve target's Ray Serve config (`serve run serve_config.yaml`)
+RAY_APP = "int4-workbench"  # the application's name in Ray Serve (ray_serve.APP_NAME)
 API_KEY_ENV = "INT4_SERVE_API_KEY"  # serve.py's name for it (the bundle cannot import the workbench)
 READY = "Serving "  # the line serve.py prints once it listens
 START_TIMEOUT_S = 120
@@ -104,6 +106,50 @@ def start_server(bundle: Path, *, host: str = "127.0.0.1", port: int = 8000, api
     return LocalServer(process, url, model, api_key)
 
 
+@dataclass(frozen=True)
+class RayScale:
+    """How many replicas the ray-serve target's application runs: `replicas`, or autoscaling between bounds."""
+
+    replicas: int = 1
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    parallel: int = 8  # answers decoded together in one replica
+
+    def app_args(self) -> dict[str, int]:
+        """ray_serve.app's arguments; raises WorkbenchError with what to change."""
+        if self.replicas < 1 or self.parallel < 1:
+            raise WorkbenchError(f"Replicas and --parallel must be at least 1, not {self.replicas} and {self.parallel}.")
+        if self.min_replicas is None and self.max_replicas is None:
+            return {"replicas": self.replicas, "parallel": self.parallel}
+        low = self.min_replicas or 1
+        high = self.max_replicas or max(low, self.replicas)
+        if not 1 <= low <= high:
+            raise WorkbenchError(f"Autoscaling needs 1 <= --min-replicas <= --max-replicas, not {low} and {high}.")
+        return {"min_replicas": low, "max_replicas": high, "parallel": self.parallel}
+
+
+def ray_serve_config(scale: RayScale, port: int = 8000) -> str:
+    """serve_config.yaml: Ray Serve's own config file for the bundle's application (ray_serve:app)."""
+    args = "".join(f"    {key}: {value}\n" for key, value in scale.app_args().items())
+    return (
+        "# Ray Serve config of this bundle's OpenAI server (ray_serve.py). In this folder:\n"
+        f"#   serve run {RAY_CONFIG_FILE}                      # this machine: starts a local Ray\n"
+        f"#   serve run {RAY_CONFIG_FILE} --address auto       # on a node of an existing Ray cluster\n"
+        "# `args` are ray_serve.app's: replicas, or min_replicas and max_replicas (autoscaling), parallel, queue,\n"
+        "# threads, max_prompt_tokens, max_tokens_limit. A host other than 127.0.0.1 needs $INT4_SERVE_API_KEY set.\n"
+        "proxy_location: HeadOnly\n"
+        "http_options:\n"
+        "  host: 127.0.0.1\n"
+        f"  port: {port}\n"
+        "applications:\n"
+        f"- name: {RAY_APP}\n"
+        "  route_prefix: /\n"
+        "  import_path: ray_serve:app\n"
+        "  args:\n"
+        f"{args}"
+    )
+
+
 def ray_requirements() -> str:
     """requirements-ray.txt: the Ray Serve version the app was checked with, if installed here."""
     import importlib.metadata
@@ -120,6 +166,32 @@ def ray_requirements() -> str:
 
 def card_section(target: str) -> list[str]:
     """The model card's lines on serving the model to other programs."""
+    if target == "ray-serve":
+        return [
+            "",
+            "## Serve it on Ray Serve",
+            "",
+            f"{RAY_CONFIG_FILE} is a Ray Serve config: this bundle's OpenAI server (ray_serve.py, the same engine "
+            "and continuous batching as `python run.py --serve`) in replicas behind Ray's HTTP proxy, with the "
+            "replicas or autoscaling bounds given when the bundle was made (its `args`; edit them there).",
+            "",
+            "On a laptop, in this folder (starts a local Ray; answers on http://127.0.0.1:8000/v1):",
+            "",
+            "```",
+            f"pip install -r requirements.txt -r {RAY_REQUIREMENTS_FILE}",
+            f"serve run {RAY_CONFIG_FILE}",
+            "curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
+            "    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'",
+            "```",
+            "",
+            "On an existing Ray cluster: put this folder at the same path on every node (a shared disk, or a copy), "
+            f"install both requirement files there, and on a node of the cluster run `serve run {RAY_CONFIG_FILE} "
+            "--address auto` in this folder (`--non-blocking` returns once it is deployed). The proxy listens on "
+            "127.0.0.1 unless `http_options.host` says otherwise; before opening it to other machines set "
+            f"${API_KEY_ENV} where the application is built (the shell of `serve run` for a local Ray; on a cluster, "
+            "the nodes' environment before `ray start`): every request must then send `Authorization: Bearer KEY`. "
+            "Ray is needed only for this: `python run.py` and `python run.py --serve` run without it.",
+        ] + card_section("runner")
     if target == "triton":
         return [
             "",
@@ -153,9 +225,10 @@ def card_section(target: str) -> list[str]:
         f"`--host 0.0.0.0` also needs `--api-key KEY` (or ${API_KEY_ENV}), which every request must then send "
         "as `Authorization: Bearer KEY`.",
         "",
-        "A request answered alone gets exactly `run.py`'s greedy text. Batched with others its arithmetic "
-        "changes by rounding; where the model quantizes activations to 8 bits that can now and then change a "
-        "nearly tied word (as in other batching servers). `--parallel 1` always gives `run.py`'s text.",
+        "Each request gets `run.py`'s greedy text, batched with others or not: every answer in the batch is "
+        "computed at its own positions (its logits were equal to the bit in INT4 Workbench's tests on x86 CPUs; "
+        "another CPU's kernels could round a batched row differently, and `--parallel 1` still gives `run.py`'s "
+        "text then).",
         "",
         "### More replicas: Ray Serve",
         "",

@@ -194,17 +194,12 @@ def open_model(window, qtbot, spec):
 
 @pytest.fixture(scope="module")
 def serve_run(tiny_llama, tmp_path_factory) -> Path:
-    """A run whose batched rows give the single-stream text exactly: float activations (accuracy level 0).
-
-    With int8 activations (level 4) a row padded in a batch differs by rounding (~1e-6) before the
-    int8 step, which now and then moves a value to the next int8 step; the tiny random model's
-    near-tied words then change (engine.Batch's docstring).
-    """
+    """An INT4 run with the default settings (int8 activations, accuracy level 4), as users bundle it."""
     from workbench.run.pipeline import quantize_run
     from workbench.settings import QuantSettings
 
     run = tmp_path_factory.mktemp("serve-run") / "run"
-    quantize_run(str(tiny_llama), run, QuantSettings(method="rtn", block_size=16, accuracy_level=0))
+    quantize_run(str(tiny_llama), run, QuantSettings(method="rtn", block_size=16))
     return run
 
 

@@ -318,20 +318,43 @@ def test_continuous_batch_rows_equal_single_answers(fused_pair, fused):
                 answers[rows[row]].append(int(np.argmax(logits)))
         rounds += 1
     assert [answers[i] for i in range(len(prompts))] == expected
-    assert batch.columns == 0 and not batch.busy
+    assert not batch.busy and (fused or batch.columns == 0)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-def test_several_prompts_join_an_empty_batch_in_one_pass(fused_pair, fused):
+def test_several_prompts_join_an_empty_batch_at_once(fused_pair, fused):
     model = load(fused_pair[1] if fused else fused_pair[0])
     prompts, config = [PROMPT[:4], PROMPT, PROMPT[2:]], GenerationConfig(max_new_tokens=6)
     batch = Batch(model, rows=4, capacity=CONTEXT)
     joined = batch.join(prompts)
-    assert [row for row, _ in joined] == [0, 1, 2] and batch.columns == len(PROMPT)
-    with pytest.raises(GenerationError, match="cannot join"):
-        batch.join([PROMPT[:3], PROMPT[:3]])  # a running batch takes one at a time
+    assert [row for row, _ in joined] == [0, 1, 2] and batch.lengths == [4, len(PROMPT), len(PROMPT) - 2, None]
+    if fused:  # each row at its own positions: a prompt longer than any before joins a running batch
+        assert batch.fits(3 * len(PROMPT), 6)
+    else:  # left padding: a running batch takes one at a time, each no longer than the current column
+        assert batch.columns == len(PROMPT) and not batch.fits(len(PROMPT) + 1, 6)
+        with pytest.raises(GenerationError, match="cannot join"):
+            batch.join([PROMPT[:3], PROMPT[:3]])
     answers = {row: [int(np.argmax(logits))] for row, logits in joined}
     for _ in range(5):
         for row, logits in batch.step({row: tokens[-1] for row, tokens in answers.items()}).items():
             answers[row].append(int(np.argmax(logits)))
     assert [answers[row] for row in range(3)] == [generate(model, p, config).tokens for p in prompts]
+
+
+def test_fused_batch_rows_see_their_real_positions(fused_pair):
+    """On the shared buffer a row's logits are its single-stream logits whatever its neighbours' lengths:
+    a row is right-padded, not shifted (on these float graphs they are equal to the bit)."""
+    model = load(fused_pair[1])
+    short, long, tokens = PROMPT[:3], PROMPT * 3, (7, 9, 11)
+    cache = model.new_cache(1, CONTEXT)
+    expected = [model.step(cache, np.asarray([short], np.int64), last_only=True)[0, -1]]
+    for token in tokens:
+        expected.append(model.step(cache, np.asarray([[token]], np.int64), last_only=True)[0, -1])
+    batch = Batch(model, rows=3, capacity=CONTEXT)
+    [(long_row, _)] = batch.join([long])
+    [(row, logits)] = batch.join([short])
+    got = [logits]
+    for token in tokens:
+        got.append(batch.step({long_row: 5, row: token})[row])
+    np.testing.assert_array_equal(np.stack(got), np.stack(expected))
+    assert batch.lengths[row] == len(short) + len(tokens) and batch.lengths[long_row] == len(long) + len(tokens)

@@ -284,3 +284,29 @@ def test_the_triton_card_says_what_a_client_must_do_and_where_serving_is_ready(s
     card = (build_bundle(serve_run, tmp_path / "triton", target="triton").path / "README.md").read_text()
     assert "What a Triton client must do" in card and "present.N.key/value" in card
     assert "python run.py --serve" in card and "Ray Serve" in card
+
+
+def test_the_ray_serve_target_carries_its_scaling_in_a_ray_serve_config(serve_run, tmp_path):
+    import yaml
+
+    from exporters.serving import RayScale
+    from workbench.errors import WorkbenchError
+
+    bundle = build_bundle(serve_run, tmp_path / "ray", target="ray-serve",
+                          ray_scale=RayScale(min_replicas=2, max_replicas=5, parallel=4)).path
+    config = yaml.safe_load((bundle / "serve_config.yaml").read_text())
+    [app] = config["applications"]
+    assert app["import_path"] == "ray_serve:app" and app["route_prefix"] == "/"
+    assert app["args"] == {"min_replicas": 2, "max_replicas": 5, "parallel": 4}
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    card = (bundle / "README.md").read_text()
+    assert "serve run serve_config.yaml" in card and "--address auto" in card and "python run.py --serve" in card
+    assert (bundle / "ray_serve.py").is_file() and "ray" not in (bundle / "requirements.txt").read_text()
+    fixed = build_bundle(serve_run, tmp_path / "fixed", target="ray-serve", ray_scale=RayScale(replicas=3)).path
+    assert yaml.safe_load((fixed / "serve_config.yaml").read_text())["applications"][0]["args"] == {
+        "replicas": 3, "parallel": 8}
+    with pytest.raises(WorkbenchError, match="min-replicas <= --max-replicas"):
+        build_bundle(serve_run, tmp_path / "bad", target="ray-serve", ray_scale=RayScale(min_replicas=3, max_replicas=2))
+    with pytest.raises(WorkbenchError, match="--target ray-serve"):
+        build_bundle(serve_run, tmp_path / "runner", ray_scale=RayScale(replicas=2))
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "runner").exists()

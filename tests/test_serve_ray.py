@@ -1,17 +1,22 @@
 """The bundle's Ray Serve app (ray_serve.py): a private Ray on 127.0.0.1 with 2 replicas behind Ray's proxy,
-driven over real HTTP; one replica killed with SIGKILL under load loses no request silently."""
+driven over real HTTP; one replica killed with SIGKILL under load loses no request silently. The ray-serve
+target's config on an existing cluster (`ray start --head`): its autoscaling bounds applied, replicas scaling."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +132,105 @@ def test_a_killed_replica_loses_no_request_silently(bundle, ray_app):
             break
         time.sleep(1)
     assert len(pids) == 2 and victim not in pids
+
+
+# -- the ray-serve target: its Ray Serve config on an existing cluster, autoscaling bounds applied ----------
+
+
+def _get_json(url: str, timeout: float = 10) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _wait(what: str, ready, seconds: float):
+    """`ready()`'s first true value within `seconds` (None and errors mean not yet)."""
+    deadline, last = time.monotonic() + seconds, None
+    while time.monotonic() < deadline:
+        try:
+            value = ready()
+            if value:
+                return value
+        except (OSError, KeyError, ValueError) as error:
+            last = error
+        time.sleep(1)
+    raise AssertionError(f"{what} did not happen within {seconds} s ({last})")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """An existing Ray cluster, as a user has one: `ray start --head` on 127.0.0.1 in a folder of its own.
+
+    Its temporary folder is short (Ray's socket paths must be); the whole process group is ended after.
+    """
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    port, dashboard = free_port(), free_port()
+    ray = Path(sys.executable).with_name("ray")
+    process = subprocess.Popen(
+        [str(ray), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4", "--temp-dir", temp,
+         "--disable-usage-stats"],
+        cwd=temp, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait("Ray's dashboard", lambda: _get_json(f"http://127.0.0.1:{dashboard}/api/version"), 180)
+        yield f"127.0.0.1:{port}", dashboard
+    finally:
+        for sent in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(process.pid, sent)
+                process.wait(timeout=30)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_ray_serve_target_runs_on_a_cluster_within_its_autoscaling_bounds(serve_run, ray_cluster, tmp_path):
+    """`bundle --target ray-serve --min-replicas 1 --max-replicas 2`, started with `serve run serve_config.yaml`
+    on an existing cluster: Ray reports those bounds, starts one replica, and under load scales to two."""
+    address, dashboard = ray_cluster
+    result = subprocess.run(
+        [sys.executable, "-m", "workbench.cli", "bundle", str(serve_run), "-o", str(tmp_path / "ray"), "--target",
+         "ray-serve", "--min-replicas", "1", "--max-replicas", "2", "--parallel", "2", "-q"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    bundle = tmp_path / "ray"
+    config = bundle / "serve_config.yaml"
+    port = free_port()
+    config.write_text(config.read_text().replace("port: 8000", f"port: {port}"))
+    assert "serve run serve_config.yaml" in (bundle / "README.md").read_text()
+    subprocess.run([str(Path(sys.executable).with_name("serve")), "run", "serve_config.yaml", "--address", address,
+                    "--non-blocking"], cwd=bundle, check=True, timeout=300, capture_output=True,
+                   env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    _wait("the first answer", lambda: health(port)["status"] == "ok", 240)
+
+    def deployment() -> dict:
+        applications = _get_json(f"http://127.0.0.1:{dashboard}/api/serve/applications/")["applications"]
+        return applications["int4-workbench"]["deployments"]["OpenAIServer"]
+
+    scaling = deployment()["deployment_config"]["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 2)
+    assert [r["state"] for r in deployment()["replicas"]] == ["RUNNING"]
+    expected = greedy_text(bundle, PROMPTS[0], 24)
+    assert post(port, chat(PROMPTS[0], 24)) == (200, expected)
+
+    stop, answers = threading.Event(), []
+
+    def client(i: int) -> None:  # more answers at once than one replica's 2 rows
+        while not stop.is_set():
+            answers.append(post(port, chat(PROMPTS[i % len(PROMPTS)], 64), timeout=120)[0])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        running = _wait("a second replica", lambda: [r for r in deployment()["replicas"] if r["state"] == "RUNNING"]
+                        if len(deployment()["replicas"]) >= 2 else None, 240)
+        assert len(deployment()["replicas"]) <= 2  # never beyond the upper bound
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=180)
+    assert running and set(answers) == {200}

@@ -396,16 +396,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_bundle(args: argparse.Namespace) -> int:
     from exporters.bundle import build_bundle
+    from exporters.serving import RAY_CONFIG_FILE, RayScale
 
+    scaling = {"replicas": args.replicas, "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+               "parallel": args.parallel}
+    given = {key: value for key, value in scaling.items() if value is not None}
     with progress_bar(not args.quiet) as progress:
         result = build_bundle(
             Path(args.run_dir), Path(args.output), target=args.target, zip_file=args.zip, name=args.name,
-            progress=progress,
+            ray_scale=RayScale(**given) if given else None, progress=progress,
         )
     genai = "with genai_config.json" if result.genai["written"] else f"no genai_config.json: {result.genai['reason']}"
     human = f"{result.path}: {result.target} bundle, {result.files} files, {format_size(result.bytes)}"
-    if result.target == "runner":
+    if result.target != "triton":
         human += f"; {genai}"
+    if result.target == "ray-serve":
+        human += f"; start it with `serve run {RAY_CONFIG_FILE}` in the bundle"
     emit(args, result.to_dict(), human)
     return 0
 
@@ -547,8 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
     bundle = command("bundle", "Write a deployable bundle of a run's INT4 model: model, tokenizer, manifest, runner.")
     bundle.add_argument("run_dir")
     bundle.add_argument("-o", "--output", required=True, help="bundle folder to create (must not exist)")
-    bundle.add_argument("--target", choices=("runner", "triton"), default="runner",
-                        help="runner: `python run.py` with onnxruntime; triton: a Triton Inference Server model repository")
+    bundle.add_argument("--target", choices=("runner", "triton", "ray-serve"), default="runner",
+                        help="runner: `python run.py` with onnxruntime; triton: a Triton Inference Server model "
+                             "repository; ray-serve: the runner and a Ray Serve config (serve_config.yaml)")
+    bundle.add_argument("--replicas", type=int, help="ray-serve: replicas of the server (default 1)")
+    bundle.add_argument("--min-replicas", type=int, help="ray-serve: autoscale from this many replicas...")
+    bundle.add_argument("--max-replicas", type=int, help="ray-serve: ...up to this many")
+    bundle.add_argument("--parallel", type=int, help="ray-serve: answers decoded together in a replica (default 8)")
     bundle.add_argument("--zip", action="store_true", help="write OUTPUT.zip instead of a folder")
     bundle.add_argument("--name", help="model name (Triton's model folder); default: the source's name + -int4")
     bundle.set_defaults(func=cmd_bundle)

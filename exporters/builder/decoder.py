@@ -168,7 +168,7 @@ class DecoderBuilder:
         self.check()
         config = self.config
         graph = helper.make_graph([], "decoder", self.graph_inputs(), self.graph_outputs())
-        shared = shared_inputs(graph)  # seqlens_k, total length, padding bias: from attention_mask
+        shared = shared_inputs(graph)  # seqlens_k and total length, from attention_mask
         self.nodes.extend(shared["nodes"])
         self.add(graph.initializer)
         for table, (cos, sin) in self.rotary_tables().items():
@@ -270,7 +270,7 @@ class DecoderBuilder:
             "GroupQueryAttention",
             [*self.qkv(layer, x), f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
              shared["seqlens_k"], shared["total_length"], f"{table}_cos_cache", f"{table}_sin_cache",
-             shared["positions"], shared["bias"]],
+             *([shared["positions"]] if shared["positions"] else [])],
             f"/model/layers.{layer}/self_attn/GroupQueryAttention",
             outputs=(f"present.{layer}.key", f"present.{layer}.value"),
             domain=MS_DOMAIN, num_heads=self.heads,
@@ -505,16 +505,23 @@ class Phi3(DecoderBuilder):
         if original is None:
             return ""
         scope = "/model/longrope/"
-        start = self.node("Sub", [shared["total"], self.node("Squeeze", [shared["sequence"]], f"{scope}Squeeze")],
-                          f"{scope}Sub")
-        steps = self.node("Range", [start, shared["total"], self.constant(f"{scope}one", np.array(1, np.int64))],
-                          f"{scope}Range")
+        # Rows are right-padded at their real positions: a first prompt counts from 0 in every row, a
+        # later step from each row's own length (as GroupQueryAttention does without position_ids).
+        one = self.constant(f"{scope}one", np.array(1, np.int64))
+        zero = self.constant(f"{scope}zero", np.array(0, np.int64))
+        sequence = self.node("Gather", [self.node("Shape", ["input_ids"], f"{scope}Shape"), one], f"{scope}Gather",
+                             axis=0)
+        steps = self.node("Range", [zero, sequence, one], f"{scope}Range")
+        first = self.node("Equal", [shared["total"], sequence], f"{scope}Equal")
+        later = self.node("Sub", [shared["lengths"], sequence], f"{scope}Sub")
+        start = self.node("Where", [first, zero, later], f"{scope}Where")
+        rows = self.node("Unsqueeze", [start, self.constant(f"{scope}axis", np.array([1], np.int64))],
+                         f"{scope}Unsqueeze")
         limit = self.constant(f"{scope}original", np.array(original, np.int64))
         is_long = self.node("Cast", [self.node("Greater", [shared["total"], limit], f"{scope}Greater")],
                             f"{scope}Cast", to=TensorProto.INT64)
-        shifted = self.node("Add", [steps, self.node("Mul", [is_long, limit], f"{scope}Mul")], f"{scope}Add")
-        shape = self.node("Concat", [shared["batch"], shared["sequence"]], f"{scope}Concat", axis=0)
-        return self.node("Expand", [shifted, shape], f"{scope}Expand")
+        offset = self.node("Mul", [is_long, limit], f"{scope}Mul")
+        return self.node("Add", [self.node("Add", [rows, steps], f"{scope}Add"), offset], f"{scope}Add_1")
 
 
 class Gemma2(DecoderBuilder):

@@ -48,7 +48,7 @@ def model_card(record: RunRecord, layout: Layout, genai: dict) -> str:
         *card_lost_lines(record),
     ]
     lines += ["", "## Run it", ""]
-    if layout.target == "runner":
+    if layout.target != "triton":  # the runner, alone or with a Ray Serve config
         lines += [
             "```",
             "pip install -r requirements.txt",

@@ -72,12 +72,20 @@ def build_bundle(
     target: str = "runner",
     zip_file: bool = False,
     name: str | None = None,
+    ray_scale: serving.RayScale | None = None,
     progress: Progress = no_progress,
     cancelled: Cancelled = never_cancelled,
 ) -> BundleResult:
-    """Write the bundle of `run_dir` to `out` (a new folder), or to `out`.zip with `zip_file`."""
+    """Write the bundle of `run_dir` to `out` (a new folder), or to `out`.zip with `zip_file`.
+
+    `ray_scale` (the ray-serve target only): the replicas or autoscaling bounds in serve_config.yaml.
+    """
     if target not in TARGETS:
-        raise WorkbenchError(f"Unknown bundle target {target!r}; choose {' or '.join(TARGETS)}.")
+        raise WorkbenchError(f"Unknown bundle target {target!r}; choose {', '.join(TARGETS)}.")
+    if ray_scale is not None and target != "ray-serve":
+        raise WorkbenchError("Replicas and autoscaling bounds belong to the ray-serve target: add --target ray-serve.")
+    ray_scale = ray_scale or serving.RayScale()
+    ray_config = serving.ray_serve_config(ray_scale) if target == "ray-serve" else None  # checks the bounds first
     run_dir, out = Path(run_dir), Path(out)
     record = load_run(run_dir)
     model_dir = run_dir / INT4
@@ -93,6 +101,8 @@ def build_bundle(
         write_json(work / RUNNER_SETTINGS, settings)
         recorded = stages.run("check", lambda p: record_check(work, model_dir, settings, p))
         genai = _write_target_files(work, layout, record, model_dir, settings)
+        if ray_config is not None:
+            (work / serving.RAY_CONFIG_FILE).write_text(ray_config, encoding="utf-8")
         (work / README_FILE).write_text(model_card(record, layout, genai), encoding="utf-8")
         files = stages.run("checksums", lambda p: file_entries(work, p, cancelled))
         manifest = _manifest(record, layout, files, recorded, genai)

@@ -185,46 +185,31 @@ class Scheduler:
                     self.batch = engine.Batch(self.model, self.limits.rows, self.capacity)
 
     def _admit(self) -> None:
-        """Join waiting jobs in order while they fit; the first that does not fit waits for the batch to empty.
-
-        Into an empty batch, every waiting job that fits joins in one pass (left-padded to the longest).
-        """
-        while True:
-            with self._wake:
-                while self.waiting and self.waiting[0].cancelled.is_set():
-                    self._end(self.waiting.popleft(), "cancelled", 0)
-                if not self.waiting:
-                    return
-                if self.batch.busy:
-                    head = self.waiting[0]
-                    if not self.batch.fits(len(head.prompt), head.config.max_new_tokens):
-                        return
-                    self._joining = [self.waiting.popleft()]
-                else:
-                    self._joining = self._first_group()
-                group = self._joining
-            joined = self.batch.join([job.prompt for job in group])
-            with self._wake:
-                for job, (row, _) in zip(group, joined):
-                    answer = engine.Answer(len(job.prompt), job.config, self.model.context_length, self.tokenizer,
-                                           self.eos, job.stream_piece, job.cancelled.is_set)
-                    self.active[row] = (job, engine.Sampler(job.config), answer)
-                self._joining = []
-                self.counts["peak_active"] = max(self.counts["peak_active"], len(self.active))
-            for row, logits in joined:
-                self._take(row, logits)
-
-    def _first_group(self) -> list[Job]:
-        """The waiting jobs, in order, that fit together into an empty batch (at least the first)."""
-        group = [self.waiting.popleft()]
-        while self.waiting and len(group) < self.limits.rows:
-            candidate = self.waiting[0]
-            columns = max(len(job.prompt) for job in [*group, candidate])
-            if candidate.cancelled.is_set() or any(columns + job.config.max_new_tokens > self.capacity
-                                                   for job in [*group, candidate]):
-                break
-            group.append(self.waiting.popleft())
-        return group
+        """Join waiting jobs in order while they fit; the first that does not fit waits for rows to free."""
+        with self._wake:
+            while self.waiting and self.waiting[0].cancelled.is_set():
+                self._end(self.waiting.popleft(), "cancelled", 0)
+            group: list[Job] = []
+            for job in self.waiting:
+                if job.cancelled.is_set() or not self.batch.fit_together(
+                        [(len(j.prompt), j.config.max_new_tokens) for j in [*group, job]]):
+                    break
+                group.append(job)
+            for _ in group:
+                self.waiting.popleft()
+            self._joining = group
+        if not group:
+            return
+        joined = self.batch.join([job.prompt for job in group])
+        with self._wake:
+            for job, (row, _) in zip(group, joined):
+                answer = engine.Answer(len(job.prompt), job.config, self.model.context_length, self.tokenizer,
+                                       self.eos, job.stream_piece, job.cancelled.is_set)
+                self.active[row] = (job, engine.Sampler(job.config), answer)
+            self._joining = []
+            self.counts["peak_active"] = max(self.counts["peak_active"], len(self.active))
+        for row, logits in joined:
+            self._take(row, logits)
 
     def _step(self) -> None:
         feed = {row: answer.tokens[-1] for row, (_, _, answer) in self.active.items()}

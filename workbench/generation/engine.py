@@ -33,9 +33,11 @@ PAST_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 # An optional graph input (an overridable initializer, 0 = all): how many last positions get logits.
 LOGITS_TO_KEEP = "logits_to_keep"
 # Model metadata written by the workbench's attention fusion. Its GroupQueryAttention nodes can read
-# and write one preallocated KV buffer per layer, so the cache does not grow by copying every step.
+# and write one preallocated KV buffer per layer, so the cache does not grow by copying every step,
+# and take each row's length from the attention mask (right padding). Graphs fused before that say
+# "GroupQueryAttention" and are run as graphs whose cache grows (correct, without the shared buffer).
 FUSED_KEY = "int4_workbench.attention"
-FUSED_VALUE = "GroupQueryAttention"
+FUSED_VALUE = "GroupQueryAttention; row lengths from the mask"
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; a later read brings them back
 # While a session loads, the mapped weights file is paged out this often (seconds): ONNX Runtime
 # reads it through once to prepack, and at a few hundred MB/s a tenth of a second leaves little behind.
@@ -199,20 +201,15 @@ class CausalLM:
         values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0) for _ in self.past_names]
         return KVCache(values, np.zeros((batch, 0), np.int64))
 
-    def step(
-        self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray | None = None, last_only: bool = False
-    ) -> np.ndarray:
+    def step(self, cache: KVCache, input_ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         """Run `input_ids` (batch, seq) after the cache, extend the cache; logits (batch, seq, vocab).
 
-        `new_mask` (batch, seq) marks left padding in a batch's first step; default all ones.
         `last_only` returns the last position's logits alone (batch, 1, vocab): a long prompt's
         logits are the largest buffer of a step.
         """
         input_ids = np.ascontiguousarray(input_ids, np.int64)
         batch, length = input_ids.shape
-        if new_mask is None:
-            new_mask = np.ones((batch, length), np.int64)
-        mask = np.concatenate([cache.mask, new_mask.astype(np.int64)], axis=1)
+        mask = np.concatenate([cache.mask, np.ones((batch, length), np.int64)], axis=1)
         if self.shares_kv and mask.shape[1] > cache.capacity:
             self._grow(cache, max(mask.shape[1], 2 * cache.capacity))
 
@@ -283,15 +280,20 @@ class CausalLM:
 class Batch:
     """Up to `rows` sequences decoding together in one session (continuous batching).
 
-    Every busy row ends at the same column, `columns`: a sequence that joins later is left-padded,
-    as in generate_batch. A sequence joins between steps when its prompt fits before the current
-    column (its prompt runs alone, into its own row) and leaves between steps; the next one reuses
-    its row. Free rows below the highest busy one ride along masked out. Rows are never moved: on
-    a fused graph rotary positions count from the first column, so keys stay where they were written.
-    When no row is busy the columns start again from 0, so a sequence alone is decoded exactly as
-    by `generate`. A padded row's logits equal its own within float rounding (~1e-6); where the
-    graph quantizes activations to int8 (MatMulNBits accuracy level 4) such a difference can cross
-    an int8 step now and then, and a word nearly tied with another may then change.
+    A sequence joins between steps, its prompt run into a free row, and leaves between steps; the
+    next one reuses its row. Free rows below the highest busy one ride along.
+
+    On a graph that shares KV buffers (fused GroupQueryAttention), rows are right-padded: each
+    row's keys and values sit at its own positions 0..length-1 of its row of the buffer, each
+    prompt runs alone, and a step writes every row's new token at that row's own length, so
+    attention and rotary embedding see a row exactly as `generate` sees it alone. Any prompt that
+    leaves room for its answer can join at any time. A free row rides along as one token at
+    position 0, which its next prompt writes over.
+
+    On a graph whose cache grows by concatenation, every busy row ends at the same column,
+    `columns`: a sequence that joins later is left-padded, and position_ids give its real
+    positions. It joins when its prompt fits before the current column; several prompts join an
+    empty batch in one left-padded pass; when no row is busy the columns start again from 0.
     """
 
     def __init__(self, model: CausalLM, rows: int, capacity: int):
@@ -299,8 +301,8 @@ class Batch:
             raise GenerationError(f"A batch needs at least 1 row and 2 columns, not {rows} and {capacity}.")
         self.model = model
         self.capacity = min(capacity, model.context_length) if model.context_length else capacity
-        self.columns = 0
-        self.starts: list[int | None] = [None] * rows  # a busy row's first real column
+        self.columns = 0  # a growing cache's width (the shared buffer's rows have their own lengths)
+        self.lengths: list[int | None] = [None] * rows  # a busy row's tokens in the cache
         self.values: list[ort.OrtValue] = []
         if model.shares_kv:  # one buffer per layer for all rows, written in place by the graph
             shape = (rows, model.kv_heads, self.capacity, model.head_dim)
@@ -310,27 +312,39 @@ class Batch:
 
     @property
     def busy(self) -> list[int]:
-        return [row for row, start in enumerate(self.starts) if start is not None]
+        return [row for row, length in enumerate(self.lengths) if length is not None]
 
     def fits(self, prompt_length: int, new_tokens: int) -> bool:
         """Whether a prompt of `prompt_length` tokens, answered with up to `new_tokens`, can join now."""
-        if None not in self.starts:
+        return self.fit_together([(prompt_length, new_tokens)])
+
+    def fit_together(self, requests: Sequence[tuple[int, int]]) -> bool:
+        """Whether prompts of (length, up to new tokens) can join now, in one `join`."""
+        if not requests or len(requests) > self.lengths.count(None):
             return False
-        if not self.busy:
-            return prompt_length + new_tokens <= self.capacity
-        return prompt_length <= self.columns and self.columns + new_tokens <= self.capacity
+        if self.model.shares_kv:
+            return all(length + new <= self.capacity for length, new in requests)
+        if self.busy:  # one at a time, its prompt before the current column
+            return len(requests) == 1 and requests[0][0] <= self.columns and self.columns + requests[0][1] <= self.capacity
+        columns = max(length for length, _ in requests)
+        return all(columns + new <= self.capacity for _, new in requests)
 
     def join(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, np.ndarray]]:
-        """Run `prompts` into free rows: several at once into an empty batch (one pass, left-padded to the
-        longest), one into a running batch. Each prompt's row and the logits (vocab,) after its last token."""
+        """Run `prompts` into free rows; each prompt's row and the logits (vocab,) after its last token."""
         lengths = [len(p) for p in prompts]
-        if not prompts or (self.busy and len(prompts) > 1) or len(prompts) > self.starts.count(None):
-            raise GenerationError(f"{len(prompts)} prompts cannot join this batch now.")
+        if not all(lengths) or not self.fit_together([(length, 1) for length in lengths]):
+            raise GenerationError(f"Prompts of {lengths} tokens cannot join this batch now.")
+        free = [row for row, length in enumerate(self.lengths) if length is None]
+        if self.model.shares_kv:
+            joined = []
+            for row, prompt in zip(free, prompts):
+                ids = np.asarray([prompt], np.int64)
+                joined.append((row, self._forward(ids, np.ones_like(ids), row)[0, -1]))
+                self.lengths[row] = len(prompt)
+            return joined
         if not self.busy:
             self.columns = max(lengths)
-        if not all(lengths) or not all(self.fits(length, 1) for length in lengths):
-            raise GenerationError(f"Prompts of {lengths} tokens cannot join this batch now.")
-        first = self.starts.index(None)
+        first = free[0]
         ids = np.zeros((len(prompts), self.columns), np.int64)
         mask = np.zeros((len(prompts), self.columns), np.int64)
         for i, prompt in enumerate(prompts):
@@ -340,7 +354,7 @@ class Batch:
         width = max(lengths)
         logits = self._forward(ids[:, -width:], mask, first)
         for i, length in enumerate(lengths):
-            self.starts[first + i] = self.columns - length
+            self.lengths[first + i] = length
         return [(first + i, logits[i, -1]) for i in range(len(prompts))]
 
     def step(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
@@ -351,14 +365,21 @@ class Batch:
         ids = np.zeros((width, 1), np.int64)
         for row, token in tokens.items():
             ids[row, 0] = token
-        starts = np.array([self.columns + 1 if s is None else s for s in self.starts[:width]], np.int64)
-        mask = (np.arange(self.columns + 1)[None, :] >= starts[:, None]).astype(np.int64)
+        if self.model.shares_kv:  # each row's own length, then the new token; a free row: one token
+            ends = np.array([1 if n is None else n + 1 for n in self.lengths[:width]], np.int64)
+            mask = (np.arange(ends.max())[None, :] < ends[:, None]).astype(np.int64)
+        else:  # every row ends at the new column; a row's start is its left padding
+            ends = np.array([0 if n is None else n + 1 for n in self.lengths[:width]], np.int64)
+            mask = (np.arange(self.columns + 1)[None, :] >= self.columns + 1 - ends[:, None]).astype(np.int64)
         logits = self._forward(ids, mask, None)
-        self.columns += 1
+        if not self.model.shares_kv:
+            self.columns += 1
+        for row in tokens:
+            self.lengths[row] += 1
         return {row: logits[row, -1] for row in tokens}
 
     def leave(self, row: int) -> None:
-        self.starts[row] = None
+        self.lengths[row] = None
         if not self.busy:
             self.columns = 0
             if not self.model.shares_kv:
@@ -670,42 +691,27 @@ def generate_batch(
     cancelled: Callable[[], bool] | None = None,
     truncate: bool = False,
 ) -> list[GenerationResult]:
-    """Several prompts at once, left-padded into one batch; each row stops on its own.
+    """Several prompts at once in one `Batch`; each row stops on its own and leaves the batch.
 
-    Rows that finished keep stepping (their tokens are ignored) until all are done: a batch is
-    one tensor. Timings are the batch's: every row reports the batch's first-token and total time.
+    Timings are the batch's: every row reports the batch's first-token and total time.
     """
     began = time.perf_counter()
     fitted = [fit_prompt(model, p, truncate) for p in prompts]
     rows = [p for p, _ in fitted]
-    width = max(len(p) for p in rows)
-    pad = next(iter(eos_token_ids), 0)
-    ids = np.full((len(rows), width), pad, np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
+    batch = Batch(model, len(rows), max(len(p) for p in rows) + config.max_new_tokens)
     samplers = [Sampler(config) for _ in rows]
-    # Every row's next step reads the whole padded width: the rows share one cache.
-    answers = [Answer(width, config, model.context_length, tokenizer, eos_token_ids, None, cancelled) for _ in rows]
-    done = [False] * len(rows)
-    cache = model.new_cache(len(rows), width + config.max_new_tokens)
-    ttft = 0.0
-    feed, feed_mask = ids, mask
-    while True:
-        logits = model.step(cache, feed, feed_mask, last_only=True)[:, -1]
-        if not ttft:
-            ttft = time.perf_counter() - began
-        next_ids = np.full((len(rows), 1), pad, np.int64)
-        for i, answer in enumerate(answers):
-            if done[i]:
-                continue
-            token = samplers[i](logits[i], rows[i] + answer.tokens)
-            done[i] = answer.add(token)
-            next_ids[i, 0] = token
-        if all(done):
-            break
-        feed, feed_mask = next_ids, None
+    answers = [Answer(len(row), config, model.context_length, tokenizer, eos_token_ids, None, cancelled) for row in rows]
+    joined = dict(batch.join(rows))  # rows in prompt order
+    ttft = time.perf_counter() - began
+    while joined:
+        feed = {}
+        for i, logits in joined.items():
+            token = samplers[i](logits, rows[i] + answers[i].tokens)
+            if answers[i].add(token):
+                batch.leave(i)
+            else:
+                feed[i] = token
+        joined = batch.step(feed) if feed else {}
     total = time.perf_counter() - began
     return [
         GenerationResult(
