@@ -174,15 +174,17 @@ def gguf_folder(gguf: Path, *, progress: Progress = no_progress, cancelled: Canc
 
 def _gguf_source(gguf: Path, name: str, fp32: Path, *, progress: Progress, cancelled: Cancelled) -> Path:
     """`name`'s folder of config, tokenizer and a GGUF_SOURCE naming `gguf` (and where its fp32 copy goes)."""
-    check_gguf(gguf)
     folder = conversion_folders()[2] / name
     stat = gguf.stat()
     source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fp32": str(fp32)}
     marker = folder / GGUF_SOURCE
-    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) != source:
+    if marker.is_file():
+        if json.loads(marker.read_text(encoding="utf-8")) == source:
+            return folder  # made from this very file, checked then (reading a large vocabulary takes seconds)
         # The GGUF changed under the same name (the demo's, on a package upgrade): so did its conversion.
         shutil.rmtree(folder)
         shutil.rmtree(fp32, ignore_errors=True)
+    check_gguf(gguf)
     return _cached(folder, lambda dest: describe_gguf(gguf, dest, source, progress), progress=progress,
                    cancelled=cancelled)
 
