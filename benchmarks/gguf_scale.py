@@ -95,7 +95,8 @@ def quantize(tree: Path, spec: str, work: Path, method: str, cache: Path) -> dic
     run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "INT4_WORKBENCH_CACHE": str(cache)}
-    result = sampled([sys.executable, "-c", QUANTIZE, spec, str(run_dir), method], env)
+    # -P: not the working directory (this tree) first on the path, but the tree under test
+    result = sampled([sys.executable, "-P", "-c", QUANTIZE, spec, str(run_dir), method], env)
     result.pop("stdout")
     if result["returncode"] == 0:
         record = json.loads((run_dir / "run.json").read_text())

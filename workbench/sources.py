@@ -174,25 +174,33 @@ def gguf_folder(gguf: Path, *, progress: Progress = no_progress, cancelled: Canc
 
 def _gguf_source(gguf: Path, name: str, fp32: Path, *, progress: Progress, cancelled: Cancelled) -> Path:
     """`name`'s folder of config, tokenizer and a GGUF_SOURCE naming `gguf` (and where its fp32 copy goes)."""
-    check_gguf(gguf)
     folder = conversion_folders()[2] / name
     stat = gguf.stat()
     source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fp32": str(fp32)}
-    marker = folder / GGUF_SOURCE
-    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) != source:
+    recorded = read_gguf_source(folder)
+    if recorded is not None:
+        if {key: recorded.get(key) for key in source} == source:
+            return folder  # made from this very file, checked then (reading a large vocabulary takes seconds)
         # The GGUF changed under the same name (the demo's, on a package upgrade): so did its conversion.
         shutil.rmtree(folder)
         shutil.rmtree(fp32, ignore_errors=True)
+    source |= check_gguf(gguf)
     return _cached(folder, lambda dest: describe_gguf(gguf, dest, source, progress), progress=progress,
                    cancelled=cancelled)
 
 
+def read_gguf_source(folder: Path) -> dict | None:
+    """A GGUF source folder's record of its file: path, size, mtime_ns, fp32 (its conversion's folder),
+    architecture, tensors (GGUF name -> [type, offset, bytes, dims]); None for an ordinary folder."""
+    marker = Path(folder) / GGUF_SOURCE
+    return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+
+
 def gguf_of(folder: Path) -> Path | None:
     """The GGUF file a GGUF source's folder reads its weights from; None for an ordinary folder."""
-    marker = Path(folder) / GGUF_SOURCE
-    if not marker.is_file():
+    source = read_gguf_source(folder)
+    if source is None:
         return None
-    source = json.loads(marker.read_text(encoding="utf-8"))
     gguf = Path(source["gguf"])
     stat = gguf.stat() if gguf.is_file() else None
     if stat is None or (stat.st_size, stat.st_mtime_ns) != (source["size"], source["mtime_ns"]):
@@ -216,15 +224,16 @@ def weights_folder(folder: Path, *, progress: Progress = no_progress,
     gguf = gguf_of(folder)
     if gguf is None:
         return folder
-    fp32 = Path(json.loads((folder / GGUF_SOURCE).read_text(encoding="utf-8"))["fp32"])
+    fp32 = Path(read_gguf_source(folder)["fp32"])
     return _cached(fp32, lambda dest: run_in_subprocess(
         "workbench.sources:convert_gguf", {"gguf": str(gguf), "dest": str(dest)}, progress=progress,
         cancelled=cancelled, expected_seconds=max(10.0, gguf.stat().st_size / 5e6), message="converting GGUF to fp32",
     ), progress=progress, cancelled=cancelled)
 
 
-def check_gguf(path: Path) -> None:
-    """Refuse a GGUF file cut short: its tensor table says where the last tensor ends (as llama.cpp checks)."""
+def check_gguf(path: Path) -> dict:
+    """Refuse a GGUF file cut short: its tensor table says where the last tensor ends (as llama.cpp checks).
+    Returns its architecture and tensor table, for the reader (exporters.builder.gguf_weights)."""
     import gguf
     import numpy as np
 
@@ -233,26 +242,32 @@ def check_gguf(path: Path) -> None:
 
         def _build_tensors(self, start_offs: int, fields: list) -> None:
             self.end = start_offs
+            self.table = {}
             for field in fields:
-                _, _, _, dims, raw_dtype, offset = field.parts
+                _, name, _, dims, raw_dtype, offset = field.parts
                 block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_dtype[0]))]
                 size = int(np.prod(dims)) * type_size // block
-                self.end = max(self.end, start_offs + int(offset[0]) + size)
+                start = start_offs + int(offset[0])
+                self.table[bytes(name).decode()] = [int(raw_dtype[0]), start, size, [int(d) for d in dims]]
+                self.end = max(self.end, start + size)
 
     size = path.stat().st_size
     try:
-        end = TensorTable(path).end
+        reader = TensorTable(path)
+        architecture = reader.fields["general.architecture"]
+        architecture = bytes(architecture.parts[architecture.data[0]]).decode()
     except (ValueError, IndexError, KeyError, OverflowError) as error:
         # The header itself is cut short or garbled: reads past the end come back empty.
         raise WorkbenchError(
             f"{path.name} is incomplete or not a GGUF file ({size:,} bytes; its header cannot be read: {error}). "
             "The download or copy was probably cut short; download or copy it again."
         ) from error
-    if size < end:
+    if size < reader.end:
         raise WorkbenchError(
-            f"{path.name} is incomplete: its tensor table needs {end:,} bytes, the file has {size:,}. "
+            f"{path.name} is incomplete: its tensor table needs {reader.end:,} bytes, the file has {size:,}. "
             "The download or copy was cut short; download or copy it again."
         )
+    return {"architecture": architecture, "tensors": reader.table}
 
 
 def _cached(folder: Path, make, *, progress: Progress, cancelled: Cancelled) -> Path:

@@ -1,11 +1,12 @@
 """A GGUF file's tensors by Hugging Face name, dequantized as they are read, a block of rows at a time.
 
-The tensor table is read once with gguf-py's reader, then let go; each read takes only the bytes
-of the rows asked for with a plain file read (rows are contiguous in GGUF, and every quantized
-block lies within one row), so neither a mapping of the whole file nor any other tensor counts as
-this process's memory. Names and layouts are transformers': its GGUF loader's name map and tensor
-processors (llama's q/k rows, which llama.cpp interleaves for its rotary kernel, put back; Gemma's
-norms less one), so each tensor equals that of transformers' fp32 conversion of the same file.
+The tensor table is read once with gguf-py's reader, when the source's folder is made (workbench.
+sources.check_gguf), and kept there. Each read takes only the bytes of the rows it asks for with a
+plain file read (rows are contiguous in GGUF, and every quantized block lies within one row), so
+neither a mapping of the whole file nor any other tensor counts as this process's memory. Names
+and layouts are transformers': its GGUF loader's name map and tensor processors (llama's q/k rows,
+which llama.cpp interleaves for its rotary kernel, put back; Gemma's norms less one), so each
+tensor equals that of transformers' fp32 conversion of the same file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -37,30 +39,30 @@ class GgufWeights(TensorSource):
     """The tensors of `path`, named as transformers names those of the model `folder`'s config.json describes."""
 
     def __init__(self, path: Path, folder: Path):
-        import gguf
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
             TensorProcessor,
             get_gguf_hf_weights_map,
-            read_field,
         )
 
+        from workbench.sources import read_gguf_source
+
         self.path = Path(path)
-        try:
-            reader = gguf.GGUFReader(self.path)
-        except (ValueError, IndexError, KeyError, OverflowError) as error:
-            raise WorkbenchError(f"{self.path.name} cannot be read as a GGUF file ({error}); download or copy it "
-                                 "again.") from error
-        architecture = (read_field(reader, "general.architecture") or ["unnamed"])[0]
+        source = read_gguf_source(folder)  # the tensor table, read once when the folder was made
+        architecture = source["architecture"]
         config = AutoConfig.from_pretrained(folder)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        # transformers' map over the whole model's names at once: it would also walk every submodule (for
+        # checkpoints saved from a bare base model, Bloom's), building gguf-py's name table each time, which
+        # takes seconds and adds nothing for the decoders here.
+        whole = SimpleNamespace(state_dict=lambda: expected, named_children=lambda: [])
         try:
             # The file's own architecture names its tensors (llama.cpp writes Mistral as llama).
-            names = get_gguf_hf_weights_map(model, model_type=architecture)
+            names = get_gguf_hf_weights_map(whole, model_type=architecture, num_layers=config.num_hidden_layers)
         except NotImplementedError as error:
             raise WorkbenchError(f"{self.path.name}: the tensors of GGUF architecture {architecture!r} cannot be "
                                  f"named ({error}).") from error
@@ -69,20 +71,18 @@ class GgufWeights(TensorSource):
         self.names = names
         self.shapes = {}
         self.stored: dict[str, Stored] = {}
-        for tensor in reader.tensors:
-            name = names.get(tensor.name)
+        for gguf_name, (qtype, offset, size, dims) in source["tensors"].items():
+            name = names.get(gguf_name)
             if name is None:  # e.g. llama.cpp's precomputed rope_freqs: transformers computes them itself
                 continue
-            shape = tuple(int(d) for d in reversed(tensor.shape))
+            shape = tuple(reversed(dims))
             if expected.get(name, shape) != shape:
-                raise WorkbenchError(f"{self.path.name}: tensor {tensor.name} has shape {shape}, but the model's "
+                raise WorkbenchError(f"{self.path.name}: tensor {gguf_name} has shape {shape}, but the model's "
                                      f"{name} has {expected[name]}; the file does not match its own metadata.")
             rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
-            row_map, whole = self._row_order(tensor.name, shape)
+            row_map, whole_tensor = self._row_order(gguf_name, shape)
             self.shapes[name] = shape
-            self.stored[name] = Stored(tensor.name, int(tensor.tensor_type), int(tensor.data_offset),
-                                       int(tensor.n_bytes) // rows, row_map, whole)
-        del reader  # its mapping of the file goes with it
+            self.stored[name] = Stored(gguf_name, qtype, offset, size // rows, row_map, whole_tensor)
 
     def _row_order(self, gguf_name: str, shape: tuple[int, ...]) -> tuple[np.ndarray | None, bool]:
         """What the processor does to a 2-D tensor's rows, learnt by running it on the row numbers."""

@@ -9,6 +9,7 @@ memory until the mapping is closed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,10 +73,18 @@ def open_weights(folder: Path) -> TensorSource:
 
     gguf = gguf_of(Path(folder))
     if gguf:
-        from exporters.builder.gguf_weights import GgufWeights
-
-        return GgufWeights(gguf, Path(folder))
+        stat = gguf.stat()
+        return _gguf_weights(gguf, Path(folder), stat.st_size, stat.st_mtime_ns)
     return SafetensorsWeights(folder)
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_weights(gguf: Path, folder: Path, size: int, mtime_ns: int) -> TensorSource:
+    """One reading of a GGUF's header per process (the original, the INT4 graph and GPTQ all read the
+    model): gguf-py takes seconds over a large vocabulary. The file's size and mtime are in the key."""
+    from exporters.builder.gguf_weights import GgufWeights
+
+    return GgufWeights(gguf, folder)
 
 
 class SafetensorsWeights(TensorSource):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from exporters.builder.tensors import open_weights
+from workbench.errors import WorkbenchError
 from workbench.quantization.blockquant import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -69,19 +70,26 @@ class SpilledWeights(MutableMapping):
 
 
 def whole_model(model_dir: Path) -> nn.Module:
-    """The float32 PyTorch model of `model_dir` with all its weights, read as the builder reads them
-    (from safetensors or a GGUF source's file), in eval mode."""
-    lazy = LazyModel(model_dir, hooks=False)
-    for index, layer in enumerate(lazy.model.model.layers):
-        lazy.load(layer, f"model.layers.{index}.")
-    lazy._load_head()
-    return lazy.model
+    """The float32 PyTorch model of `model_dir` in eval mode, its weights read as the builder reads them
+    (from safetensors, or from a GGUF source's file without transformers' fp32 conversion)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    weights = open_weights(model_dir)
+    with no_init_weights():  # as from_pretrained: the weights are about to be replaced
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    state = {name: torch.from_numpy(weights.read(name)) for name in weights.shapes}
+    missing = set(model.load_state_dict(state, strict=False, assign=True).missing_keys)
+    model.tie_weights()  # `assign` replaced the embeddings the lm_head shared
+    if missing - {"lm_head.weight" if model.config.tie_word_embeddings else ""}:
+        raise WorkbenchError(f"The weights of {model_dir} lack {', '.join(sorted(missing))}.")
+    return model.eval()
 
 
 class LazyModel:
     """A transformers causal LM on the meta device whose weights are loaded as they are used."""
 
-    def __init__(self, model_dir: Path, *, hooks: bool = True):
+    def __init__(self, model_dir: Path):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -97,8 +105,6 @@ class LazyModel:
         self.load(inner.embed_tokens, "model.embed_tokens.")
         self.load(inner.norm, "model.norm.")
         self.current: nn.Module | None = None
-        if not hooks:
-            return
         for index, layer in enumerate(inner.layers):
             layer.register_forward_pre_hook(self._layer_hook(index))
         # GPTQ reads the final norm's outputs just before it quantizes the lm_head.
