@@ -101,7 +101,7 @@ def test_cancel_stops_the_comparison(tiny_run):
 
 
 def test_bad_inputs(tiny_run, tmp_path):
-    with pytest.raises(WorkbenchError, match="no original/ folder"):
+    with pytest.raises(WorkbenchError, match="not a run folder"):
         compare(tmp_path, PROMPTS, CompareOptions(provider="cpu"))
     (tmp_path / "p.csv").write_text("x")
     with pytest.raises(WorkbenchError, match=".txt"):

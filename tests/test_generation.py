@@ -288,8 +288,8 @@ def test_engine_is_portable():
             imported.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    assert imported <= {"__future__", "ctypes", "logging", "os", "re", "sys", "time", "collections", "dataclasses",
-                        "numpy", "onnxruntime"}
+    assert imported <= {"__future__", "contextlib", "ctypes", "logging", "os", "re", "sys", "time", "collections", "dataclasses",
+                        "numpy", "onnxruntime", "threading"}
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])

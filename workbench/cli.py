@@ -72,6 +72,7 @@ class _Kept:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from workbench.run.memory import (
+        NO_FIT,
         fit_verdict,
         original_sizes,
         preset_estimates,
@@ -88,7 +89,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = model.info
     presets = preset_estimates(info)
     default = PRESETS[DEFAULT_PRESET].settings
-    ram = ram_estimates(info, default, builder_reason(model, default) is None)
+    streamed = builder_reason(model, default) is None
+    ram = ram_estimates(info, default, streamed)
     fp32_onnx = sum(original_sizes(info).values())
     data = {
         "name": info.name,
@@ -130,8 +132,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"  this machine    {format_size(ram['machine_total'])} RAM, {format_size(free)} free",
         f"  to shrink       about {format_size(ram['shrink'])} ({PRESETS[DEFAULT_PRESET].title.lower()}): "
         f"{data['fit']['shrink']}",
-        f"  to run          original about {format_size(ram['run_original'])}: {data['fit']['run_original']}; "
-        f"INT4 about {format_size(ram['run_int4'])}: {data['fit']['run_int4']}",
+        f"  to run          original about {format_size(ram['run_original'])}: {data['fit']['run_original']}"
+        + (" (a run skips it and measures the INT4 model alone)" if streamed and data["fit"]["run_original"] == NO_FIT
+           else "")
+        + f"; INT4 about {format_size(ram['run_int4'])}: {data['fit']['run_int4']}",
     ]
     if ram["gpu_free"] is not None:
         data["fit"]["run_int4_gpu"] = fit_verdict(ram["run_int4"], ram["gpu_free"])

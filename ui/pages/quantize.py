@@ -414,8 +414,9 @@ class QuantizePage(Page):
         self.result.note(
             f"Done: {format_size(record.original.bytes)} → {format_size(record.int4.bytes)} on disk "
             f"({record.size_ratio:.1f}x smaller), "
-            + (f"{record.ram_ratio:.1f}x less RAM. " if record.ram_ratio else "the original was too large to run here. ")
-            + f"Saved in {record.run_dir}. Next: compare the two models' answers."
+            + (f"{record.ram_ratio:.1f}x less RAM. Saved in {record.run_dir}. Next: compare the two models' answers."
+               if record.ram_ratio else f"the original was not run: {record.original.skipped}. Saved in "
+               f"{record.run_dir}. Next: try the 4-bit model's answers.")
             + (f"\n{record.tune['explanation']}" if record.tune else "")
         )
         self._name_edited = False
