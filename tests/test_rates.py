@@ -41,7 +41,7 @@ def test_a_finished_run_teaches_the_rates_its_estimates_use(own_cache, tiny_llam
     before = estimate_run(model, RTN, opens_model=True)
     assert before.basis.startswith("a rough estimate") and before.seconds == pytest.approx(
         sum(rates.DEFAULT_RATES[shape.key(name)] for name in before.stages) * model.info.parameters / 1e9
-        + rates.DEFAULT_REST_S)
+        + rates.DEFAULT_REST_S["rest:command"])
     record = quantize_run(str(tiny_llama), tmp_path / "run", RTN)
     known = rates.measured_rates()
     parameters = record.model.parameters
@@ -51,7 +51,7 @@ def test_a_finished_run_teaches_the_rates_its_estimates_use(own_cache, tiny_llam
                                            "runs": 1}
     after = estimate_run(model, RTN, opens_model=True)
     assert after.basis == "an estimate from the runs made on this machine (1 so far), for a model of this size"
-    assert after.seconds == pytest.approx(sum(record.timings_s.values()) + known[rates.REST]["seconds"], rel=1e-3)
+    assert after.seconds == pytest.approx(sum(record.timings_s.values()) + known["rest:command"]["seconds"], rel=1e-3)
     # The app's Quantize step has the model open already: no time for opening it.
     assert "model" not in estimate_run(model, RTN).stages
 

@@ -157,6 +157,8 @@ def _settings_from(args: argparse.Namespace):
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    import psutil
+
     from workbench.run.pipeline import quantize_run
     from workbench.run.wording import quantized_line
 
@@ -175,6 +177,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             trust_remote_code=args.trust_remote_code,
             preset=args.preset,
             progress=progress,
+            started=psutil.Process().create_time(),  # the time to start this command counts in the next estimate
         )
     data = {
         "run_dir": record.run_dir,

@@ -49,9 +49,9 @@ DEFAULT_RATES = {
     "measure:int4": 5.7,  # the INT4 model alone (the original too large to write): an 8B shape, docs/scale.md
 }
 # A run's time outside its stages (the run folder, run.json, report.md and memory.png), in seconds
-# whatever the model's size.
-REST = "rest"
-DEFAULT_REST_S = 2.0
+# whatever the model's size; for a command (`quantize`) also its own start (Python, the libraries).
+# Defaults: the app's from a demo run on the busy machine, the command's from the quiet reference run.
+DEFAULT_REST_S = {"rest": 1.0, "rest:command": 5.6}
 BUILT_STAGES = ("export", "gptq", "int4")  # the stages the graph builder does its own way
 # The calibration rates are per this many tokens (the presets' 32 samples of 256 tokens): the
 # time to write or read the text grows with its length.
@@ -72,6 +72,12 @@ class RunShape:
     calibration: Path | None = None  # a calibration file read (None: the model writes its own, or none is used)
     built: bool = True  # the graph builder writes the graphs (workbench.run.streamed)
     original: bool = True  # the fp32 original is written and measured (skipped when too large to run here)
+    opens_model: bool = False  # the run opens the model itself: a command, which also starts Python first
+
+    @property
+    def rest_key(self) -> str:
+        """The rate of the time outside the stages."""
+        return "rest:command" if self.opens_model else "rest"
 
     def key(self, stage: str) -> str | None:
         """The rate `stage` is timed by in a run of this shape; None when it does nothing worth timing
@@ -127,7 +133,7 @@ def remember(timings_s: dict[str, float], parameters: int, shape: RunShape, rest
         if billions > 0 and key in DEFAULT_RATES:
             rates[key] = _folded(rates.get(key), "seconds_per_billion", seconds / billions / shape.work(stage))
     if rest_s is not None:
-        rates[REST] = _folded(rates.get(REST), "seconds", rest_s)
+        rates[shape.rest_key] = _folded(rates.get(shape.rest_key), "seconds", rest_s)
     path = rates_path()
     temporary = path.with_suffix(".partial")
     try:
@@ -219,5 +225,5 @@ def estimate(parameters: int, shape: RunShape, stages: Sequence[str]) -> Estimat
         {stage: _rate(rates, key) * shape.work(stage) * parameters / 1e9 for stage, key in keys.items()},
         frozenset(stage for stage, key in keys.items() if key in rates),
         max((rates[key]["runs"] for key in keys.values() if key in rates), default=0),
-        rates[REST]["seconds"] if REST in rates else DEFAULT_REST_S,
+        rates[shape.rest_key]["seconds"] if shape.rest_key in rates else DEFAULT_REST_S[shape.rest_key],
     )
