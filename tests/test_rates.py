@@ -12,6 +12,7 @@ import pytest
 
 from ui import jobs
 from ui.main_window import STEP_PAGES, MainWindow
+from ui.pages.calibration import CalibrationPage
 from ui.pages.model import ModelPage
 from ui.pages.quantize import QuantizePage
 from ui.pages.settings import SettingsPage
@@ -137,6 +138,8 @@ def test_stage_bars_fill_and_the_time_left_comes_from_the_rates(own_cache, qtbot
     qtbot.waitUntil(lambda: not jobs.running() and window.session.model is not None, timeout=JOB_TIMEOUT_MS)
     balanced = estimate_run(window.session.model, PRESETS["balanced"].settings)
     assert f"Balanced: {rough_duration(balanced.seconds)}" in window.page(ModelPage).time.text()
+    writing = rough_duration(balanced.stages["calibration"])
+    assert f"takes {writing} here" in window.page(CalibrationPage).self_written.text()
     settings = window.page(SettingsPage)
     settings.advanced.set_open(True)
     # AWQ takes the optimum export, which reports its progress for a while even on the tiny model
