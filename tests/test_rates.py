@@ -12,6 +12,7 @@ import pytest
 
 from ui import jobs
 from ui.main_window import STEP_PAGES, MainWindow
+from ui.pages.calibration import CalibrationPage
 from ui.pages.model import ModelPage
 from ui.pages.quantize import QuantizePage
 from ui.pages.settings import SettingsPage
@@ -41,19 +42,35 @@ def test_a_finished_run_teaches_the_rates_its_estimates_use(own_cache, tiny_llam
     before = estimate_run(model, RTN, opens_model=True)
     assert before.basis.startswith("a rough estimate") and before.seconds == pytest.approx(
         sum(rates.DEFAULT_RATES[shape.key(name)] for name in before.stages) * model.info.parameters / 1e9
-        + rates.DEFAULT_REST_S)
+        + rates.DEFAULT_REST_S["rest:command"])
     record = quantize_run(str(tiny_llama), tmp_path / "run", RTN)
     known = rates.measured_rates()
     parameters = record.model.parameters
+    size = rates.size_class(parameters)
     assert set(record.timings_s) == set(before.stages)  # the estimate counted the stages that ran, no others
     for stage, seconds in record.timings_s.items():
-        assert known[shape.key(stage)] == {"seconds_per_billion": pytest.approx(seconds / parameters * 1e9, rel=1e-3),
+        assert known[f"{shape.key(stage)}@{size}"] == {"seconds_per_billion": pytest.approx(seconds / parameters * 1e9, rel=1e-3),
                                            "runs": 1}
     after = estimate_run(model, RTN, opens_model=True)
     assert after.basis == "an estimate from the runs made on this machine (1 so far), for a model of this size"
-    assert after.seconds == pytest.approx(sum(record.timings_s.values()) + known[rates.REST]["seconds"], rel=1e-3)
+    assert after.seconds == pytest.approx(sum(record.timings_s.values()) + known["rest:command"]["seconds"], rel=1e-3)
     # The app's Quantize step has the model open already: no time for opening it.
     assert "model" not in estimate_run(model, RTN).stages
+
+
+def test_rates_from_a_model_of_another_size_serve_only_until_this_size_is_timed(own_cache, tiny_llama):
+    model = resolve(str(tiny_llama))
+    shape, tiny = RunShape(RTN), model.info.parameters
+    rates.remember({"int4": 50.0}, 8 * 10**9, shape)  # an 8B model: its fixed costs spread thin
+    plan = estimate_run(model, RTN)
+    assert plan.stages["int4"] == pytest.approx(50.0 / 8 * tiny / 1e9) and "another size" not in plan.basis
+    rates.remember({"export": 1.0, "int4": 2.0, "measure": 3.0}, tiny, shape)
+    assert estimate_run(model, RTN).stages["int4"] == pytest.approx(2.0)  # its own size wins
+    rates.remember({"int4": 1.0}, 10**9, shape)  # a 1B model: for 4B the 8B one is nearer
+    assert estimate_run(resolve(str(tiny_llama)), RTN).stages["int4"] == pytest.approx(2.0)
+    bigger = rates.estimate(4 * 10**9, shape, ["export", "int4", "measure"])
+    assert bigger.stages["int4"] == pytest.approx(50.0 / 8 * 4)  # 8B is the nearest timed size to 4B
+    assert "scaled from models of another size" in bigger.basis
 
 
 def test_a_remembered_rate_changes_the_next_estimate(own_cache, tiny_llama):
@@ -66,7 +83,7 @@ def test_a_remembered_rate_changes_the_next_estimate(own_cache, tiny_llama):
     assert estimate_run(model, RTN).stages["int4"] == pytest.approx(2.0 * model.info.parameters / 1e9)
     # A run a little off the remembered rate is noise: it moves the estimate half-way.
     rates.remember({"int4": 2.5}, 10**9, shape)
-    assert rates.measured_rates()["int4:built"] == {"seconds_per_billion": 2.25, "runs": 3}
+    assert rates.measured_rates()["int4:built@0"] == {"seconds_per_billion": 2.25, "runs": 3}
 
 
 def test_each_way_of_running_a_stage_is_timed_apart():
@@ -84,9 +101,10 @@ def test_each_way_of_running_a_stage_is_timed_apart():
 def test_a_conversion_on_first_use_does_not_teach_the_model_stage(own_cache, tiny_llama, tmp_path):
     gguf_file = write_llama_gguf(tiny_llama, tmp_path / "tiny.gguf")
     quantize_run(str(gguf_file), tmp_path / "first", RTN)  # converts the GGUF file to a folder, then quantizes
-    assert "model" not in rates.measured_rates() and "int4:built" in rates.measured_rates()
+    size = rates.size_class(resolve(str(gguf_file)).info.parameters)
+    assert f"model@{size}" not in rates.measured_rates() and f"int4:built@{size}" in rates.measured_rates()
     quantize_run(str(gguf_file), tmp_path / "second", RTN)  # converted already: opening it is what is timed
-    assert rates.measured_rates()["model"]["runs"] == 1
+    assert rates.measured_rates()[f"model@{size}"]["runs"] == 1
 
 
 def test_remaining_time_follows_the_rates_then_the_stage_pace():
@@ -120,6 +138,8 @@ def test_stage_bars_fill_and_the_time_left_comes_from_the_rates(own_cache, qtbot
     qtbot.waitUntil(lambda: not jobs.running() and window.session.model is not None, timeout=JOB_TIMEOUT_MS)
     balanced = estimate_run(window.session.model, PRESETS["balanced"].settings)
     assert f"Balanced: {rough_duration(balanced.seconds)}" in window.page(ModelPage).time.text()
+    writing = rough_duration(balanced.stages["calibration"])
+    assert f"takes {writing} here" in window.page(CalibrationPage).self_written.text()
     settings = window.page(SettingsPage)
     settings.advanced.set_open(True)
     # AWQ takes the optimum export, which reports its progress for a while even on the tiny model

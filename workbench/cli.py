@@ -170,6 +170,8 @@ def _settings_from(args: argparse.Namespace):
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    import psutil
+
     from workbench.run.pipeline import quantize_run
     from workbench.run.wording import quantized_line
 
@@ -189,6 +191,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             preset=args.preset,
             original=not args.no_original,
             progress=progress,
+            started=psutil.Process().create_time(),  # the time to start this command counts in the next estimate
         )
     data = {
         "run_dir": record.run_dir,

@@ -21,7 +21,9 @@ from PySide6.QtWidgets import (
 from ui.jobs import Job
 from ui.pages import Page
 from ui.widgets import InlineMessage, JobPanel, PageJob, with_tip
+from workbench.durations import rough_duration
 from workbench.quantization.calibration import SUPPORTED_EXTENSIONS, CalibrationPreview, preview
+from workbench.run.pipeline import estimate_run
 
 FILE_FILTER = f"Text files ({' '.join('*' + e for e in SUPPORTED_EXTENSIONS)});;All files (*)"
 
@@ -50,7 +52,7 @@ class CalibrationPage(Page):
         self.body.addWidget(self.not_used)
 
         self.choice = QGroupBox("Example text")
-        self.self_written = QRadioButton("Let the model write its own (no file needed; adds a few minutes)")
+        self.self_written = QRadioButton()
         with_tip(self.self_written, "data-free")
         self.from_file = QRadioButton("Use text from a file (.txt, .jsonl, .csv or .json)")
         with_tip(self.from_file, "calibration")
@@ -96,6 +98,9 @@ class CalibrationPage(Page):
         self.path.editingFinished.connect(lambda: self.use_file(Path(self.path.text())) if self.path.text() else None)
         session.settings_changed.connect(self._settings_changed)
         session.model_changed.connect(self._model_changed)
+        for signal in (session.model_changed, session.settings_changed, session.run_changed):
+            signal.connect(self._show_writing_time)  # a finished run taught the rates the time comes from
+        self._show_writing_time()
         self._mode_changed()
         self._settings_changed()
 
@@ -153,6 +158,15 @@ class CalibrationPage(Page):
         self.choice.setEnabled(self.session.settings.needs_calibration)
         self.preview_box.setEnabled(self.session.settings.needs_calibration)
         self.changed.emit()
+
+    def _show_writing_time(self) -> None:
+        """How long the model takes to write its own text here, from the rates learnt on this machine."""
+        session = self.session
+        took = ""
+        if session.model is not None and session.settings.needs_calibration:
+            seconds = estimate_run(session.model, session.settings).stages.get("calibration", 0.0)
+            took = f"; takes {rough_duration(seconds)} here"
+        self.self_written.setText(f"Let the model write its own (no file needed{took})")
 
     def _model_changed(self) -> None:
         if self.from_file.isChecked() and self.path.text():

@@ -90,9 +90,13 @@ def quantize_run(
     original: bool = True,
     progress: Progress = no_progress,
     cancelled: Cancelled = never_cancelled,
+    started: float | None = None,
 ) -> RunRecord:
     """Quantize a model into `run_dir`; return the run record (also saved as run.json). Without `original`
-    the fp32 original is not kept, and the INT4 model is measured alone."""
+    the fp32 original is not kept, and the INT4 model is measured alone.
+
+    `started` (a time.time()): when the wait for this run began, if before this call (a command's
+    start); the rates learn the time outside the stages from then."""
     run_dir = Path(run_dir)
     check_output_dir(run_dir, 0)  # before the (possibly long) model resolution
     calibrated = settings.needs_calibration
@@ -102,10 +106,10 @@ def quantize_run(
     if isinstance(spec, ResolvedModel):
         plan = estimate_run(spec, settings, calibration)
     else:
-        plan = estimate(10**9, RunShape(settings, reads, streamable(settings)),
+        plan = estimate(10**9, RunShape(settings, reads, streamable(settings), opens_model=True),
                         stage_names(settings, built=streamable(settings), opens_model=True))
     stages = Stages(progress, [(s, plan.stages.get(s.name, 0.0)) for s, _ in run_stages(settings)])
-    opened, began = time.time(), time.perf_counter()
+    opened = time.time()
     model = resolve_model(spec, run_dir, stages, trust_remote_code, cancelled, settings)
     settings.check_patterns([w.name for w in model.info.weights])
     if calibration is not None and not calibrated:
@@ -126,8 +130,9 @@ def quantize_run(
     timings = {name: seconds for name, seconds in record.timings_s.items()
                if not (name == "model" and converted_since(model, opened))}
     remember(timings, record.model.parameters,
-             RunShape(settings, reads, source.built, original=source.original_skipped is None),
-             rest_s=time.perf_counter() - began - sum(record.timings_s.values()))
+             RunShape(settings, reads, source.built, original=source.original_skipped is None,
+                      opens_model=not isinstance(spec, ResolvedModel)),
+             rest_s=time.time() - (started or opened) - sum(record.timings_s.values()))
     return record
 
 
@@ -166,7 +171,7 @@ def estimate_run(model: ResolvedModel, settings: QuantSettings, calibration: Pat
     opens it; the app's Quantize step has it open already)."""
     reads = calibration if settings.needs_calibration else None
     built = builder_reason(model, settings) is None
-    shape = RunShape(settings, reads, built, original=not built or original_fits(model.info))
+    shape = RunShape(settings, reads, built, original=not built or original_fits(model.info), opens_model=opens_model)
     return estimate(model.info.parameters, shape, stage_names(settings, built=built, opens_model=opens_model))
 
 

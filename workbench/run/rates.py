@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 from collections.abc import Iterable, Sequence
@@ -49,9 +50,9 @@ DEFAULT_RATES = {
     "measure:int4": 5.7,  # the INT4 model alone (the original too large to write): an 8B shape, docs/scale.md
 }
 # A run's time outside its stages (the run folder, run.json, report.md and memory.png), in seconds
-# whatever the model's size.
-REST = "rest"
-DEFAULT_REST_S = 2.0
+# whatever the model's size; for a command (`quantize`) also its own start (Python, the libraries).
+# Defaults: the app's from a demo run on the busy machine, the command's from the quiet reference run.
+DEFAULT_REST_S = {"rest": 1.0, "rest:command": 5.6}
 BUILT_STAGES = ("export", "gptq", "int4")  # the stages the graph builder does its own way
 # The calibration rates are per this many tokens (the presets' 32 samples of 256 tokens): the
 # time to write or read the text grows with its length.
@@ -72,6 +73,12 @@ class RunShape:
     calibration: Path | None = None  # a calibration file read (None: the model writes its own, or none is used)
     built: bool = True  # the graph builder writes the graphs (workbench.run.streamed)
     original: bool = True  # the fp32 original is written and measured (skipped when too large to run here)
+    opens_model: bool = False  # the run opens the model itself: a command, which also starts Python first
+
+    @property
+    def rest_key(self) -> str:
+        """The rate of the time outside the stages."""
+        return "rest:command" if self.opens_model else "rest"
 
     def key(self, stage: str) -> str | None:
         """The rate `stage` is timed by in a run of this shape; None when it does nothing worth timing
@@ -109,8 +116,24 @@ def _read() -> dict:
 
 
 def measured_rates() -> dict[str, dict]:
-    """This machine's rates: {key: {"seconds_per_billion": x, "runs": n}}."""
+    """This machine's rates: {"KEY@SIZE": {"seconds_per_billion": x, "runs": n}, "rest": {"seconds": ...}}."""
     return _read().get("machines", {}).get(machine_id(), {})
+
+
+def size_class(parameters: int) -> int:
+    """Models within a factor of about two in size share their rates (the nearest power of two of the
+    billions): a small model's rate per parameter carries its fixed costs, which a large one spreads."""
+    return round(math.log2(max(parameters, 1) / 1e9))
+
+
+def _nearest(rates: dict, key: str, parameters: int) -> tuple[dict, bool] | None:
+    """The remembered rate of `key` from the runs on models nearest in size, and whether of this size."""
+    here = size_class(parameters)
+    sizes = [int(name.rpartition("@")[2]) for name in rates if name.rpartition("@")[0] == key]
+    if not sizes:
+        return None
+    nearest = min(sizes, key=lambda size: (abs(size - here), -size))
+    return rates[f"{key}@{nearest}"], nearest == here
 
 
 def remember(timings_s: dict[str, float], parameters: int, shape: RunShape, rest_s: float | None = None) -> None:
@@ -125,9 +148,10 @@ def remember(timings_s: dict[str, float], parameters: int, shape: RunShape, rest
     for stage, seconds in timings_s.items():
         key = shape.key(stage)
         if billions > 0 and key in DEFAULT_RATES:
-            rates[key] = _folded(rates.get(key), "seconds_per_billion", seconds / billions / shape.work(stage))
+            name = f"{key}@{size_class(parameters)}"
+            rates[name] = _folded(rates.get(name), "seconds_per_billion", seconds / billions / shape.work(stage))
     if rest_s is not None:
-        rates[REST] = _folded(rates.get(REST), "seconds", rest_s)
+        rates[shape.rest_key] = _folded(rates.get(shape.rest_key), "seconds", rest_s)
     path = rates_path()
     temporary = path.with_suffix(".partial")
     try:
@@ -153,6 +177,7 @@ class Estimate:
     measured: frozenset[str] = field(default_factory=frozenset)  # the stages timed here before
     runs: int = 0  # the most runs any of the measured rates comes from
     rest: float = 0.0  # seconds outside the stages (the report), after them
+    other_size: bool = False  # some rates come from runs on models of quite another size
 
     @property
     def seconds(self) -> float:
@@ -162,7 +187,8 @@ class Estimate:
     def basis(self) -> str:
         """Where the figure comes from, in words (it is always an estimate)."""
         if self.measured and self.measured >= set(self.stages):
-            return f"an estimate from the runs made on this machine ({self.runs} so far), for a model of this size"
+            return (f"an estimate from the runs made on this machine ({self.runs} so far), "
+                    + ("scaled from models of another size" if self.other_size else "for a model of this size"))
         typical = ", ".join(TITLES.get(name, name) for name in self.stages if name not in self.measured)
         if self.measured:
             return ("an estimate partly from the runs made on this machine, partly from the rates of a typical "
@@ -206,18 +232,16 @@ class Estimate:
 STAGE_PACE_FRACTION = 0.1
 
 
-def _rate(rates: dict, key: str) -> float:
-    known = rates.get(key)
-    return known["seconds_per_billion"] if known else DEFAULT_RATES[key]
-
-
 def estimate(parameters: int, shape: RunShape, stages: Sequence[str]) -> Estimate:
     """How long each of `stages` should take for a model of `parameters` in a run of this shape."""
     rates = measured_rates()
     keys = {stage: shape.key(stage) for stage in stages if shape.key(stage)}
+    known = {stage: _nearest(rates, key, parameters) for stage, key in keys.items()}
     return Estimate(
-        {stage: _rate(rates, key) * shape.work(stage) * parameters / 1e9 for stage, key in keys.items()},
-        frozenset(stage for stage, key in keys.items() if key in rates),
-        max((rates[key]["runs"] for key in keys.values() if key in rates), default=0),
-        rates[REST]["seconds"] if REST in rates else DEFAULT_REST_S,
+        {stage: (known[stage][0]["seconds_per_billion"] if known[stage] else DEFAULT_RATES[key])
+         * shape.work(stage) * parameters / 1e9 for stage, key in keys.items()},
+        frozenset(stage for stage, rate in known.items() if rate),
+        max((rate[0]["runs"] for rate in known.values() if rate), default=0),
+        rates[shape.rest_key]["seconds"] if shape.rest_key in rates else DEFAULT_REST_S[shape.rest_key],
+        other_size=any(rate and not rate[1] for rate in known.values()),
     )
