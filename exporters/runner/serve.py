@@ -502,6 +502,9 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    # Connections not yet accepted. The default, 5, overflowed in a soak of 16 clients on a busy machine, and
+    # the kernel reset a connection it had accepted with a SYN cookie; requests are bounded by the queue.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], service: Service, api_key: str | None):
         host = address[0]
