@@ -197,21 +197,19 @@ class Scheduler:
                 group.append(job)
             for _ in group:
                 self.waiting.popleft()
-            self._joining = list(group)
-        # On the shared KV buffer every prompt runs alone anyway: each answer's first token goes out as soon
-        # as its own prompt ran, not after all of them. A growing cache takes a group in one padded pass.
-        parts = [[job] for job in group] if self.model.shares_kv else [group] if group else []
-        for part in parts:
-            joined = self.batch.join([job.prompt for job in part])
-            with self._wake:
-                for job, (row, _) in zip(part, joined):
-                    answer = engine.Answer(len(job.prompt), job.config, self.model.context_length, self.tokenizer,
-                                           self.eos, job.stream_piece, job.cancelled.is_set)
-                    self.active[row] = (job, engine.Sampler(job.config), answer)
-                    self._joining.remove(job)
-                self.counts["peak_active"] = max(self.counts["peak_active"], len(self.active))
-            for row, logits in joined:
-                self._take(row, logits)
+            self._joining = group
+        if not group:
+            return
+        joined = self.batch.join([job.prompt for job in group])
+        with self._wake:
+            for job, (row, _) in zip(group, joined):
+                answer = engine.Answer(len(job.prompt), job.config, self.model.context_length, self.tokenizer,
+                                       self.eos, job.stream_piece, job.cancelled.is_set)
+                self.active[row] = (job, engine.Sampler(job.config), answer)
+            self._joining = []
+            self.counts["peak_active"] = max(self.counts["peak_active"], len(self.active))
+        for row, logits in joined:
+            self._take(row, logits)
 
     def _step(self) -> None:
         feed = {row: answer.tokens[-1] for row, (_, _, answer) in self.active.items()}
