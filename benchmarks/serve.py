@@ -105,7 +105,7 @@ class Client:
             return {"status": 200, "text": "".join(pieces), "finish": finish, "first": first, "end": time.perf_counter(),
                     "began": began, "tokens": usage["completion_tokens"] if usage else None, "done": done}
         except (OSError, http.client.HTTPException, json.JSONDecodeError) as error:
-            return {"status": f"{type(error).__name__}: {error}"}
+            return {"status": f"{type(error).__name__}: {error}", "after_s": round(time.perf_counter() - began, 2)}
         finally:
             connection.close()
 

@@ -310,3 +310,40 @@ def test_the_ray_serve_target_carries_its_scaling_in_a_ray_serve_config(serve_ru
     with pytest.raises(WorkbenchError, match="--target ray-serve"):
         build_bundle(serve_run, tmp_path / "runner", ray_scale=RayScale(replicas=2))
     assert not (tmp_path / "bad").exists() and not (tmp_path / "runner").exists()
+
+
+def test_batched_rows_of_the_int4_graph_have_their_single_stream_logits(serve_run):
+    """With int8 activations (accuracy level 4) too: rows joining at different times, at different lengths,
+    get to the bit the logits of the same sequence decoded alone, so batched greedy text is the runner's."""
+    import numpy as np
+
+    from workbench.generation import engine
+
+    model = engine.CausalLM(str(serve_run / "int4" / "model.onnx"), context_length=256)
+    assert model.shares_kv
+    prompts = [[5, 17, 42, 8, 99, 120, 33, 64, 7, 250, 31] * 3, [5, 17], [99, 120, 33, 64, 7], [7, 250, 31, 4]]
+    steps = 12
+
+    def alone(prompt: list[int]) -> list[np.ndarray]:
+        cache = model.new_cache(1, len(prompt) + steps + 1)
+        logits = [model.step(cache, np.asarray([prompt]), last_only=True)[0, -1]]
+        for _ in range(steps):
+            logits.append(model.step(cache, np.asarray([[int(np.argmax(logits[-1]))]]), last_only=True)[0, -1])
+        return logits
+
+    expected = [alone(p) for p in prompts]
+    batch, got, rows = engine.Batch(model, rows=4, capacity=256), {}, {}
+    for i, prompt in enumerate(prompts):  # one joins before each step
+        [(row, logits)] = batch.join([prompt])
+        rows[row], got[i] = i, [logits]
+        for row, logits in batch.step({r: int(np.argmax(got[j][-1])) for r, j in rows.items()}).items():
+            got[rows[row]].append(logits)
+    while any(len(got[i]) <= steps for i in got):
+        feed = {r: int(np.argmax(got[j][-1])) for r, j in rows.items() if len(got[j]) <= steps}
+        for row in set(rows) - set(feed):
+            if batch.lengths[row] is not None:
+                batch.leave(row)
+        for row, logits in batch.step(feed).items():
+            got[rows[row]].append(logits)
+    for i in range(len(prompts)):
+        np.testing.assert_array_equal(np.stack(got[i]), np.stack(expected[i]))

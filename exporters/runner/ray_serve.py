@@ -42,7 +42,7 @@ class OpenAIServer:
     def __init__(self, limits: serve.Limits, threads: int, provider: str, name: str, api_key: str | None):
         settings = json.loads((HERE / "runner.json").read_text(encoding="utf-8"))
         tokenizer = Tokenizer.from_file(str(HERE / settings["tokenizer"]))
-        model = run.load_model(settings, provider, threads)
+        model = run.load_model(settings, provider, threads, serve.SPINNING)
         self.service = serve.Service(model, tokenizer, settings, name, limits)
         self.api_key = api_key
 

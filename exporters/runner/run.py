@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_model(settings: dict, provider: str, threads: int | None) -> engine.CausalLM:
+def load_model(settings: dict, provider: str, threads: int | None, spinning: bool = True) -> engine.CausalLM:
     cuda_available = engine.CUDA in ort.get_available_providers()
     if provider == "cuda" and not cuda_available:
         raise SystemExit("error: this onnxruntime has no CUDA provider; pip install onnxruntime-gpu, or use --provider cpu.")
@@ -53,7 +54,8 @@ def load_model(settings: dict, provider: str, threads: int | None) -> engine.Cau
     # it (on file descriptor 2) is hidden and replaced by one line.
     with hidden_stderr(provider == "auto"):
         model = engine.CausalLM(
-            HERE / settings["model"], providers=providers, threads=threads, context_length=settings["context_length"]
+            HERE / settings["model"], providers=providers, threads=threads, context_length=settings["context_length"],
+            spinning=spinning,
         )
     if provider == "cuda" and model.device != "cuda":
         raise SystemExit("error: the CUDA provider did not start (no GPU or CUDA libraries found); use --provider cpu.")
@@ -141,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         tokenizer = Tokenizer.from_file(str(HERE / settings["tokenizer"]))
         if args.serve:
-            return serve.serve(args, lambda: load_model(settings, args.provider, args.threads), tokenizer, settings,
-                               HERE.name)
+            load = functools.partial(load_model, settings, args.provider, args.threads, serve.SPINNING)
+            return serve.serve(args, load, tokenizer, settings, HERE.name)
         model = load_model(settings, args.provider, args.threads)
         if args.prompt is None:
             converse(model, tokenizer, settings, config, args)

@@ -103,11 +103,15 @@ class GenerationResult:
         return (len(self.tokens) - 1) / decode if len(self.tokens) > 1 and decode > 0 else 0.0
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
+    """`spinning` False: ONNX Runtime's threads sleep between parallel work instead of spinning, leaving the
+    cores to other threads of the process (a server's) and to other processes."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -141,10 +145,12 @@ class CausalLM:
         providers: Sequence[str] = (CPU,),
         threads: int | None = None,
         context_length: int | None = None,
+        spinning: bool = True,
     ):
         folder = os.path.dirname(os.path.abspath(path))
         with paging_out(folder):
-            self.session = ort.InferenceSession(str(path), session_options(threads), providers=list(providers))
+            self.session = ort.InferenceSession(str(path), session_options(threads, spinning),
+                                                providers=list(providers))
         self.device = "cuda" if CUDA in self.session.get_providers() else "cpu"
         self.context_length = context_length
         inputs = self.session.get_inputs()
