@@ -104,7 +104,7 @@ def quantize_run(
     # Each stage weighs what it takes on this machine, so the overall fraction is a share of the time.
     # A model still to open is taken to suit the graph builder until it is open.
     if isinstance(spec, ResolvedModel):
-        plan = estimate_run(spec, settings, calibration)
+        plan = estimate_run(spec, settings, calibration, original=original)
     else:
         plan = estimate(10**9, RunShape(settings, reads, streamable(settings), opens_model=True),
                         stage_names(settings, built=streamable(settings), opens_model=True))
@@ -164,14 +164,15 @@ def stage_names(settings: QuantSettings, *, built: bool, opens_model: bool) -> l
 
 
 def estimate_run(model: ResolvedModel, settings: QuantSettings, calibration: Path | None = None, *,
-                 opens_model: bool = False) -> Estimate:
+                 opens_model: bool = False, original: bool = True) -> Estimate:
     """How long `quantize_run` should take here for `model` (rates learnt on this machine), counting
     the stages it will go through: the graph builder's where it can write this model, no fp32
-    original where it would not run here, and opening the model only when `opens_model` (the CLI
-    opens it; the app's Quantize step has it open already)."""
+    original where it would not run here or is not asked for (`original`), and opening the model
+    only when `opens_model` (the CLI opens it; the app's Quantize step has it open already)."""
     reads = calibration if settings.needs_calibration else None
     built = builder_reason(model, settings) is None
-    shape = RunShape(settings, reads, built, original=not built or original_fits(model.info), opens_model=opens_model)
+    shape = RunShape(settings, reads, built, original=not built or (original and original_fits(model.info)),
+                     opens_model=opens_model)
     return estimate(model.info.parameters, shape, stage_names(settings, built=built, opens_model=opens_model))
 
 
