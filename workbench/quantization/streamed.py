@@ -94,7 +94,15 @@ class LazyModel:
         module.to_empty(device="cpu")
         with torch.no_grad():
             for name, parameter in module.named_parameters():
-                parameter.copy_(torch.from_numpy(self.weights.read(prefix + name)))
+                if parameter.dim() != 2:
+                    parameter.copy_(torch.from_numpy(self.weights.read(prefix + name)))
+                    continue
+                # Row chunks: a float32 copy of a whole tensor beside the parameter would double a large
+                # embedding (1 GiB for a 128k vocabulary of width 2048) while it loads.
+                row = 0
+                for chunk in self.weights.row_chunks(prefix + name):
+                    parameter[row:row + len(chunk)].copy_(torch.from_numpy(chunk))
+                    row += len(chunk)
 
     def _layer_hook(self, index: int):
         def hook(module, args):

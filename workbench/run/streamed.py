@@ -3,9 +3,9 @@
 On an architecture the builder knows, RTN, HQQ and GPTQ need no fp32 copy of the model: the INT4
 graph is written tensor by tensor, GPTQ holds one decoder layer at a time
 (workbench.quantization.streamed), and data-free calibration text comes from a round-to-nearest
-INT4 copy on ONNX Runtime. The fp32 original is written too,
-the same way, when this machine could run it for the comparison; otherwise it is skipped and the
-run says why (ONNX Runtime's CPU kernels have no bf16 MatMul, so a bf16 original cannot stand in).
+copy on ONNX Runtime. The fp32 original is written too, the same way, when this machine could run
+it for the comparison; otherwise it is skipped and the run says why (ONNX Runtime's CPU kernels
+have no bf16 MatMul, so a bf16 original cannot stand in).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from workbench.quantization.streamed import (
     streamed_gptq,
 )
 from workbench.run.memory import (
-    FITS,
     NO_FIT,
     RUN_RAM_FACTOR,
     RUNTIME_OVERHEAD_BYTES,
@@ -38,6 +37,7 @@ from workbench.sources import ModelInfo, ResolvedModel
 
 log = logging.getLogger(__name__)
 STREAMED_METHODS = ("rtn", "hqq", "gptq")
+WRITER = QuantSettings(method="rtn")  # the copy that writes data-free calibration text
 
 
 def streamable(settings: QuantSettings) -> bool:
@@ -87,32 +87,24 @@ def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSetting
                         progress: Progress, cancelled: Cancelled) -> np.ndarray:
     """Token samples from the calibration file, or written by the model itself (data-free).
 
-    The float model in PyTorch writes them where it fits comfortably in the free RAM: streamed GPTQ
-    is bit-exact with GPTQ on the whole model, so the run then equals the export path's. A larger
-    model's text is written by an RTN INT4 copy on ONNX Runtime (which of the two writes better
-    calibration text is not measured yet).
+    Data-free text is written by a round-to-nearest copy of the model on ONNX Runtime (WRITER), at
+    every size: measured on the off-grid reference (docs/quality.md), the balanced preset's quality
+    is the same as with text from the float model in PyTorch, in less time and a fraction of the memory.
     """
     from transformers import AutoTokenizer
 
     from workbench.quantization.calibration import file_samples
 
     tokenizer = AutoTokenizer.from_pretrained(model.path)
-    n, length = settings.calibration_samples, settings.calibration_tokens
     if calibration is not None:
         return file_samples(calibration, tokenizer, settings, progress)
-    if fit_verdict(_run_ram(model.info), psutil.virtual_memory().available) == FITS:
-        from workbench.quantization.calibration import self_written_samples
-        from workbench.sources import load_torch_model
-
-        torch_model, _ = load_torch_model(model.path, trust_remote_code=False)
-        return self_written_samples(torch_model, tokenizer, n, length, progress=progress, cancelled=cancelled)
-    log.info("calibration text written by an RTN INT4 copy: the float model does not fit comfortably")
     writer = Path(tempfile.mkdtemp(prefix=".calibration-writer-", dir=work))
     try:
-        build_decoder(model.path, writer, model.info, QuantSettings(method="rtn"),
+        build_decoder(model.path, writer, model.info, WRITER,
                       progress=sub_progress(progress, 0.0, 0.1, prefix="RTN copy: "), cancelled=cancelled)
-        return onnx_written_samples(model.path, writer, tokenizer, n, length,
-                                    progress=sub_progress(progress, 0.1, 1.0), cancelled=cancelled)
+        return onnx_written_samples(model.path, writer, tokenizer, settings.calibration_samples,
+                                    settings.calibration_tokens, progress=sub_progress(progress, 0.1, 1.0),
+                                    cancelled=cancelled)
     finally:
         shutil.rmtree(writer, ignore_errors=True)
 
