@@ -181,7 +181,8 @@ def _quantize_group(group: InputGroup, results, writes, block_size, symmetric, a
     bounds = np.cumsum([0] + [w.shape[0] for w in weights])
     for start, (q, scale, zero, values) in _solve_chunks(lambda a, b: _stacked_rows(weights, a, b), len(row_bits),
                                                          hessian, row_bits, block_size=block_size,
-                                                         symmetric=symmetric, act_order=act_order, damp=damp):
+                                                         symmetric=symmetric, act_order=act_order, damp=damp,
+                                                         consume=not debug):
         stop = start + len(q)
         for index in range(len(weights)):  # the chunk's rows that belong to this module
             a, b = max(start, bounds[index]), min(stop, bounds[index + 1])
@@ -249,25 +250,29 @@ def gptq_solve(
 
 
 def _solve_chunks(rows, n: int, hessian: torch.Tensor, row_bits: np.ndarray, *, block_size: int, symmetric: bool,
-                  act_order: bool, damp: float):
+                  act_order: bool, damp: float, consume: bool = False):
     """gptq_solve's results a chunk of about ROW_CHUNK rows at a time, as (first row, (codes, scales, zero
     points, dequantized)); `rows(start, stop)` gives the weight's rows. Each row's solution depends on H
-    alone, so the chunks equal the whole."""
-    inverse, perm = _prepare_hessian(hessian, damp, act_order)
+    alone, so the chunks equal the whole. `consume`: H may be changed (it is not copied)."""
     dead = hessian.diagonal() == 0
+    inverse, perm = _prepare_hessian(hessian, damp, act_order, consume=consume)
     size = math.ceil(n / math.ceil(n / ROW_CHUNK))
     for r in range(0, n, size):
         yield r, _solve_rows(rows(r, min(r + size, n)), inverse, perm, dead, row_bits[r:r + size], block_size,
                              symmetric)
 
 
-def _prepare_hessian(hessian: torch.Tensor, damp: float, act_order: bool) -> tuple[torch.Tensor, list[int] | None]:
+def _prepare_hessian(hessian: torch.Tensor, damp: float, act_order: bool,
+                     consume: bool = False) -> tuple[torch.Tensor, list[int] | None]:
     """Upper Cholesky factor U of H^-1 = U^T U (dampened, dead columns fixed), permuted when act_order.
 
     With J the order reversal, chol(J H J) = L gives U = J L^-1 J: one factorization and one
     triangular inverse instead of inverting H and factorizing again.
     """
-    h = hessian.to(torch.float32).clone()
+    h = hessian.to(torch.float32)
+    if not consume and h is hessian:
+        h = h.clone()
+    del hessian
     diagonal = h.diagonal()
     diagonal[diagonal == 0] = 1.0
     perm = None
