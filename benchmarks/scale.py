@@ -179,6 +179,9 @@ def sampled(command: list[str], env: dict) -> dict:
                 match = STAGE.match(text)
                 if match:
                     state["stage"] = match.group(1)
+                    # Echoed as it happens, so a long run that is stopped still shows how far it got.
+                    print(f"{time.perf_counter() - began:7.1f} s  {match.group(1)}  (peak so far "
+                          f"{max(peaks.values(), default=0) / 2**30:.2f} GiB)", file=sys.stderr, flush=True)
                 elif text.strip():
                     state["stderr"].append(text)
 
