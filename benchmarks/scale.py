@@ -168,6 +168,8 @@ def sampled(command: list[str], env: dict) -> dict:
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     process = psutil.Process(child.pid)
     state = {"stage": "start", "stderr": []}
+    peaks: dict[str, int] = {}
+    starts: dict[str, float] = {}
 
     def read_stderr():
         buffer = b""
@@ -187,8 +189,6 @@ def sampled(command: list[str], env: dict) -> dict:
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
-    peaks: dict[str, int] = {}
-    starts: dict[str, float] = {}
     while child.poll() is None:
         starts.setdefault(state["stage"], round(time.perf_counter() - began, 1))
         try:
