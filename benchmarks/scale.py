@@ -48,7 +48,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "h
                "original_max_position_embeddings": 8192}
 SHARD_BYTES = 2 * 10**9
 SAMPLE_S = 0.25
-STAGE = re.compile(r"^STAGE (\w+)$")
+STAGE = re.compile(r"^STAGE (.+)$")
 # What `int4-workbench quantize MODEL -o RUN --method rtn` (or `--preset balanced`) runs, with each stage's start printed at once
 # (the CLI's progress bar redraws at most twice a second, which would blur the stage boundaries).
 QUANTIZE = """
@@ -58,10 +58,11 @@ from workbench.run.pipeline import quantize_run
 from workbench.settings import PRESETS, QuantSettings
 seen = set()
 def progress(fraction, message):
-    stage = message.split(":", 1)[0]
-    if stage not in seen:
-        seen.add(stage)
-        print("STAGE", stage, file=sys.stderr, flush=True)
+    stage, _, rest = message.partition(":")
+    step = stage if stage != "gptq" else f"gptq/{rest.strip()}"  # GPTQ's steps: capture, each layer, lm_head
+    if step not in seen:
+        seen.add(step)
+        print("STAGE", step, file=sys.stderr, flush=True)
 settings = PRESETS[sys.argv[3]].settings if sys.argv[3] in PRESETS else QuantSettings(method=sys.argv[3])
 quantize_run(sys.argv[1], Path(sys.argv[2]), settings, progress=progress)
 """
@@ -174,6 +175,8 @@ def sampled(command: list[str], env: dict) -> dict:
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     process = psutil.Process(child.pid)
     state = {"stage": "start", "stderr": []}
+    peaks: dict[str, int] = {}
+    starts: dict[str, float] = {}
 
     def read_stderr():
         buffer = b""
@@ -185,13 +188,16 @@ def sampled(command: list[str], env: dict) -> dict:
                 match = STAGE.match(text)
                 if match:
                     state["stage"] = match.group(1)
+                    # Echoed as it happens, so a long run that is stopped still shows how far it got.
+                    print(f"{time.perf_counter() - began:7.1f} s  {match.group(1)}  (peak so far "
+                          f"{max(peaks.values(), default=0) / 2**30:.2f} GiB)", file=sys.stderr, flush=True)
                 elif text.strip():
                     state["stderr"].append(text)
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
-    peaks: dict[str, int] = {}
     while child.poll() is None:
+        starts.setdefault(state["stage"], round(time.perf_counter() - began, 1))
         try:
             rss = tree_rss(process)
         except psutil.NoSuchProcess:
@@ -203,6 +209,7 @@ def sampled(command: list[str], env: dict) -> dict:
     reader.join(timeout=5)
     return {"returncode": child.returncode, "wall_s": round(time.perf_counter() - began, 1),
             "peak_gib": {k: round(v / 2**30, 2) for k, v in peaks.items()},
+            "started_s": starts,
             "stdout": stdout, "stderr_tail": state["stderr"][-15:]}
 
 
@@ -236,8 +243,12 @@ def main() -> None:
             raise SystemExit(json.dumps(result, indent=2))
         record = json.loads((run_dir / "run.json").read_text())
         through_int4 = [v for k, v in quantize["peak_gib"].items() if k != "measure"]
+        stage_peaks = {}  # GPTQ's steps folded into one stage figure
+        for step, peak in quantize["peak_gib"].items():
+            stage = step.split("/", 1)[0]
+            stage_peaks[stage] = max(stage_peaks.get(stage, 0), peak)
         result["quantize"].update(
-            peak_through_int4_gib=max(through_int4), timings_s=record["timings_s"],
+            peak_through_int4_gib=max(through_int4), stage_peak_gib=stage_peaks, timings_s=record["timings_s"],
             int4_gib=round(record["int4"]["bytes"] / 2**30, 2), original=record["original"].get("skipped", "built"),
             measured_peak_rss_gib={k: round(record[k]["peak_rss_bytes"] / 2**30, 2) if record[k]["peak_rss_bytes"]
                                    else None for k in ("original", "int4")},

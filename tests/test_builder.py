@@ -296,10 +296,16 @@ def test_streamed_gptq_on_the_other_families(family, tmp_path):
     _streamed_gptq_equals_gptq(model, QuantSettings(method="gptq", symmetric=False, act_order=True), tmp_path / "spill")
 
 
-def test_data_free_gptq_run_is_streamed(tiny_llama, tmp_path):
-    """The balanced preset's method, data-free: calibration text from the RTN INT4 copy, GPTQ layer by layer,
-    written by the builder; the engine decodes the result."""
+@pytest.mark.parametrize("writer", ["float model", "8-bit copy"])
+def test_data_free_gptq_run_is_streamed(tiny_llama, tmp_path, monkeypatch, writer):
+    """The balanced preset's method, data-free: calibration text from the float model (a small model) or from
+    the 8-bit copy on ONNX Runtime (a larger one: here the size limit is lowered), GPTQ layer by layer, written
+    by the builder; the engine decodes the result and the copy leaves nothing behind."""
+    import workbench.run.streamed
     from workbench.run.pipeline import quantize_run
+
+    if writer == "8-bit copy":
+        monkeypatch.setattr(workbench.run.streamed, "FLOAT_WRITER_MAX_BYTES", 0)
 
     settings = QuantSettings(method="gptq", symmetric=False, act_order=True, calibration_samples=4,
                              calibration_tokens=32)

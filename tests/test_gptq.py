@@ -11,8 +11,9 @@ from conftest import assert_same_state, assert_untouched_by_a_cancel_at_any_poin
 from models import build_model
 from workbench.quantization.blockquant import grid_params, rtn_quantize
 from workbench.errors import JobCancelled
+from workbench.quantization import gptq
 from workbench.quantization.gptq import _round_to_grid, gptq_quantize, gptq_solve
-from workbench.quantization.layerwise import capture, layer_output
+from workbench.quantization.layerwise import InputGroup, capture, layer_output
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -120,6 +121,40 @@ def test_rows_with_different_bits_are_solved_together():
     alone8 = gptq_solve(weight[16:], hessian(x), 8, block_size=32, symmetric=False)
     torch.testing.assert_close(dequantized, torch.cat([alone4[3], alone8[3]]))
     assert codes[16:].max() > 15  # the 8-bit rows really use 8 bits
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_group_solved_in_row_chunks_equals_the_stacked_solve(monkeypatch, act_order):
+    """Linears sharing an input (q/k/v) are solved a chunk of rows at a time, straight into each module's
+    arrays; with chunks that straddle the modules' boundaries the results are those of one solve of the
+    stacked rows."""
+    k = 64
+    x = correlated_inputs(k, seed=4)
+    generator = torch.Generator().manual_seed(9)
+    linears = [torch.nn.Linear(k, rows, bias=False) for rows in (24, 8, 8)]
+    for linear in linears:
+        linear.weight.data = torch.randn(linear.weight.shape, generator=generator) * 0.1
+    bits = [4, 8, 4]
+    stacked = torch.cat([linear.weight.detach() for linear in linears])
+    row_bits = np.concatenate([np.full(linear.out_features, b) for linear, b in zip(linears, bits)])
+    codes, scales, zeros, dequantized = gptq_solve(stacked, hessian(x), row_bits, block_size=32, symmetric=False,
+                                                   act_order=act_order)
+    monkeypatch.setattr(gptq, "ROW_CHUNK", 7)  # 40 rows in 6 chunks of 7 or fewer, crossing both boundaries
+    stats = gptq._Hessian()
+    stats.add(x)
+    group = InputGroup(names=["q", "k", "v"], modules=linears, bits=bits, stats=stats)
+    results, writes = {}, []
+    gptq._quantize_group(group, results, writes, block_size=32, symmetric=False, act_order=act_order, damp=0.01)
+    start = 0
+    for name, linear, (module, written) in zip("qkv", linears, writes):
+        stop = start + linear.out_features
+        ours = results[name]
+        np.testing.assert_array_equal(ours.q, codes[start:stop].numpy().astype(np.uint8))
+        np.testing.assert_array_equal(ours.scales, scales[start:stop].numpy())
+        np.testing.assert_array_equal(ours.zero_points, zeros[start:stop].numpy().astype(np.uint8))
+        assert module is linear
+        torch.testing.assert_close(written, dequantized[start:stop], rtol=0, atol=0)
+        start = stop
 
 
 def test_dead_inputs_are_zeroed_and_do_not_break_the_factorization():

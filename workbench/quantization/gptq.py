@@ -75,12 +75,13 @@ class _Hessian:
         self.upper_only = parts > 1
 
     def finished(self) -> torch.Tensor:
-        """2 X^T X / tokens, mirrored when only the upper block triangle was accumulated."""
-        h = self.matrix
+        """2 X^T X / tokens, mirrored when only the upper block triangle was accumulated; computed in place
+        (the statistics are spent), so a wide input's K x K matrix is not copied."""
+        h, self.matrix = self.matrix, None
         if self.upper_only:
-            h = torch.triu(h)
-            h = h + torch.triu(h, 1).T
-        return h * (2.0 / max(self.tokens, 1))
+            h.triu_()
+            h.add_(torch.triu(h, 1).T)
+        return h.mul_(2.0 / max(self.tokens, 1))
 
 
 def gptq_quantize(
@@ -134,14 +135,15 @@ def _run(model, calibration, plan: Plan, results, block_size, symmetric, act_ord
                           step.count, np.mean([e[0] for e in errors]), np.mean([e[1] for e in errors]))
         if not step.needs_output:
             return None
-        originals = [(module, module.weight.detach().clone()) for module, _ in writes]
+        # The quantized weights are swapped in and the originals back, not copied: no second copy of the layer.
+        originals = [(module, module.weight.data) for module, _ in writes]
         try:
             for module, weight in writes:
-                module.weight.copy_(weight.to(module.weight.dtype))
+                module.weight.data = weight.to(module.weight.dtype)
             return run_layer(step.layer, step.hidden, step.calls, cancelled)
         finally:
             for module, weight in originals:
-                module.weight.copy_(weight)
+                module.weight.data = weight
 
     def process_head(hidden: list[torch.Tensor]) -> None:
         name, module, bits = plan.head
@@ -149,7 +151,8 @@ def _run(model, calibration, plan: Plan, results, block_size, symmetric, act_ord
         group = InputGroup(names=[name], modules=[module], bits=[bits], stats=_Hessian())
         for h in hidden:
             group.stats.add(norm(h))
-        error = _quantize_group(group, results, [], **solve)
+        hidden.clear()  # the activations are spent: the lm_head's rows are solved next
+        error = _quantize_group(group, results, None, **solve)
         log.debug("lm_head: mean squared output error %.3e (relative %.3e)", *error)
 
     run_layers(model, calibration, plan, method=METHOD, process_layer=process_layer, process_head=process_head,
@@ -157,34 +160,64 @@ def _run(model, calibration, plan: Plan, results, block_size, symmetric, act_ord
 
 
 def _quantize_group(group: InputGroup, results, writes, block_size, symmetric, act_order, damp) -> tuple[float, float]:
-    """GPTQ on the stacked rows of a group: results get a QuantizedWeight per module, `writes`
-    (module, dequantized weight) pairs. Returns the mean squared and relative output error
-    (only computed when debug logging is on)."""
+    """GPTQ on the stacked rows of a group: results get a QuantizedWeight per module, `writes` (unless None)
+    (module, dequantized weight) pairs. Returns the mean squared and relative output error (only computed
+    when debug logging is on).
+
+    The rows are solved a chunk at a time and each chunk's results go straight into their module's arrays
+    (codes as uint8): a large lm_head costs its weight plus one chunk, not four float copies of it.
+    """
     hessian = group.stats.finished()
     weights = [m.weight.detach() for m in group.modules]
-    stacked = torch.cat([w.to(torch.float32) for w in weights]) if len(weights) > 1 else weights[0].to(torch.float32)
     row_bits = np.concatenate([np.full(w.shape[0], b, np.int64) for w, b in zip(weights, group.bits)])
-    codes, scales, zeros, dequantized = gptq_solve(stacked, hessian, row_bits, block_size=block_size,
-                                                   symmetric=symmetric, act_order=act_order, damp=damp)
-    start = 0
-    for name, module, weight, bits in zip(group.names, group.modules, weights, group.bits):
-        stop = start + weight.shape[0]
-        results[name] = QuantizedWeight(
-            q=codes[start:stop].cpu().numpy().astype(np.uint8),
-            scales=scales[start:stop].cpu().numpy().astype(np.float32),
-            zero_points=None if symmetric else zeros[start:stop].cpu().numpy().astype(np.uint8),
-            bits=bits,
-            block_size=block_size,
-            k=weight.shape[1],
-        )
-        writes.append((module, dequantized[start:stop]))
-        start = stop
-    if not log.isEnabledFor(logging.DEBUG):
-        return 0.0, 0.0
-    delta = stacked - dequantized
-    error = float(((delta @ hessian) * delta).sum()) / 2 / delta.numel()
-    signal = float(((stacked @ hessian) * stacked).sum()) / 2 / delta.numel()
-    return error, error / signal if signal else 0.0
+    blocks = math.ceil(weights[0].shape[1] / block_size)
+    codes = [np.empty((w.shape[0], blocks * block_size), np.uint8) for w in weights]
+    scales = [np.empty((w.shape[0], blocks), np.float32) for w in weights]
+    zeros = [None if symmetric else np.empty((w.shape[0], blocks), np.uint8) for w in weights]
+    dequantized = None if writes is None else [torch.empty(w.shape, dtype=torch.float32, device=w.device)
+                                                for w in weights]
+    debug = log.isEnabledFor(logging.DEBUG)
+    error = signal = 0.0
+    bounds = np.cumsum([0] + [w.shape[0] for w in weights])
+    for start, (q, scale, zero, values) in _solve_chunks(lambda a, b: _stacked_rows(weights, a, b), len(row_bits),
+                                                         hessian, row_bits, block_size=block_size,
+                                                         symmetric=symmetric, act_order=act_order, damp=damp,
+                                                         consume=not debug):
+        stop = start + len(q)
+        for index in range(len(weights)):  # the chunk's rows that belong to this module
+            a, b = max(start, bounds[index]), min(stop, bounds[index + 1])
+            if a >= b:
+                continue
+            into, chunk = slice(a - bounds[index], b - bounds[index]), slice(a - start, b - start)
+            codes[index][into] = q[chunk].cpu().numpy()
+            scales[index][into] = scale[chunk].cpu().numpy()
+            if zeros[index] is not None:
+                zeros[index][into] = zero[chunk].cpu().numpy()
+            if dequantized is not None:
+                dequantized[index][into] = values[chunk]
+        if debug:
+            original = _stacked_rows(weights, start, stop).to(torch.float32)
+            delta = original - values
+            error += float(((delta @ hessian) * delta).sum())
+            signal += float(((original @ hessian) * original).sum())
+    for index, (name, module, weight, bits) in enumerate(zip(group.names, group.modules, weights, group.bits)):
+        results[name] = QuantizedWeight(q=codes[index], scales=scales[index], zero_points=zeros[index], bits=bits,
+                                        block_size=block_size, k=weight.shape[1])
+        if writes is not None:
+            writes.append((module, dequantized[index]))
+    count = len(row_bits) * weights[0].shape[1]
+    return error / 2 / count, error / signal if signal else 0.0
+
+
+def _stacked_rows(weights: list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of the weights stacked one after another, without stacking them whole."""
+    pieces, offset = [], 0
+    for weight in weights:
+        a, b = max(start - offset, 0), min(stop - offset, weight.shape[0])
+        if a < b:
+            pieces.append(weight[a:b])
+        offset += weight.shape[0]
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
 # --- the GPTQ solver ----------------------------------------------------------------------------
@@ -211,38 +244,61 @@ def gptq_solve(
     """
     n = weight.shape[0]
     row_bits = np.broadcast_to(np.asarray(row_bits, np.int64), (n,))
-    inverse, perm = _prepare_hessian(hessian, damp, act_order)
-    dead = hessian.diagonal() == 0
-    size = math.ceil(n / math.ceil(n / ROW_CHUNK))
-    parts = [_solve_rows(weight[r:r + size], inverse, perm, dead, row_bits[r:r + size], block_size, symmetric)
-             for r in range(0, n, size)]
+    parts = [part for _, part in _solve_chunks(lambda a, b: weight[a:b], n, hessian, row_bits, block_size=block_size,
+                                               symmetric=symmetric, act_order=act_order, damp=damp)]
     return tuple(torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts))  # type: ignore[return-value]
 
 
-def _prepare_hessian(hessian: torch.Tensor, damp: float, act_order: bool) -> tuple[torch.Tensor, list[int] | None]:
+def _solve_chunks(rows, n: int, hessian: torch.Tensor, row_bits: np.ndarray, *, block_size: int, symmetric: bool,
+                  act_order: bool, damp: float, consume: bool = False):
+    """gptq_solve's results a chunk of about ROW_CHUNK rows at a time, as (first row, (codes, scales, zero
+    points, dequantized)); `rows(start, stop)` gives the weight's rows. Each row's solution depends on H
+    alone, so the chunks equal the whole. `consume`: H may be changed (it is not copied)."""
+    dead = hessian.diagonal() == 0
+    inverse, perm = _prepare_hessian(hessian, damp, act_order, consume=consume)
+    size = math.ceil(n / math.ceil(n / ROW_CHUNK))
+    for r in range(0, n, size):
+        yield r, _solve_rows(rows(r, min(r + size, n)), inverse, perm, dead, row_bits[r:r + size], block_size,
+                             symmetric)
+
+
+def _prepare_hessian(hessian: torch.Tensor, damp: float, act_order: bool,
+                     consume: bool = False) -> tuple[torch.Tensor, list[int] | None]:
     """Upper Cholesky factor U of H^-1 = U^T U (dampened, dead columns fixed), permuted when act_order.
 
     With J the order reversal, chol(J H J) = L gives U = J L^-1 J: one factorization and one
     triangular inverse instead of inverting H and factorizing again.
     """
-    h = hessian.to(torch.float32).clone()
+    h = hessian.to(torch.float32)
+    if not consume and h is hessian:
+        h = h.clone()
+    del hessian
     diagonal = h.diagonal()
     diagonal[diagonal == 0] = 1.0
     perm = None
     if act_order:
         order = torch.argsort(diagonal, descending=True)
-        h = h[order][:, order]
+        h = h[order[:, None], order]
         perm = order.tolist()
     mean = float(h.diagonal().mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    # Dampened on the diagonal in place (the same sums as adding mean * eye): at K = 8192 every K x K
+    # temporary is 256 MiB, so no more of them are made than the factorization needs.
     reversed_h = h.flip(0, 1)
+    del h
+    undamped = reversed_h.diagonal().clone()
     factor = damp
     for _ in range(6):
-        lower, info = torch.linalg.cholesky_ex(reversed_h + (factor * mean) * eye)
+        reversed_h.diagonal().copy_(undamped).add_(factor * mean)
+        lower, info = torch.linalg.cholesky_ex(reversed_h)
         if int(info) == 0:
             if factor != damp:
                 log.warning("GPTQ: the Hessian needed dampening %.3g instead of %.3g", factor, damp)
-            return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1), perm
+            del reversed_h
+            eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+            inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
+            del lower, eye
+            return inverse.flip(0, 1), perm
+        del lower
         factor *= 10
     raise WorkbenchError("GPTQ failed: the calibration data's Hessian is not positive definite even with "
                          "strong dampening; use more or more varied calibration text.")

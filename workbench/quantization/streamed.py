@@ -8,9 +8,10 @@ first layer's inputs are captured, the lm_head only while it is quantized. GPTQ'
 files as they are made, for the graph builder to write. Peak memory: one decoder layer in float,
 its Hessians and the calibration activations, whatever the model's size.
 
-Data-free calibration text is written by a round-to-nearest INT4 copy of the model on ONNX
-Runtime instead of the float model in PyTorch: the same sampling (workbench.quantization.
-calibration.self_written_samples), a model an eighth of the size, and a faster decoder.
+Data-free calibration text is written by a round-to-nearest copy of the model on ONNX Runtime
+(8-bit, workbench.run.streamed.WRITER) instead of the float model in PyTorch: the same sampling
+(workbench.quantization.calibration.self_written_samples), a model a quarter of the size, and a
+faster decoder.
 """
 
 from __future__ import annotations
@@ -115,7 +116,15 @@ class LazyModel:
         module.to_empty(device="cpu")
         with torch.no_grad():
             for name, parameter in module.named_parameters():
-                parameter.copy_(torch.from_numpy(self.weights.read(prefix + name)))
+                if parameter.dim() != 2:
+                    parameter.copy_(torch.from_numpy(self.weights.read(prefix + name)))
+                    continue
+                # Row chunks: a float32 copy of a whole tensor beside the parameter would double a large
+                # embedding (1 GiB for a 128k vocabulary of width 2048) while it loads.
+                row = 0
+                for chunk in self.weights.row_chunks(prefix + name):
+                    parameter[row:row + len(chunk)].copy_(torch.from_numpy(chunk))
+                    row += len(chunk)
             for name, buffer in buffers.items():  # to_empty left them uninitialised
                 module.get_buffer(name).copy_(buffer)
 
@@ -177,7 +186,7 @@ class OnnxWriter(nn.Module):
 
 def onnx_written_samples(model_dir: Path, rtn_dir: Path, tokenizer, n_samples: int, seq_len: int, *,
                          progress, cancelled) -> np.ndarray:
-    """Data-free calibration tokens written by the RTN INT4 graph in `rtn_dir`."""
+    """Data-free calibration tokens written by the round-to-nearest graph in `rtn_dir`."""
     from transformers import AutoConfig
 
     from workbench.quantization.calibration import self_written_samples

@@ -2,10 +2,10 @@
 
 On an architecture the builder knows, RTN, HQQ and GPTQ need no fp32 copy of the model: the INT4
 graph is written tensor by tensor, GPTQ holds one decoder layer at a time
-(workbench.quantization.streamed), and data-free calibration text comes from a round-to-nearest
-INT4 copy on ONNX Runtime. The fp32 original is written too,
-the same way, when this machine could run it for the comparison; otherwise it is skipped and the
-run says why (ONNX Runtime's CPU kernels have no bf16 MatMul, so a bf16 original cannot stand in).
+(workbench.quantization.streamed), and data-free calibration text of a larger model comes from a
+round-to-nearest copy on ONNX Runtime. The fp32 original is written too, the same way, when this machine could run
+it for the comparison; otherwise it is skipped and the run says why (ONNX Runtime's CPU kernels
+have no bf16 MatMul, so a bf16 original cannot stand in).
 """
 
 from __future__ import annotations
@@ -40,6 +40,13 @@ from workbench.units import format_size
 
 log = logging.getLogger(__name__)
 STREAMED_METHODS = ("rtn", "hqq", "gptq")
+# The copy that writes data-free calibration text for larger models: 8-bit rounding is close to the float
+# model, and with blocks of 128 ONNX Runtime decodes the 32-sample batch faster than the INT4 copy (docs/scale.md).
+WRITER = QuantSettings(method="rtn", block_size=128, eight_bit=("*",))
+# Up to this fp32 size the float model in PyTorch writes it (where it fits comfortably): one measurement on
+# the off-grid reference did not show the copy's text as good (docs/quality.md), and a model this small costs
+# no more RAM in PyTorch than the GPTQ stage after it.
+FLOAT_WRITER_MAX_BYTES = 2**30
 
 
 def streamable(settings: QuantSettings) -> bool:
@@ -90,28 +97,28 @@ def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSetting
                         progress: Progress, cancelled: Cancelled) -> np.ndarray:
     """Token samples from the calibration file, or written by the model itself (data-free).
 
-    The float model in PyTorch writes them where it fits comfortably in the free RAM: streamed GPTQ
-    is bit-exact with GPTQ on the whole model, so the run then equals the export path's. A larger
-    model's text is written by an RTN INT4 copy on ONNX Runtime (which of the two writes better
-    calibration text is not measured yet).
+    Data-free text is written by the float model in PyTorch up to FLOAT_WRITER_MAX_BYTES where it fits
+    comfortably in the free RAM (then the run equals the export path's: streamed GPTQ is bit-exact), and
+    by an 8-bit round-to-nearest copy on ONNX Runtime (WRITER) otherwise.
     """
     from transformers import AutoTokenizer
 
     from workbench.quantization.calibration import file_samples
 
     tokenizer = AutoTokenizer.from_pretrained(model.path)
-    n, length = settings.calibration_samples, settings.calibration_tokens
     if calibration is not None:
         return file_samples(calibration, tokenizer, settings, progress)
-    if fit_verdict(run_original_ram(model.info), psutil.virtual_memory().available) == FITS:
+    n, length = settings.calibration_samples, settings.calibration_tokens
+    if model.info.fp32_bytes <= FLOAT_WRITER_MAX_BYTES and \
+            fit_verdict(run_original_ram(model.info), psutil.virtual_memory().available) == FITS:
         from workbench.quantization.calibration import self_written_samples
 
         return self_written_samples(whole_model(model.path), tokenizer, n, length, progress=progress, cancelled=cancelled)
-    log.info("calibration text written by an RTN INT4 copy: the float model does not fit comfortably")
+    log.info("calibration text written by an 8-bit round-to-nearest copy on ONNX Runtime")
     writer = Path(tempfile.mkdtemp(prefix=".calibration-writer-", dir=work))
     try:
-        build_decoder(model.path, writer, model.info, QuantSettings(method="rtn"),
-                      progress=sub_progress(progress, 0.0, 0.1, prefix="RTN copy: "), cancelled=cancelled)
+        build_decoder(model.path, writer, model.info, WRITER,
+                      progress=sub_progress(progress, 0.0, 0.1, prefix="8-bit copy: "), cancelled=cancelled)
         return onnx_written_samples(model.path, writer, tokenizer, n, length,
                                     progress=sub_progress(progress, 0.1, 1.0), cancelled=cancelled)
     finally:
