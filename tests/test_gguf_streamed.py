@@ -136,3 +136,16 @@ def test_a_gguf_gone_since_it_was_opened_is_named(tiny_llama, tmp_path):
     path.rename(tmp_path / "elsewhere.gguf")
     with pytest.raises(WorkbenchError, match="moved.gguf, which is gone since it was opened. Open the GGUF file again"):
         open_weights(source)
+
+
+def test_a_source_record_without_the_tensor_table_is_made_again(tiny_llama, tmp_path):
+    """An older workbench's record (no architecture or tensor table) of the very same file is not reused as it is."""
+    import json
+
+    path = write_llama_gguf(tiny_llama, tmp_path / "older.gguf")
+    source = resolve(str(path)).path
+    record = json.loads((source / GGUF_SOURCE).read_text())
+    (source / GGUF_SOURCE).write_text(json.dumps({k: v for k, v in record.items() if k not in ("architecture", "tensors")}))
+    again = resolve(str(path)).path
+    assert again == source and json.loads((source / GGUF_SOURCE).read_text()) == record
+    assert open_weights(again).shape("model.layers.0.self_attn.q_proj.weight") == (64, 64)

@@ -179,11 +179,12 @@ def _gguf_source(gguf: Path, name: str, fp32: Path, *, progress: Progress, cance
     source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fp32": str(fp32)}
     recorded = read_gguf_source(folder)
     if recorded is not None:
-        if {key: recorded.get(key) for key in source} == source:
+        same_file = {key: recorded.get(key) for key in source} == source
+        if same_file and {"architecture", "tensors"} <= recorded.keys():
             return folder  # made from this very file, checked then (reading a large vocabulary takes seconds)
-        # The GGUF changed under the same name (the demo's, on a package upgrade): so did its conversion.
-        shutil.rmtree(folder)
-        shutil.rmtree(fp32, ignore_errors=True)
+        shutil.rmtree(folder)  # a record without the tensor table (an older workbench's) is made again
+        if not same_file:  # the GGUF changed under the same name (the demo's, on a package upgrade): so did its conversion
+            shutil.rmtree(fp32, ignore_errors=True)
     source |= check_gguf(gguf)
     return _cached(folder, lambda dest: describe_gguf(gguf, dest, source, progress), progress=progress,
                    cancelled=cancelled)
