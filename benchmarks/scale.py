@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from workbench.generation.bench import BENCH_TEXT  # noqa: E402 (after sys.path)
+from workbench.units import format_size  # noqa: E402
 
 SHAPES = {
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -190,7 +191,7 @@ def sampled(command: list[str], env: dict) -> dict:
                     state["stage"] = match.group(1)
                     # Echoed as it happens, so a long run that is stopped still shows how far it got.
                     print(f"{time.perf_counter() - began:7.1f} s  {match.group(1)}  (peak so far "
-                          f"{max(peaks.values(), default=0) / 2**30:.2f} GiB)", file=sys.stderr, flush=True)
+                          f"{format_size(max(peaks.values(), default=0))})", file=sys.stderr, flush=True)
                 elif text.strip():
                     state["stderr"].append(text)
 
