@@ -136,14 +136,15 @@ def main() -> None:
                 shutil.rmtree(args.cache / family, ignore_errors=True)
     llama = result["families"]["llama"]
     llama_rate = statistics.median(r["tokens_per_s"] for r in llama["rounds"]) * llama["parameters"]
-    lines = [f"{'family':10}{'params':>10}{'decode tok/s':>14}{'rounds':>24}{'tok/s x params':>16}{'vs llama':>10}"]
+    width = 6 * args.rounds + 2  # the rounds' figures, never run into the median before them
+    lines = [f"{'family':10}{'params':>10}{'decode tok/s':>14}{'rounds':>{width}}{'tok/s x params':>16}{'vs llama':>10}"]
     for family, entry in result["families"].items():
         speeds = [r["tokens_per_s"] for r in entry["rounds"]]
         entry["tokens_per_s"] = statistics.median(speeds)
         entry["speed_per_parameter"] = entry["tokens_per_s"] * entry["parameters"]
         entry["ratio_to_llama"] = round(entry["speed_per_parameter"] / llama_rate, 3)
         lines.append(f"{family:10}{entry['parameters'] / 1e6:>9.1f}M{entry['tokens_per_s']:>14.1f}"
-                     f"{' '.join(f'{s:.1f}' for s in speeds):>24}{entry['speed_per_parameter'] / 1e9:>15.2f}G"
+                     f"{' '.join(f'{s:.1f}' for s in speeds):>{width}}{entry['speed_per_parameter'] / 1e9:>15.2f}G"
                      f"{entry['ratio_to_llama']:>10.3f}")
     lines.append(f"load before: {result['before']}")
     lines.append(f"load after:  {result[f'after_round_{args.rounds}']}")
