@@ -170,6 +170,16 @@ def wait_for_jobs(qtbot) -> None:
     qtbot.waitUntil(lambda: not jobs.running(), timeout=JOB_TIMEOUT_MS)
 
 
+def ask_on_compare(qtbot, page, prompt: str) -> list[str]:
+    """Ask the Compare step `prompt` and wait for the answers; the model of each token as it arrived."""
+    arrivals = []
+    job = page.ask(prompt)
+    job.signals.partial.connect(lambda values: arrivals.append(values[0]))
+    wait_for_jobs(qtbot)
+    assert not page.problem.isVisible(), page.problem.text()
+    return arrivals
+
+
 def open_run_on(qtbot, run_dir: Path, page_class):
     """A new window showing `run_dir` on the step of `page_class`, its start-up checks done."""
     from ui.main_window import STEP_PAGES, MainWindow

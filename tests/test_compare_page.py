@@ -8,7 +8,7 @@ import json
 
 
 from ui.pages.compare import ComparePage
-from conftest import open_run_on, wait_for_jobs as wait
+from conftest import ask_on_compare, open_run_on, wait_for_jobs as wait
 from workbench.generation.chat import folder, list_conversations
 
 
@@ -19,11 +19,7 @@ def open_compare(qtbot, tiny_run):
 def test_a_conversation_streams_both_models_at_once_and_comes_back_with_the_run(qtbot, tiny_run):
     window, page = open_compare(qtbot, tiny_run)
     page.max_tokens.setValue(100)
-    arrivals = []
-    job = page.ask("Hello, who are you?")
-    job.signals.partial.connect(lambda values: arrivals.append(values[0]))
-    wait(qtbot)
-    assert not page.problem.isVisible(), page.problem.text()
+    arrivals = ask_on_compare(qtbot, page, "Hello, who are you?")
     switches = sum(a != b for a, b in zip(arrivals, arrivals[1:]))
     assert set(arrivals) == {"original", "int4"} and switches >= 2, "the answers did not stream at the same time"
     assert "Memory this app held while both models wrote" in page.memory_now.text()

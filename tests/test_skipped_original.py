@@ -11,7 +11,7 @@ import json
 from functools import partial
 
 import pytest
-from conftest import cli, open_run_on
+from conftest import ask_on_compare, cli, open_run_on
 from conftest import wait_for_jobs as wait
 
 from workbench.generation.bench import bench_run
@@ -100,11 +100,7 @@ def test_the_compare_and_report_steps_show_the_int4_model_alone(qtbot, alone_run
     assert page.run_button.text() == "Ask the 4-bit model"
     assert NOT_ASKED in page.columns[ORIGINAL].text.toPlainText()
     page.max_tokens.setValue(6)
-    arrivals = []
-    job = page.ask("Hello, who are you?")
-    job.signals.partial.connect(lambda values: arrivals.append(values[0]))
-    wait(qtbot)
-    assert not page.problem.isVisible(), page.problem.text()
+    arrivals = ask_on_compare(qtbot, page, "Hello, who are you?")
     assert set(arrivals) == {INT4}
     assert "Hello, who are you?" in page.columns[INT4].text.toPlainText()
     assert page.columns[INT4].metrics["tokens"].text().startswith("6 tokens")
