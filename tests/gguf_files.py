@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 from safetensors.numpy import load_file
 
 # HF tensor name pieces -> GGUF block tensor names (llama.cpp's naming)
@@ -33,10 +35,11 @@ def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def write_llama_gguf(hf_dir: Path, path: Path, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
-                     ) -> Path:
+def write_llama_gguf(hf_dir: Path, path: Path, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+                     rope_freqs: np.ndarray | None = None) -> Path:
     """A GGUF of a tiny Llama or Qwen2 HF folder (tokenizer included), as llama.cpp's converter writes it:
-    the matrices in `qtype`, the norms and biases in fp32."""
+    the matrices in `qtype`, the norms and biases in fp32, a Llama 3 rope scaling as the rope_freqs tensor
+    (or `rope_freqs` given)."""
     config = json.loads((hf_dir / "config.json").read_text())
     tokenizer = json.loads((hf_dir / "tokenizer.json").read_text())
     weights = load_file(hf_dir / "model.safetensors")
@@ -62,6 +65,10 @@ def write_llama_gguf(hf_dir: Path, path: Path, qtype: gguf.GGMLQuantizationType 
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
     writer.add_pad_token_id(config["pad_token_id"])
+    if rope_freqs is None and (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        rope_freqs = converter_rope_freqs(config)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     _add(writer, "token_embd.weight", weights["model.embed_tokens.weight"], qtype)
     for layer in range(config["num_hidden_layers"]):
         for hf_name, gguf_name in BLOCK_TENSORS.items():
@@ -80,6 +87,27 @@ def write_llama_gguf(hf_dir: Path, path: Path, qtype: gguf.GGMLQuantizationType 
     return path
 
 
+def converter_rope_freqs(config: dict) -> np.ndarray:
+    """What llama.cpp's converter writes for a "llama3" rope_scaling, element by element in float32 as it
+    computes it: the divisor of each rotary frequency. Its original length is a top-level
+    original_max_position_embeddings or 8192, never rope_scaling's."""
+    scaling = config["rope_scaling"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = config.get("original_max_position_embeddings", 8192)
+    divisors = []
+    for frequency in 1.0 / (config["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)):
+        wavelength = 2 * math.pi / frequency
+        if wavelength < original / high:
+            divisors.append(1)
+        elif wavelength > original / low:
+            divisors.append(factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(divisors, dtype=torch.float32).numpy()
+
+
 def _add(writer: gguf.GGUFWriter, name: str, tensor: np.ndarray, qtype: gguf.GGMLQuantizationType) -> None:
     tensor = np.ascontiguousarray(tensor, dtype=np.float32)
     if tensor.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
@@ -88,9 +116,9 @@ def _add(writer: gguf.GGUFWriter, name: str, tensor: np.ndarray, qtype: gguf.GGM
         writer.add_tensor(name, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
 
 
-def write_unsupported_gguf(path: Path) -> Path:
+def write_unsupported_gguf(path: Path, architecture: str = "rwkv6") -> Path:
     """A well-formed GGUF of an architecture transformers cannot load."""
-    writer = gguf.GGUFWriter(str(path), "rwkv6")
+    writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(1)
     writer.add_embedding_length(8)
     writer.add_tensor("token_embd.weight", np.zeros((16, 8), np.float32))

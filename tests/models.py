@@ -22,6 +22,9 @@ The workbench compares the original model with its four-bit copy on the user's o
 0123456789 , . ; : ! ? ( ) [ ] { } " ' - + * / = < > _ @ # $ % & | \\ ~ ^
 """
 
+LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+
 
 def build_tokenizer(path: Path, vocab_size: int = 384) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on a few sentences: every string can be encoded."""
@@ -64,6 +67,10 @@ def build_model(path: Path, architecture: str = "llama", seed: int = 0) -> Path:
     )
     if architecture == "llama":
         config = LlamaConfig(tie_word_embeddings=True, **common)
+    elif architecture == "llama3":  # Llama 3.2's rotary: heads of 64, theta 500000, scaled by 32
+        config = LlamaConfig(tie_word_embeddings=True, **common | {"hidden_size": 128, "num_attention_heads": 2,
+                                                                   "num_key_value_heads": 1},
+                             rope_theta=500000.0, rope_scaling=LLAMA3_ROPE_SCALING)
     elif architecture == "qwen2":
         config = Qwen2Config(tie_word_embeddings=False, **common)
     else:

@@ -11,17 +11,22 @@ import pytest
 import torch
 from onnx import numpy_helper
 from safetensors.numpy import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from exporters.builder import build_decoder
 from exporters.builder.tensors import open_weights
-from gguf_files import write_llama_gguf
+from gguf_files import converter_rope_freqs, write_llama_gguf
+from models import LLAMA3_ROPE_SCALING, build_model
 from workbench.errors import WorkbenchError
+from workbench.gguf_rope import llama3_divisors, llama3_rope_scaling
 from workbench.generation.engine import CausalLM
 from workbench.settings import QuantSettings
 from workbench.sources import GGUF_SOURCE, cache_dir, inspect_folder, resolve, weights_folder
 
 PROMPT = np.asarray([[5, 17, 42, 8, 99, 120, 33, 64, 7, 250, 31]], np.int64)
+# Long enough for the low rotary frequencies Llama 3's scaling divides to turn noticeably.
+LONG_PROMPT = np.random.default_rng(3).integers(3, 380, (1, 200))
+LOGITS_ATOL = 1e-4  # an fp32 graph against PyTorch in fp32: as tests/test_builder.py
 Q8_0, Q4_1 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1
 
 
@@ -138,14 +143,74 @@ def test_a_gguf_gone_since_it_was_opened_is_named(tiny_llama, tmp_path):
         open_weights(source)
 
 
-def test_a_source_record_without_the_tensor_table_is_made_again(tiny_llama, tmp_path):
-    """An older workbench's record (no architecture or tensor table) of the very same file is not reused as it is."""
+def test_an_older_workbenchs_source_folder_and_conversion_are_made_again(tiny_llama, tmp_path):
+    """An older workbench's record (no version, no tensor table) of the very same file is not reused as it is,
+    nor the fp32 conversion made with its config (which lacked the rope scaling of a rope_freqs tensor)."""
     import json
 
     path = write_llama_gguf(tiny_llama, tmp_path / "older.gguf")
     source = resolve(str(path)).path
+    converted = weights_folder(source)
     record = json.loads((source / GGUF_SOURCE).read_text())
-    (source / GGUF_SOURCE).write_text(json.dumps({k: v for k, v in record.items() if k not in ("architecture", "tensors")}))
+    older = {k: v for k, v in record.items() if k not in ("version", "architecture", "tensors")}
+    (source / GGUF_SOURCE).write_text(json.dumps(older))
     again = resolve(str(path)).path
     assert again == source and json.loads((source / GGUF_SOURCE).read_text()) == record
+    assert not converted.exists()
     assert open_weights(again).shape("model.layers.0.self_attn.q_proj.weight") == (64, 64)
+
+
+# Llama 3.1 8B's and 3.2 1B's rotary (heads of 128 and 64, theta 500000), another shape of blend, the tiny
+# model's heads of 16 (one blended frequency) and heads of 16 with a theta of 100000 (none).
+ROTARIES = [(500000.0, 128, 8.0, 1.0, 4.0), (500000.0, 64, 32.0, 1.0, 4.0), (500000.0, 64, 16.0, 2.0, 6.0),
+            (500000.0, 16, 8.0, 1.0, 4.0), (100000.0, 16, 8.0, 1.0, 4.0)]
+
+
+@pytest.mark.parametrize("theta, head_dim, factor, low, high", ROTARIES)
+def test_llama3_rope_scaling_is_read_back_from_the_converters_divisors(theta, head_dim, factor, low, high):
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+               "original_max_position_embeddings": 8192}
+    divisors = converter_rope_freqs({"rope_scaling": scaling, "rope_theta": theta, "head_dim": head_dim})
+    np.testing.assert_array_equal(llama3_divisors(theta, head_dim, factor, low, high), divisors)
+    # With fewer than two blended frequencies the divisors leave the low factor open: Llama 3's is taken.
+    assert llama3_rope_scaling(divisors, theta, head_dim) == scaling
+    assert llama3_rope_scaling(np.ones_like(divisors), theta, head_dim) is None
+    with pytest.raises(ValueError, match="not those of Llama 3"):
+        llama3_rope_scaling(divisors[::-1], theta, head_dim)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama3(tmp_path_factory) -> Path:
+    return build_model(tmp_path_factory.mktemp("tiny-llama3") / "model", "llama3")
+
+
+def test_a_llama3_gguf_keeps_its_rope_scaling_in_every_path(tiny_llama3, tmp_path):
+    """llama.cpp writes Llama 3's rope scaling as the rope_freqs tensor: the builder's graph, the PyTorch model
+    filled from the reader and transformers' fp32 conversion all give the original model's logits."""
+    from workbench.quantization.streamed import whole_model
+
+    path = write_llama_gguf(tiny_llama3, tmp_path / "llama3.gguf")
+    source = resolve(str(path)).path
+    assert AutoConfig.from_pretrained(source).rope_scaling == LLAMA3_ROPE_SCALING
+    ids = torch.as_tensor(LONG_PROMPT)
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(tiny_llama3, dtype=torch.float32).eval()(ids).logits.numpy()
+        # The same model with plain rotary frequencies, as every path read the GGUF before.
+        plain = AutoModelForCausalLM.from_pretrained(tiny_llama3, dtype=torch.float32, rope_scaling=None).eval()
+        plain = plain(ids).logits.numpy()
+        filled = whole_model(source)(ids).logits.numpy()
+        converted = AutoModelForCausalLM.from_pretrained(weights_folder(source), dtype=torch.float32).eval()
+        converted = converted(ids).logits.numpy()
+    build_decoder(source, tmp_path / "built", inspect_folder(source), None)
+    built = CausalLM(str(tmp_path / "built" / "model.onnx"), context_length=LONG_PROMPT.shape[1]).forward(LONG_PROMPT)[0]
+    assert np.abs(plain - reference).max() > 100 * LOGITS_ATOL  # the scaling shows in these logits
+    np.testing.assert_allclose(built, reference, atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_allclose(filled, reference, atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_allclose(converted, reference, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_a_rope_freqs_tensor_that_is_no_llama3_scaling_is_refused(tiny_llama3, tmp_path):
+    head_dim = 64
+    path = write_llama_gguf(tiny_llama3, tmp_path / "odd.gguf", rope_freqs=np.linspace(1.0, 3.0, head_dim // 2))
+    with pytest.raises(WorkbenchError, match="odd.gguf holds a rope_freqs tensor .* not those of Llama 3"):
+        resolve(str(path))

@@ -91,9 +91,13 @@ def test_gguf_is_opened_as_the_same_model(tiny_llama, tmp_path):
     assert resolve(str(gguf_path)).path == resolved.path  # made once, then cached
 
 
-def test_gguf_of_an_unsupported_architecture(tmp_path):
-    with pytest.raises(WorkbenchError, match="rwkv6.*could not be loaded|could not be loaded.*rwkv6"):
-        resolve(str(write_unsupported_gguf(tmp_path / "odd.gguf")))
+@pytest.mark.parametrize("architecture", ["granite", "smollm3", "rwkv6"])
+def test_gguf_of_an_unsupported_architecture(architecture, tmp_path):
+    """Granite and SmolLM3 GGUFs too: transformers 4.57 reads neither's config or tokenizer from a GGUF."""
+    with pytest.raises(WorkbenchError, match=f"odd.gguf is a GGUF file of architecture '{architecture}'.* reads GGUF "
+                                             "files of Llama .*, Mistral, .* Gemma 3. Open the model's Hugging Face "
+                                             r"folder \(config.json, the tokenizer and the \*.safetensors"):
+        resolve(str(write_unsupported_gguf(tmp_path / "odd.gguf", architecture)))
 
 
 def test_hub_id_offline_says_so():

@@ -40,6 +40,12 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
 GGUF_SOURCE = "gguf-source.json"  # in a GGUF source's folder: the GGUF its weights are read from
+# What a GGUF source's folder holds, by version: 2 has the rope scaling of llama.cpp's rope_freqs tensor in
+# config.json. A folder (and fp32 conversion) of an older version is made again.
+GGUF_SOURCE_VERSION = 2
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's divisors of the rotary frequencies (workbench.gguf_rope)
+# The families whose GGUF files the workbench reads: transformers' GGUF loader reads their config and tokenizer.
+GGUF_FAMILIES = "Llama (3.x too), Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3"
 
 
 def cache_dir() -> Path:
@@ -176,23 +182,25 @@ def _gguf_source(gguf: Path, name: str, fp32: Path, *, progress: Progress, cance
     """`name`'s folder of config, tokenizer and a GGUF_SOURCE naming `gguf` (and where its fp32 copy goes)."""
     folder = conversion_folders()[2] / name
     stat = gguf.stat()
-    source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fp32": str(fp32)}
+    source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fp32": str(fp32),
+              "version": GGUF_SOURCE_VERSION}
     recorded = read_gguf_source(folder)
     if recorded is not None:
-        same_file = {key: recorded.get(key) for key in source} == source
-        if same_file and {"architecture", "tensors"} <= recorded.keys():
+        if {key: recorded.get(key) for key in source} == source:
             return folder  # made from this very file, checked then (reading a large vocabulary takes seconds)
-        shutil.rmtree(folder)  # a record without the tensor table (an older workbench's) is made again
-        if not same_file:  # the GGUF changed under the same name (the demo's, on a package upgrade): so did its conversion
-            shutil.rmtree(fp32, ignore_errors=True)
+        # The GGUF changed under the same name (the demo's, on a package upgrade), or an older workbench made
+        # the folder (its config may lack what this one reads, the rope scaling): so is their conversion.
+        shutil.rmtree(folder)
+        shutil.rmtree(fp32, ignore_errors=True)
     source |= check_gguf(gguf)
+    _refuse_unknown_architecture(gguf, source["architecture"])
     return _cached(folder, lambda dest: describe_gguf(gguf, dest, source, progress), progress=progress,
                    cancelled=cancelled)
 
 
 def read_gguf_source(folder: Path) -> dict | None:
     """A GGUF source folder's record of its file: path, size, mtime_ns, fp32 (its conversion's folder),
-    architecture, tensors (GGUF name -> [type, offset, bytes, dims]); None for an ordinary folder."""
+    version, architecture, tensors (GGUF name -> [type, offset, bytes, dims]); None for an ordinary folder."""
     marker = Path(folder) / GGUF_SOURCE
     return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
 
@@ -227,8 +235,9 @@ def weights_folder(folder: Path, *, progress: Progress = no_progress,
         return folder
     fp32 = Path(read_gguf_source(folder)["fp32"])
     return _cached(fp32, lambda dest: run_in_subprocess(
-        "workbench.sources:convert_gguf", {"gguf": str(gguf), "dest": str(dest)}, progress=progress,
-        cancelled=cancelled, expected_seconds=max(10.0, gguf.stat().st_size / 5e6), message="converting GGUF to fp32",
+        "workbench.sources:convert_gguf", {"gguf": str(gguf), "dest": str(dest), "config": str(folder)},
+        progress=progress, cancelled=cancelled, expected_seconds=max(10.0, gguf.stat().st_size / 5e6),
+        message="converting GGUF to fp32",
     ), progress=progress, cancelled=cancelled)
 
 
@@ -294,11 +303,26 @@ def _cached(folder: Path, make, *, progress: Progress, cancelled: Cancelled) -> 
     return folder
 
 
+def _refuse_unknown_architecture(path: Path, architecture: str) -> None:
+    """A GGUF whose architecture transformers' GGUF loader does not know (granite and smollm3 in 4.57, though the
+    graph builder knows both) has no config or tokenizer to read: say so before trying."""
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise WorkbenchError(
+            f"{path.name} is a GGUF file of architecture {architecture!r}, whose config and tokenizer cannot be read "
+            f"from a GGUF file (transformers {transformers.__version__}, which reads them, does not know "
+            f"{architecture!r}). The workbench reads GGUF files of {GGUF_FAMILIES}. Open the model's Hugging Face "
+            "folder (config.json, the tokenizer and the *.safetensors weights) instead: Granite and SmolLM3, for "
+            "example, are quantized from there."
+        )
+
+
 def _gguf_error(path: Path, error: Exception) -> WorkbenchError:
     return WorkbenchError(
         f"{path.name} could not be loaded as a text generator: {str(error).rstrip('.')}. The workbench reads GGUF "
-        "files of the architectures transformers supports (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and 3). "
-        "Use the model's Hugging Face folder instead if you have it."
+        f"files of {GGUF_FAMILIES}. Use the model's Hugging Face folder instead if you have it."
     )
 
 
@@ -315,6 +339,8 @@ def describe_gguf(gguf: Path, dest: Path, source: dict, progress: Progress = no_
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ValueError, KeyError, RuntimeError, OSError) as error:
         raise _gguf_error(gguf, error) from error
+    if ROPE_FREQS in source["tensors"]:  # a Llama 3.x GGUF: its rope scaling is a tensor, not metadata
+        config.rope_scaling = _rope_scaling(gguf, source["tensors"][ROPE_FREQS], config)
     # What transformers' loader writes when it converts the GGUF: a float32 causal LM.
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type)]
     config.dtype = "float32"
@@ -324,17 +350,41 @@ def describe_gguf(gguf: Path, dest: Path, source: dict, progress: Progress = no_
     (dest / GGUF_SOURCE).write_text(json.dumps(source, indent=1), encoding="utf-8")
 
 
-def convert_gguf(gguf: str, dest: str, progress: Progress = no_progress) -> None:
-    """Dequantize a GGUF into an fp32 HF folder (runs in a subprocess: it cannot be interrupted)."""
+def _rope_scaling(path: Path, stored: list, config) -> dict | None:
+    """The rope scaling whose divisors the file's rope_freqs tensor holds (stored: its tensor table entry)."""
+    import gguf
+    import numpy as np
+
+    from workbench.gguf_rope import llama3_rope_scaling
+
+    qtype, offset, size, dims = stored
+    qtype = gguf.GGMLQuantizationType(qtype)
+    raw = np.fromfile(path, np.uint8, count=size, offset=offset)
+    divisors = gguf.dequantize(raw.reshape(gguf.quant_shape_to_byte_shape(tuple(reversed(dims)), qtype)), qtype)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    try:
+        return llama3_rope_scaling(divisors, config.rope_theta, head_dim)
+    except ValueError as error:
+        raise WorkbenchError(
+            f"{path.name} holds a rope_freqs tensor (llama.cpp's divisors of the rotary frequencies) that cannot be "
+            f"read as a rotary scaling: {error}. Without it the model's positions would be wrong; use the model's "
+            "Hugging Face folder instead."
+        ) from error
+
+
+def convert_gguf(gguf: str, dest: str, config: str, progress: Progress = no_progress) -> None:
+    """Dequantize a GGUF into an fp32 HF folder (runs in a subprocess: it cannot be interrupted), with the
+    config of its source's folder `config` (transformers' own lacks the rope scaling of a rope_freqs tensor)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(gguf)
     try:
         progress(0.05, "reading tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         progress(0.2, "dequantizing weights")
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     config=AutoConfig.from_pretrained(config))
     except (ValueError, KeyError, RuntimeError, OSError) as error:
         raise _gguf_error(path, error) from error
     progress(0.8, "saving fp32 folder")

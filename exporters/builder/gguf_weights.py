@@ -73,7 +73,7 @@ class GgufWeights(TensorSource):
         self.stored: dict[str, Stored] = {}
         for gguf_name, (qtype, offset, size, dims) in source["tensors"].items():
             name = names.get(gguf_name)
-            if name is None:  # e.g. llama.cpp's precomputed rope_freqs: transformers computes them itself
+            if name is None:  # llama.cpp's rope_freqs: the source's config.json has their rope scaling
                 continue
             shape = tuple(reversed(dims))
             if expected.get(name, shape) != shape:
