@@ -456,10 +456,18 @@ def release_unused_memory(model_folder: str) -> None:
     are read again, so the mappings of files in `model_folder` are paged out. glibc also keeps
     the heap that parsing a graph or a tokenizer freed until it is trimmed.
     """
+    trim_heap()
+    libc = _glibc()
+    if libc is not None:
+        _page_out(libc, model_folder)
+
+
+def trim_heap() -> None:
+    """Hand back to the system the heap pages glibc keeps after they were freed (elsewhere nothing): freed
+    blocks below glibc's mapping threshold (which rises to 32 MiB as large blocks are freed) stay resident."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
-        _page_out(libc, model_folder)
 
 
 @contextlib.contextmanager
