@@ -27,7 +27,7 @@ from torch import nn
 
 from exporters.builder.tensors import open_weights
 from workbench.errors import WorkbenchError
-from workbench.generation.engine import trim_heap
+from workbench.generation.engine import map_large_blocks, trim_heap
 from workbench.quantization.blockquant import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ def streamed_gptq(model_dir: Path, samples: np.ndarray, plan: dict[str, int], re
     """GPTQ of the linears in `plan` (module name -> bits) into `results`, one decoder layer in memory at a time."""
     from workbench.quantization.gptq import gptq_quantize
 
+    map_large_blocks()  # each layer frees its weights, Hessians and activations: give the pages back
     lazy = LazyModel(model_dir)
     gptq_quantize(lazy.model, torch.as_tensor(samples), plan, block_size=block_size, symmetric=symmetric,
                   act_order=act_order, progress=progress, cancelled=cancelled, results=results)
