@@ -296,20 +296,25 @@ def test_streamed_gptq_on_the_other_families(family, tmp_path):
     _streamed_gptq_equals_gptq(model, QuantSettings(method="gptq", symmetric=False, act_order=True), tmp_path / "spill")
 
 
-@pytest.mark.parametrize("writer", ["float model", "8-bit copy"])
-def test_data_free_gptq_run_is_streamed(tiny_llama, tmp_path, monkeypatch, writer):
+@pytest.mark.parametrize("writer", ["float model", "INT4 copy"])
+def test_data_free_gptq_run_is_streamed(tiny_llama, tmp_path, monkeypatch, caplog, writer):
     """The balanced preset's method, data-free: calibration text from the float model (a small model) or from
-    the 8-bit copy on ONNX Runtime (a larger one: here the size limit is lowered), GPTQ layer by layer, written
-    by the builder; the engine decodes the result and the copy leaves nothing behind."""
-    import workbench.run.streamed
+    a round-to-nearest copy on ONNX Runtime (a larger one: here the size limit is lowered), GPTQ layer by layer,
+    written by the builder; the engine decodes the result and the copy leaves nothing behind. A tiny model's
+    8-bit copy would take more RAM than its GPTQ (ONNX Runtime's own overhead alone does), so the rule picks
+    the INT4 copy, as for an 8B model."""
+    import workbench.run.memory
+    from workbench.run.memory import WRITER_INT4, calibration_writer
     from workbench.run.pipeline import quantize_run
-
-    if writer == "8-bit copy":
-        monkeypatch.setattr(workbench.run.streamed, "FLOAT_WRITER_MAX_BYTES", 0)
 
     settings = QuantSettings(method="gptq", symmetric=False, act_order=True, calibration_samples=4,
                              calibration_tokens=32)
-    record = quantize_run(str(tiny_llama), tmp_path / "run", settings)
+    if writer == "INT4 copy":
+        monkeypatch.setattr(workbench.run.memory, "FLOAT_WRITER_MAX_BYTES", 0)
+        assert calibration_writer(inspect_folder(tiny_llama), settings, 2**40) == WRITER_INT4
+    with caplog.at_level("INFO", logger="workbench.run.streamed"):
+        record = quantize_run(str(tiny_llama), tmp_path / "run", settings)
+    assert ("calibration text written by an INT4 copy" in caplog.text) == (writer == "INT4 copy")
     assert "built" in record.graph and record.calibration == "self-written (data-free)"
     assert {"export", "calibration", "gptq", "int4", "measure"} <= set(record.timings_s)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["int4", "memory.png", "original", "report.md",
@@ -317,14 +322,18 @@ def test_data_free_gptq_run_is_streamed(tiny_llama, tmp_path, monkeypatch, write
     assert len(_engine_greedy(tmp_path / "run" / "int4")[1]) == NEW_TOKENS
 
 
-def test_rtn_copy_writes_calibration_text(tiny_llama, tmp_path):
-    """Data-free calibration for models too large for PyTorch: the RTN INT4 graph samples the text, with the
-    sampling of the PyTorch writer (BOS, a random ordinary first token, top-p), the same tokens for one seed."""
+@pytest.mark.parametrize("copy", ["8-bit", "INT4"])
+def test_rtn_copy_writes_calibration_text(tiny_llama, tmp_path, copy):
+    """Data-free calibration for models too large for PyTorch: a round-to-nearest graph (either copy the run may
+    choose) samples the text, with the sampling of the PyTorch writer (BOS, a random ordinary first token,
+    top-p), the same tokens for one seed."""
     from transformers import AutoTokenizer
 
     from workbench.quantization.streamed import onnx_written_samples
+    from workbench.run.memory import WRITER_8BIT, WRITER_INT4
 
-    build_decoder(tiny_llama, tmp_path / "rtn", inspect_folder(tiny_llama), QuantSettings())
+    writer = WRITER_8BIT if copy == "8-bit" else WRITER_INT4
+    build_decoder(tiny_llama, tmp_path / "rtn", inspect_folder(tiny_llama), writer)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     first, again = (onnx_written_samples(tiny_llama, tmp_path / "rtn", tokenizer, 3, 24, progress=lambda f, m: None,
                                          cancelled=lambda: False) for _ in range(2))

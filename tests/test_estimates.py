@@ -14,8 +14,16 @@ import pytest
 from transformers import LlamaConfig
 
 from workbench.quantization.sizes import int4_bytes
-from workbench.run.memory import run_disk_bytes, run_int4_ram, run_original_ram, shrink_ram
-from workbench.settings import QuantSettings
+from workbench.run.memory import (
+    WRITER_8BIT,
+    WRITER_INT4,
+    calibration_writer,
+    run_disk_bytes,
+    run_int4_ram,
+    run_original_ram,
+    shrink_ram,
+)
+from workbench.settings import PRESETS, QuantSettings
 from workbench.sources import describe_config, inspect_folder
 
 GIB = 2**30
@@ -64,3 +72,14 @@ def test_streamed_gptq_needs_room_for_its_spilled_results_and_the_calibration_wr
     gptq = QuantSettings(method="gptq")
     assert run_disk_bytes(info, gptq, streamed=True) >= 2 * int4_bytes(info, gptq) + int4_bytes(info, RTN)
     assert shrink_ram(info, gptq, streamed=True) > shrink_ram(info, RTN, streamed=True)
+
+
+def test_the_calibration_writer_stays_within_the_gptq_stage():
+    """Data-free calibration text of the 1B shape comes from the 8-bit copy (about 1.7 GiB, under its GPTQ stage);
+    the 8B shape's 8-bit copy would take about 9.5 GiB, more than its GPTQ stage, so an INT4 copy (about 5) writes
+    it. With this machine's memory (24 GiB) neither is small enough for the float model."""
+    balanced = PRESETS["balanced"].settings
+    assert calibration_writer(shaped("1b"), balanced, 20 * GIB) == WRITER_8BIT
+    large = shaped("8b")
+    assert calibration_writer(large, balanced, 20 * GIB) == WRITER_INT4
+    assert run_int4_ram(large, WRITER_INT4) < 6 * GIB < 9 * GIB < run_int4_ram(large, WRITER_8BIT)

@@ -42,6 +42,10 @@ MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; a later read brings th
 # While a session loads, the mapped weights file is paged out this often (seconds): ONNX Runtime
 # reads it through once to prepack, and at a few hundred MB/s a tenth of a second leaves little behind.
 PAGE_OUT_INTERVAL_S = 0.1
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+# Streamed GPTQ (a small wide model, 12 layers): the high-water mark rose about 40 MiB a layer with glibc's
+# moving threshold, 13 with the heap trimmed after each layer, and stayed flat with this fixed one.
+MMAP_THRESHOLD_BYTES = 2**20
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 # (token ids generated so far, logits over the vocabulary) -> None; edits the logits in place.
@@ -456,10 +460,27 @@ def release_unused_memory(model_folder: str) -> None:
     are read again, so the mappings of files in `model_folder` are paged out. glibc also keeps
     the heap that parsing a graph or a tokenizer freed until it is trimmed.
     """
+    trim_heap()
+    libc = _glibc()
+    if libc is not None:
+        _page_out(libc, model_folder)
+
+
+def map_large_blocks() -> None:
+    """From now on glibc serves blocks of MMAP_THRESHOLD_BYTES or more from mappings of their own, handed back
+    to the system when freed (elsewhere nothing). Its own threshold starts at 128 KiB and rises up to 32 MiB as
+    such blocks are freed; above it they come from the heap, where freed pages stay resident and fragment."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def trim_heap() -> None:
+    """Hand back to the system the heap pages glibc keeps after they were freed (elsewhere nothing): freed
+    blocks below glibc's mapping threshold (which rises to 32 MiB as large blocks are freed) stay resident."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
-        _page_out(libc, model_folder)
 
 
 @contextlib.contextmanager

@@ -192,7 +192,8 @@ def run_layers(
         )
     needed = len(order) if plan.head is not None else 1 + max(order.index(i) for i in plan.per_layer)
     units = needed + (1 if plan.head is not None else 0)
-    hidden = captured.hidden
+    # Handed over, not kept: the first layer's inputs are freed once its outputs replace them (an 8B model's: 128 MiB).
+    hidden, captured.hidden = captured.hidden, []
     for position, index in enumerate(order[:needed]):
         check(cancelled)
         progress(position / units, f"layer {position + 1}/{len(order)}")

@@ -8,10 +8,10 @@ first layer's inputs are captured, the lm_head only while it is quantized. GPTQ'
 files as they are made, for the graph builder to write. Peak memory: one decoder layer in float,
 its Hessians and the calibration activations, whatever the model's size.
 
-Data-free calibration text is written by a round-to-nearest copy of the model on ONNX Runtime
-(8-bit, workbench.run.streamed.WRITER) instead of the float model in PyTorch: the same sampling
-(workbench.quantization.calibration.self_written_samples), a model a quarter of the size, and a
-faster decoder.
+Data-free calibration text of a larger model is written by a round-to-nearest copy on ONNX Runtime
+(8-bit or INT4, workbench.run.memory.calibration_writer) instead of the float model in PyTorch: the
+same sampling (workbench.quantization.calibration.self_written_samples), a model a quarter of the
+size or less, and a faster decoder.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 
 from exporters.builder.tensors import open_weights
 from workbench.errors import WorkbenchError
+from workbench.generation.engine import map_large_blocks, trim_heap
 from workbench.quantization.blockquant import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,10 @@ class LazyModel:
         if self.current is not None:
             self.current.to("meta")
             self.current = None
+        # The layer's weights, and the Hessians and activations of its GPTQ step, are freed by now; glibc would
+        # keep much of that heap resident, and what it kept grew by about a layer's activations per layer
+        # (1B shape: 2.10 -> 2.85 GiB over 16 layers, docs/scale.md).
+        trim_heap()
 
     def _load_head(self) -> None:
         head = self.model.get_output_embeddings()
@@ -157,6 +162,7 @@ def streamed_gptq(model_dir: Path, samples: np.ndarray, plan: dict[str, int], re
     """GPTQ of the linears in `plan` (module name -> bits) into `results`, one decoder layer in memory at a time."""
     from workbench.quantization.gptq import gptq_quantize
 
+    map_large_blocks()  # each layer frees its weights, Hessians and activations: give the pages back
     lazy = LazyModel(model_dir)
     gptq_quantize(lazy.model, torch.as_tensor(samples), plan, block_size=block_size, symmetric=symmetric,
                   act_order=act_order, progress=progress, cancelled=cancelled, results=results)

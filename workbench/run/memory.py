@@ -37,6 +37,16 @@ STREAMED_LAYER_SHARE = 0.14
 # activations in and out of it, and works on one weight at a time (a float copy, its rounding and
 # its error: about three times the weight), the lm_head included (workbench.quantization.streamed).
 GPTQ_WEIGHT_COPIES = 3
+# Data-free calibration text on the streamed path (workbench.run.streamed.calibration_samples) is written by
+# the float model in PyTorch up to this fp32 size where it fits comfortably: one measurement on the off-grid
+# reference did not show a copy's text as good (docs/quality.md), and a model this small costs no more RAM in
+# PyTorch than the GPTQ stage after it. Larger models: a round-to-nearest copy on ONNX Runtime, 8-bit where it
+# takes no more RAM than the GPTQ stage (8-bit rounding is close to the float model, and with blocks of 128
+# ONNX Runtime decodes the 32-sample batch faster than an INT4 copy with blocks of 32: docs/scale.md), INT4
+# otherwise (an 8B model's 8-bit copy would take about 9.5 GiB, its INT4 copy with blocks of 128 about 5).
+FLOAT_WRITER_MAX_BYTES = 2**30
+WRITER_8BIT = QuantSettings(method="rtn", block_size=128, eight_bit=("*",))
+WRITER_INT4 = QuantSettings(method="rtn", block_size=128)
 # The optimum export path (issue 14, demo to 1.1B): the PyTorch model, its trace and a reloaded ONNX
 # copy at once; GPTQ keeps the PyTorch model through calibration as well.
 EXPORT_BASE_BYTES = 800 * MIB
@@ -90,19 +100,31 @@ def shrink_ram(info: ModelInfo, settings: QuantSettings, streamed: bool) -> int:
     if not streamed:
         factor = EXPORT_RAM_FACTOR.get(settings.method, EXPORT_RAM_FACTOR_CALIBRATED)
         return int(EXPORT_BASE_BYTES + factor * info.fp32_bytes)
-    layer = layer_bytes(info)
-    peak = STREAMED_BASE_BYTES + STREAMED_LAYER_SHARE * layer
+    peak = STREAMED_BASE_BYTES + STREAMED_LAYER_SHARE * layer_bytes(info)
     if settings.method == "gptq":
-        largest_weight = max(w.rows * w.cols * 4 for w in info.weights)
-        activations = 2 * settings.calibration_samples * settings.calibration_tokens * info.hidden_size * 4
-        hessians = sum(w.cols * w.cols * 4 for w in info.weights if w.role == "layers") // max(info.layers, 1)
-        gptq = layer + hessians + activations + GPTQ_WEIGHT_COPIES * largest_weight
-        # Data-free calibration text: the float model where it fits comfortably, else an RTN INT4 copy.
-        free = psutil.virtual_memory().available
-        writer = run_original_ram(info) if fit_verdict(run_original_ram(info), free) == FITS else \
-            run_int4_ram(info, QuantSettings(method="rtn"))
-        peak = max(STREAMED_BASE_BYTES + gptq, STREAMED_BASE_BYTES + writer)
+        writer = calibration_writer(info, settings, psutil.virtual_memory().available)
+        writer_ram = run_original_ram(info) if writer is None else run_int4_ram(info, writer)
+        peak = STREAMED_BASE_BYTES + max(streamed_gptq_ram(info, settings), writer_ram)
     return int(peak)
+
+
+def streamed_gptq_ram(info: ModelInfo, settings: QuantSettings) -> int:
+    """RAM of streamed GPTQ beyond the base: one decoder layer, its Hessians, the calibration activations and
+    the copies of the weight being solved."""
+    largest_weight = max(w.rows * w.cols * 4 for w in info.weights)
+    activations = 2 * settings.calibration_samples * settings.calibration_tokens * info.hidden_size * 4
+    hessians = sum(w.cols * w.cols * 4 for w in info.weights if w.role == "layers") // max(info.layers, 1)
+    return layer_bytes(info) + hessians + activations + GPTQ_WEIGHT_COPIES * largest_weight
+
+
+def calibration_writer(info: ModelInfo, settings: QuantSettings, available: int) -> QuantSettings | None:
+    """What writes a streamed GPTQ run's data-free calibration text: None for the float model in PyTorch, else
+    the settings of the round-to-nearest copy on ONNX Runtime (FLOAT_WRITER_MAX_BYTES says why)."""
+    if info.fp32_bytes <= FLOAT_WRITER_MAX_BYTES and fit_verdict(run_original_ram(info), available) == FITS:
+        return None
+    if run_int4_ram(info, WRITER_8BIT) <= streamed_gptq_ram(info, settings):
+        return WRITER_8BIT
+    return WRITER_INT4
 
 
 def quantize_peak_ram(info: ModelInfo, settings: QuantSettings, streamed: bool) -> int:
@@ -130,8 +152,9 @@ def run_disk_bytes(info: ModelInfo, settings: QuantSettings, streamed: bool) -> 
     if not streamed:
         return int(info.fp32_bytes * EXPORT_DISK_FACTOR)
     int4 = int4_bytes(info, settings)
-    if settings.method == "gptq":  # the spilled GPTQ results, and the RTN copy writing calibration text
-        int4 += int4_bytes(info, settings) + int4_bytes(info, QuantSettings(method="rtn"))
+    if settings.method == "gptq":  # the spilled GPTQ results, and the copy writing calibration text
+        writer = calibration_writer(info, settings, psutil.virtual_memory().available)
+        int4 += int4_bytes(info, settings) + (int4_bytes(info, writer) if writer else 0)
     return int(int4 * STREAMED_DISK_MARGIN) + RUN_FILES_BYTES
 
 

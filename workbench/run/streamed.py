@@ -3,9 +3,10 @@
 On an architecture the builder knows, RTN, HQQ and GPTQ need no fp32 copy of the model: the INT4
 graph is written tensor by tensor, GPTQ holds one decoder layer at a time
 (workbench.quantization.streamed), and data-free calibration text of a larger model comes from a
-round-to-nearest copy on ONNX Runtime. The fp32 original is written too, the same way, when this machine could run
-it for the comparison; otherwise it is skipped and the run says why (ONNX Runtime's CPU kernels
-have no bf16 MatMul, so a bf16 original cannot stand in).
+round-to-nearest copy on ONNX Runtime (8-bit, or INT4 where the 8-bit copy would take more RAM than
+GPTQ). The fp32 original is written too, the same way, when this machine could run it for the
+comparison; otherwise it is skipped and the run says why (ONNX Runtime's CPU kernels have no bf16
+MatMul, so a bf16 original cannot stand in).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from workbench.quantization.streamed import (
     whole_model,
 )
 from workbench.run.memory import (
-    FITS,
     NO_FIT,
+    WRITER_8BIT,
+    calibration_writer,
     fit_verdict,
     original_sizes,
     run_disk_bytes,
@@ -40,13 +42,6 @@ from workbench.units import format_size
 
 log = logging.getLogger(__name__)
 STREAMED_METHODS = ("rtn", "hqq", "gptq")
-# The copy that writes data-free calibration text for larger models: 8-bit rounding is close to the float
-# model, and with blocks of 128 ONNX Runtime decodes the 32-sample batch faster than the INT4 copy (docs/scale.md).
-WRITER = QuantSettings(method="rtn", block_size=128, eight_bit=("*",))
-# Up to this fp32 size the float model in PyTorch writes it (where it fits comfortably): one measurement on
-# the off-grid reference did not show the copy's text as good (docs/quality.md), and a model this small costs
-# no more RAM in PyTorch than the GPTQ stage after it.
-FLOAT_WRITER_MAX_BYTES = 2**30
 
 
 def streamable(settings: QuantSettings) -> bool:
@@ -97,9 +92,10 @@ def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSetting
                         progress: Progress, cancelled: Cancelled) -> np.ndarray:
     """Token samples from the calibration file, or written by the model itself (data-free).
 
-    Data-free text is written by the float model in PyTorch up to FLOAT_WRITER_MAX_BYTES where it fits
-    comfortably in the free RAM (then the run equals the export path's: streamed GPTQ is bit-exact), and
-    by an 8-bit round-to-nearest copy on ONNX Runtime (WRITER) otherwise.
+    Data-free text is written by the float model in PyTorch where the model is small and fits comfortably in
+    the free RAM (then the run equals the export path's: streamed GPTQ is bit-exact), otherwise by a
+    round-to-nearest copy on ONNX Runtime: 8-bit where that takes no more RAM than the GPTQ stage, INT4 where it
+    would (workbench.run.memory.calibration_writer).
     """
     from transformers import AutoTokenizer
 
@@ -109,16 +105,18 @@ def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSetting
     if calibration is not None:
         return file_samples(calibration, tokenizer, settings, progress)
     n, length = settings.calibration_samples, settings.calibration_tokens
-    if model.info.fp32_bytes <= FLOAT_WRITER_MAX_BYTES and \
-            fit_verdict(run_original_ram(model.info), psutil.virtual_memory().available) == FITS:
+    writer_settings = calibration_writer(model.info, settings, psutil.virtual_memory().available)
+    if writer_settings is None:
         from workbench.quantization.calibration import self_written_samples
 
         return self_written_samples(whole_model(model.path), tokenizer, n, length, progress=progress, cancelled=cancelled)
-    log.info("calibration text written by an 8-bit round-to-nearest copy on ONNX Runtime")
+    copy = "8-bit copy" if writer_settings == WRITER_8BIT else "INT4 copy"
+    log.info("calibration text written by an %s (round to nearest, blocks of %d) on ONNX Runtime", copy,
+             writer_settings.block_size)
     writer = Path(tempfile.mkdtemp(prefix=".calibration-writer-", dir=work))
     try:
-        build_decoder(model.path, writer, model.info, WRITER,
-                      progress=sub_progress(progress, 0.0, 0.1, prefix="8-bit copy: "), cancelled=cancelled)
+        build_decoder(model.path, writer, model.info, writer_settings,
+                      progress=sub_progress(progress, 0.0, 0.1, prefix=f"{copy}: "), cancelled=cancelled)
         return onnx_written_samples(model.path, writer, tokenizer, n, length,
                                     progress=sub_progress(progress, 0.1, 1.0), cancelled=cancelled)
     finally:
