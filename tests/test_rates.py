@@ -18,7 +18,7 @@ from ui.pages.quantize import QuantizePage
 from ui.pages.settings import SettingsPage
 from workbench.durations import rough_duration
 from workbench.run import rates
-from workbench.run.pipeline import estimate_run, quantize_run
+from workbench.run.pipeline import estimate_run, plan_run, quantize_run
 from workbench.run.rates import RunShape
 from workbench.settings import PRESETS, QuantSettings
 from workbench.sources import resolve
@@ -122,9 +122,15 @@ def test_info_json_estimates_every_preset(own_cache, tiny_llama):
     data = json.loads(done.stdout)
     assert set(data["estimates"]) == set(PRESETS)
     model = resolve(str(tiny_llama))
-    for name, figures in data["estimates"].items():
+    for name, figures in data["estimates"].items():  # the one estimate the app shows too (plan_run)
+        plan = plan_run(model, PRESETS[name].settings, opens_model=True)
         assert figures["seconds"] == round(estimate_run(model, PRESETS[name].settings, opens_model=True).seconds)
-        assert "estimate" in figures["estimate"] and figures["peak_ram_bytes"] >= data["ram_bytes"]["run_int4"]
+        assert {key: figures[key] for key in ("shrink_ram_bytes", "run_int4_ram_bytes", "run_original_ram_bytes",
+                                              "peak_ram_bytes", "path")} == \
+            {key: plan.to_dict()[key] for key in ("shrink_ram_bytes", "run_int4_ram_bytes", "run_original_ram_bytes",
+                                                  "peak_ram_bytes", "path")}
+        assert "estimate" in figures["estimate"] and figures["peak_ram_bytes"] >= figures["run_int4_ram_bytes"]
+        assert set(figures["fit"]) == {"shrink", "run_int4", "run_original"}
 
 
 def test_stage_bars_fill_and_the_time_left_comes_from_the_rates(own_cache, qtbot, tiny_llama, tmp_path):
