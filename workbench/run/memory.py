@@ -37,13 +37,13 @@ STREAMED_LAYER_SHARE = 0.14
 # weights in fp32 twice (the originals and the dequantized results swapped in to compute the next layer's
 # inputs), the widest input's Hessian with the two matrices its factorization makes next to it, the calibration
 # activations into and out of the layer, and the MLP's intermediate tensors (gate, up, their product) for one
-# chunk of tokens; at the lm_head its fp32 weight, its codes, scales and zero points. Measured beyond that: the
-# peak rose with every layer done by 0.64-0.78 times the activations (demo, 360M and 1B shapes; docs/scale.md):
-# freed memory the allocator keeps. It stays through the INT4 stage after GPTQ (360M: 1.70 GiB there, 1.63 at
-# the lm_head), which the rounding up to 0.9 covers.
+# chunk of tokens; at the lm_head its fp32 weight, its codes, scales and zero points. Beyond that, freed memory
+# glibc keeps: before the heap was trimmed after each layer the peak rose by 0.64-0.78 x the activations with
+# every layer done (demo, 360M and 1B shapes; docs/scale.md); with the trim, not at all on the 360M shape
+# (0.87-0.97 GiB over 32 layers) and by about 0.2 x on a 1B-shaped model of 6 layers (13 MiB a layer, big8b).
 HESSIANS_AT_ONCE = 3
 MLP_TENSORS = 3
-GPTQ_GROWTH_PER_LAYER = 0.9
+GPTQ_GROWTH_PER_LAYER = 0.25
 FLOAT_CACHE_COPIES = 1.5  # the float writer's PyTorch cache, grown by concatenation (demo: 1.60 GiB measured)
 # Data-free calibration text on the streamed path (workbench.run.streamed.calibration_samples) is written by
 # the float model in PyTorch up to this fp32 size where it fits comfortably: one measurement on the off-grid
@@ -114,7 +114,7 @@ def shrink_ram(info: ModelInfo, settings: QuantSettings, streamed: bool, availab
     if settings.method == "gptq":
         if available is None:
             available = psutil.virtual_memory().available
-        writer = calibration_writer_ram(info, settings, available)
+        writer = calibration_writer_ram(info, settings, calibration_writer(info, settings, available))
         peak = STREAMED_BASE_BYTES + max(streamed_gptq_ram(info, settings), writer)
     return int(peak)
 
@@ -143,13 +143,12 @@ def streamed_gptq_ram(info: ModelInfo, settings: QuantSettings) -> int:
     return int(max(capture, in_layer + grown, head + grown))
 
 
-def calibration_writer_ram(info: ModelInfo, settings: QuantSettings, available: int) -> int:
-    """RAM beyond the base (which holds ONNX Runtime already) of writing data-free calibration text: the writer
-    calibration_writer chooses, with the keys and values of all samples at once; PyTorch's cache grows by
-    concatenation, a layer at a time copied (measured: demo 1.60 GiB, float model; 360M 1.56 and 1B 2.62,
-    8-bit copy)."""
+def calibration_writer_ram(info: ModelInfo, settings: QuantSettings, writer: QuantSettings | None) -> int:
+    """RAM beyond the base (which holds ONNX Runtime already) of writing data-free calibration text with `writer`
+    (calibration_writer's answer: None for the float model), with the keys and values of all samples at once;
+    PyTorch's cache grows by concatenation, a layer at a time copied (measured: demo 1.60 GiB, float model; 360M
+    1.52-1.56 and 1B 2.62, 8-bit copy)."""
     cache = kv_cache_bytes(info, settings.calibration_samples, settings.calibration_tokens)
-    writer = calibration_writer(info, settings, available)
     if writer is None:
         return int(info.fp32_bytes + FLOAT_CACHE_COPIES * cache)
     return int(int4_bytes(info, writer) * RUN_RAM_FACTOR + cache)
