@@ -40,7 +40,8 @@ STREAMED_LAYER_SHARE = 0.14
 # chunk of tokens; at the lm_head its fp32 weight, its codes, scales and zero points. Beyond that, freed memory
 # glibc keeps: before the heap was trimmed after each layer the peak rose by 0.64-0.78 x the activations with
 # every layer done (demo, 360M and 1B shapes; docs/scale.md); with the trim, not at all on the 360M shape
-# (0.87-0.97 GiB over 32 layers) and by about 0.2 x on a 1B-shaped model of 6 layers (13 MiB a layer, big8b).
+# (0.87-0.97 GiB over 32 layers) and by about 0.2 x on a small wide model (13 MiB a layer); with large blocks
+# mapped apart as well, flat on that model. 0.25 x stays until a full run at 1B or 8B shows the rise gone.
 HESSIANS_AT_ONCE = 3
 MLP_TENSORS = 3
 GPTQ_GROWTH_PER_LAYER = 0.25
