@@ -1,5 +1,7 @@
 """Peak RAM and time of `quantize` (RTN unless --method says otherwise) and of the INT4 model answering, at real sizes.
 
+    python benchmarks/scale.py 135m          # the demo's shape (SmolLM2-135M), random weights
+    python benchmarks/scale.py 360m          # SmolLM2-360M-shaped (Llama architecture), tied embeddings
     python benchmarks/scale.py 1b            # Llama-3.2-1B-shaped, tied embeddings
     python benchmarks/scale.py 8b            # Llama-3.1-8B-shaped, untied
     python benchmarks/scale.py 8b --cache /big/disk --keep
@@ -38,6 +40,14 @@ from workbench.generation.bench import BENCH_TEXT  # noqa: E402 (after sys.path)
 from workbench.units import format_size  # noqa: E402
 
 SHAPES = {
+    # SmolLM2-135M's shape (the demo's), random weights.
+    "135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                 intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, head_dim=64,
+                 rope_theta=100000.0, max_position_embeddings=8192),
+    # SmolLM2-360M's shape: an fp32 size above FLOAT_WRITER_MAX_BYTES, so data-free text comes from the ONNX copy.
+    "360m": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
+                 intermediate_size=2560, vocab_size=49152, tie_word_embeddings=True, head_dim=64,
+                 rope_theta=100000.0, max_position_embeddings=8192),
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, head_dim=64,
                rope_theta=500000.0, max_position_embeddings=131072),

@@ -18,7 +18,7 @@ from ui.pages.quantize import QuantizePage
 from ui.pages.settings import SettingsPage
 from workbench.durations import rough_duration
 from workbench.run import rates
-from workbench.run.pipeline import estimate_run, quantize_run
+from workbench.run.pipeline import estimate_run, plan_run, quantize_run
 from workbench.run.rates import RunShape
 from workbench.settings import PRESETS, QuantSettings
 from workbench.sources import resolve
@@ -96,6 +96,22 @@ def test_each_way_of_running_a_stage_is_timed_apart():
     assert built.key("calibration") != RunShape(gptq, Path("text.txt")).key("calibration")
     longer = RunShape(QuantSettings(method="gptq", calibration_samples=64))
     assert longer.work("calibration") == 2 * built.work("calibration") and longer.work("gptq") == 1.0
+    # ... and text written by the float model apart from text written by a round-to-nearest copy.
+    assert built.key("calibration") != RunShape(gptq, copy_writes=True).key("calibration")
+
+
+def test_the_estimate_times_the_writer_the_run_will_use(own_cache, tiny_llama, monkeypatch):
+    """A model above the float writer's size limit has its text written by a copy on ONNX Runtime (memory.
+    calibration_writer); its estimate takes the copy's rate, 3.8x faster than the float model's at 1B."""
+    import workbench.run.memory
+
+    model, balanced = resolve(str(tiny_llama)), PRESETS["balanced"].settings
+    work = balanced.calibration_token_count / rates.CALIBRATION_TOKENS * model.info.parameters / 1e9
+    written = estimate_run(model, balanced).stages["calibration"]
+    assert written == pytest.approx(rates.DEFAULT_RATES["calibration:written"] * work)
+    monkeypatch.setattr(workbench.run.memory, "FLOAT_WRITER_MAX_BYTES", 0)
+    copied = estimate_run(model, balanced).stages["calibration"]
+    assert copied == pytest.approx(rates.DEFAULT_RATES["calibration:copy"] * work) and copied < written
 
 
 def test_a_conversion_on_first_use_does_not_teach_the_model_stage(own_cache, tiny_llama, tmp_path):
@@ -122,9 +138,15 @@ def test_info_json_estimates_every_preset(own_cache, tiny_llama):
     data = json.loads(done.stdout)
     assert set(data["estimates"]) == set(PRESETS)
     model = resolve(str(tiny_llama))
-    for name, figures in data["estimates"].items():
+    for name, figures in data["estimates"].items():  # the one estimate the app shows too (plan_run)
+        plan = plan_run(model, PRESETS[name].settings, opens_model=True)
         assert figures["seconds"] == round(estimate_run(model, PRESETS[name].settings, opens_model=True).seconds)
-        assert "estimate" in figures["estimate"] and figures["peak_ram_bytes"] >= data["ram_bytes"]["run_int4"]
+        assert {key: figures[key] for key in ("shrink_ram_bytes", "run_int4_ram_bytes", "run_original_ram_bytes",
+                                              "peak_ram_bytes", "path")} == \
+            {key: plan.to_dict()[key] for key in ("shrink_ram_bytes", "run_int4_ram_bytes", "run_original_ram_bytes",
+                                                  "peak_ram_bytes", "path")}
+        assert "estimate" in figures["estimate"] and figures["peak_ram_bytes"] >= figures["run_int4_ram_bytes"]
+        assert set(figures["fit"]) == {"shrink", "run_int4", "run_original"}
 
 
 def test_stage_bars_fill_and_the_time_left_comes_from_the_rates(own_cache, qtbot, tiny_llama, tmp_path):

@@ -31,10 +31,12 @@ from workbench.generation.bench import bench_run
 from workbench.errors import WorkbenchError
 from workbench.jobs import check
 from workbench.run import stages
-from workbench.run.pipeline import quantize_run
+from workbench.run.pipeline import plan_run, quantize_run
 from workbench.run.folders import load_run
 from workbench.quantization.methods import METHODS as METHOD_TABLE
 from workbench.settings import METHODS, PRESETS, QuantSettings
+from workbench.units import format_size
+from workbench.durations import rough_duration
 
 RTN = QuantSettings(method="rtn")
 
@@ -110,6 +112,33 @@ def test_steps_unlock_in_order(window, qtbot, tiny_llama):
     open_model(window, qtbot, tiny_llama)
     assert [window.unavailable(i) is None for i in range(len(STEP_PAGES))] == [True] * 4 + [False] * 3
     assert window.next_button.isEnabled()
+
+
+def test_the_model_step_shows_what_the_chosen_settings_cost(window, qtbot, tiny_llama):
+    """Time and memory to shrink, and memory to run each side, follow the settings chosen in step 2, with the
+    figures `info` gives (plan_run), on the Model step and beside the size estimate in Settings."""
+    page = open_model(window, qtbot, tiny_llama)
+    model = window.session.model
+
+    def shown(settings: QuantSettings, title: str) -> None:
+        plan = plan_run(model, settings)
+        assert f"{title}: {rough_duration(plan.time.seconds)}" in page.time.text()
+        for label, needed in ((page.fit_shrink, plan.shrink_ram), (page.fit_int4, plan.run_int4_ram),
+                              (page.fit_original, plan.run_original_ram)):
+            assert f"needs about {format_size(needed)} of" in label.text() and label.verdict == plan.fit(needed)
+        assert f"about <b>{format_size(plan.shrink_ram)}</b> of memory" in window.page(SettingsPage).estimate.text()
+
+    window.go(STEP_PAGES.index(SettingsPage))
+    assert "Balanced" in page.choice.text() and "default" in page.choice.text()
+    shown(PRESETS["balanced"].settings, "Balanced")
+    window.page(SettingsPage).choose("quality")
+    title = PRESETS["quality"].title
+    assert page.choice.text().startswith(title)
+    shown(PRESETS["quality"].settings, title)
+    use_rtn(window)
+    assert "your own settings" in page.choice.text()
+    shown(window.session.settings, "Your settings")
+    assert window.session.settings.method == "rtn"
 
 
 def test_the_whole_wizard_from_model_to_report(window, qtbot, tiny_llama, prose, runs_dir):

@@ -18,7 +18,7 @@ class ModelFacts:
 
     original_bytes: int  # fp32 ONNX weights, as `original_sizes` counts them
     preset_bytes: dict[str, int]  # INT4 size per preset
-    ram: dict[str, int]  # `ram_estimates`: shrink, run_original, run_int4, machine_total/available
+    ram: dict[str, int]  # `ram_estimates` of the default preset; the Model step reads the machine and GPU from it
 
 
 @dataclass(frozen=True)

@@ -76,21 +76,19 @@ def cmd_info(args: argparse.Namespace) -> int:
         fit_verdict,
         original_sizes,
         preset_estimates,
-        quantize_peak_ram,
         ram_estimates,
     )
-    from workbench.run.streamed import builder_reason
     from workbench.durations import rough_duration
-    from workbench.run.pipeline import estimate_run
+    from workbench.run.pipeline import plan_run
     from workbench.sources import resolve
 
     with progress_bar(not args.quiet) as progress:
         model = resolve(args.model, trust_remote_code=args.trust_remote_code, progress=progress)
     info = model.info
     presets = preset_estimates(info)
-    default = PRESETS[DEFAULT_PRESET].settings
-    streamed = builder_reason(model, default) is None
-    ram = ram_estimates(info, default, streamed)
+    plans = {name: plan_run(model, preset.settings, opens_model=True) for name, preset in PRESETS.items()}
+    default = plans[DEFAULT_PRESET]
+    ram = ram_estimates(info, PRESETS[DEFAULT_PRESET].settings, default.streamed)
     fp32_onnx = sum(original_sizes(info).values())
     data = {
         "name": info.name,
@@ -108,6 +106,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "int4_bytes": presets,
         "size_ratio": {name: round(fp32_onnx / size, 2) for name, size in presets.items()},
         "ram_bytes": ram,
+        "estimates": {name: plan.to_dict() for name, plan in plans.items()},
     }
     lines = [
         f"{info.name} ({info.architecture}, {info.kind})",
@@ -119,24 +118,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     for name, size in presets.items():
         lines.append(f"  INT4 {name:<10} {format_size(size)} ({fp32_onnx / size:.1f}x smaller)  {PRESETS[name].description}")
-    data["estimates"] = {}
-    for name, preset in PRESETS.items():
-        planned = estimate_run(model, preset.settings, opens_model=True)
-        streamed = builder_reason(model, preset.settings) is None
-        data["estimates"][name] = {"seconds": round(planned.seconds), "estimate": planned.basis,
-                                   "peak_ram_bytes": quantize_peak_ram(info, preset.settings, streamed)}
-        lines.append(f"  time {name:<10} {rough_duration(planned.seconds)} ({planned.basis})")
     free = ram["machine_available"]
     data["fit"] = {step: fit_verdict(ram[step], free) for step in ("shrink", "run_original", "run_int4")}
     lines += [
         f"  this machine    {format_size(ram['machine_total'])} RAM, {format_size(free)} free",
-        f"  to shrink       about {format_size(ram['shrink'])} ({PRESETS[DEFAULT_PRESET].title.lower()}): "
-        f"{data['fit']['shrink']}",
-        f"  to run          original about {format_size(ram['run_original'])}: {data['fit']['run_original']}"
-        + (" (a run skips it and measures the INT4 model alone)" if streamed and data["fit"]["run_original"] == NO_FIT
-           else "")
-        + f"; INT4 about {format_size(ram['run_int4'])}: {data['fit']['run_int4']}",
+        f"  to run          the original about {format_size(default.run_original_ram)}: "
+        f"{data['fit']['run_original']}"
+        + (" (a run skips it and measures the INT4 model alone)" if default.original_skipped else ""),
     ]
+    for name, plan in plans.items():  # each preset: its time here, the RAM to shrink and to run what it writes
+        lines.append(
+            f"  {name:<15} {rough_duration(plan.time.seconds)}; to shrink about {format_size(plan.shrink_ram)} "
+            f"({plan.fit(plan.shrink_ram)}), its INT4 model runs in about {format_size(plan.run_int4_ram)} "
+            f"({plan.fit(plan.run_int4_ram)})")
+    lines.append(f"  times           {default.time.basis}")
+    if default.fit(default.peak_ram) == NO_FIT and not default.original_skipped:
+        lines.append(f"  warning         measuring both sides needs about {format_size(default.peak_ram)}: more than "
+                     "this machine has free")
     if ram["gpu_free"] is not None:
         data["fit"]["run_int4_gpu"] = fit_verdict(ram["run_int4"], ram["gpu_free"])
         lines.append(f"  GPU             {format_size(ram['gpu_free'])} free: INT4 {data['fit']['run_int4_gpu']}")

@@ -29,12 +29,13 @@ from ui.widgets import (
 from workbench.run.memory import original_sizes, preset_estimates, ram_estimates
 from workbench.units import format_size
 from workbench.durations import rough_duration
-from workbench.run.pipeline import estimate_run
+from workbench.run.pipeline import plan_run
 from workbench.run.streamed import builder_reason
-from workbench.settings import DEFAULT_PRESET, PRESETS
+from workbench.run.tune import CANDIDATES
+from workbench.settings import DEFAULT_PRESET, PRESETS, preset_settings
 from workbench.sources import DEMO, DEMO_NAME, ResolvedModel, resolve
 
-DEFAULT_SETTINGS = PRESETS[DEFAULT_PRESET].settings  # what "To shrink it" is estimated for
+DEFAULT_SETTINGS = PRESETS[DEFAULT_PRESET].settings  # the machine's figures are read with these (ModelFacts.ram)
 
 KINDS = {
     "demo": "the demo model",
@@ -119,11 +120,12 @@ class ModelPage(Page):
         self.size_now = QLabel()
         self.presets = QLabel()
         self.machine = QLabel()
+        self.choice = QLabel()
         self.time = QLabel()
         self.fit_shrink, self.fit_original, self.fit_int4 = FitLabel(), FitLabel(), FitLabel()
         self.fit_gpu = FitLabel()
         for label in (self.name, self.kind, self.parameters, self.context, self.size_now, self.presets, self.machine,
-                      self.time):
+                      self.choice, self.time):
             label.setWordWrap(True)
             label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         form.addRow("Model", self.name)
@@ -133,10 +135,12 @@ class ModelPage(Page):
         form.addRow(term_label("Size now", "fp32"), self.size_now)
         form.addRow(term_label("Size after INT4", "INT4"), self.presets)
         form.addRow(term_label("This computer", "RAM"), self.machine)
+        # What shrinking costs follows the settings chosen in step 2 (the default preset until then).
+        form.addRow("Shrinking with", self.choice)
         form.addRow("Time to shrink it", self.time)
-        form.addRow(f"To shrink it ({PRESETS[DEFAULT_PRESET].title.lower()})", self.fit_shrink)
-        form.addRow("To run the original", self.fit_original)
-        form.addRow("To run the INT4 model", self.fit_int4)
+        form.addRow(term_label("Memory to shrink it", "RAM"), self.fit_shrink)
+        form.addRow("Memory to run the original", self.fit_original)
+        form.addRow("Memory to run the INT4 model", self.fit_int4)
         form.addRow("INT4 on the GPU", self.fit_gpu)
         self.gpu_row = form.rowCount() - 1
         self.facts_box.hide()
@@ -150,7 +154,8 @@ class ModelPage(Page):
         self.hub_id.returnPressed.connect(lambda: self.load(self.hub_id.text()))
         # A run made or opened since: an earlier problem opening a model no longer describes the state.
         session.run_changed.connect(self.problem.clear)
-        session.run_changed.connect(self._show_times)  # a finished run taught the rates the times come from
+        session.run_changed.connect(self._show_plan)  # a finished run taught the rates the times come from
+        session.settings_changed.connect(self._show_plan)
 
     def blocker(self) -> str | None:
         if self.jobs.running:
@@ -179,20 +184,40 @@ class ModelPage(Page):
         if path:
             self.load(path)
 
-    def _show_times(self, model: ResolvedModel | None = None) -> None:
-        model = model or self.session.model
-        if model is None:
+    def _show_plan(self) -> None:
+        """Time and memory to shrink the model with the chosen settings, and to run each side, from the core's
+        one estimate (workbench.run.pipeline.plan_run, as `info` gives them)."""
+        session = self.session
+        if session.model is None:
             return
-        plans = {name: estimate_run(model, preset.settings) for name, preset in PRESETS.items()}
-        self.time.setText(
-            "<br>".join(f"{PRESETS[name].title}: {rough_duration(plan.seconds)}" for name, plan in plans.items())
-            + f"<br><i>{plans[DEFAULT_PRESET].basis_sentence}</i>"
-        )
+        title = PRESETS[session.preset].title
+        own = session.settings != preset_settings(session.preset)
+        if session.tune is not None:
+            choice = f"auto-tune: up to {len(CANDIDATES)} settings are tried; the figures below are for {title}"
+        elif own:
+            choice = f"your own settings (changed from {title} in step 2, Settings)"
+        else:
+            choice = title + (" (the default: choose another in step 2, Settings)" if session.preset == DEFAULT_PRESET
+                              else " (chosen in step 2, Settings)")
+        self.choice.setText(choice)
+        plan = plan_run(session.model, session.settings, session.calibration)
+        self.time.setText(f"{'Your settings' if own else title}: {rough_duration(plan.time.seconds)}"
+                          f"<br><i>{plan.time.basis_sentence}</i>")
+        self.fit_shrink.set_fit(plan.shrink_ram, plan.available)
+        self.fit_original.set_fit(plan.run_original_ram, plan.available)
+        if plan.original_skipped:
+            self.fit_original.setText(self.fit_original.text() + "<br>a run skips it and measures the INT4 model alone")
+        self.fit_int4.set_fit(plan.run_int4_ram, plan.available)
+        gpu_free = session.facts.ram["gpu_free"] if session.facts else None
+        self.form.setRowVisible(self.gpu_row, gpu_free is not None)
+        if gpu_free is not None:  # the INT4 weights and buffers live in GPU memory when CUDA runs them
+            self.fit_gpu.set_fit(plan.run_int4_ram, gpu_free)
 
     def _opened(self, result: tuple[ResolvedModel, ModelFacts], trust_remote_code: bool) -> None:
         model, facts = result
         self._show(model, facts)
         self.session.set_model(model, facts, trust_remote_code)
+        self._show_plan()
 
     def _show(self, model: ResolvedModel, facts: ModelFacts) -> None:
         info = model.info
@@ -207,16 +232,8 @@ class ModelPage(Page):
                 for name, size in facts.preset_bytes.items()
             )
         )
-        self._show_times(model)
         ram = facts.ram
         self.machine.setText(
             f"{format_size(ram['machine_total'])} of RAM, {format_size(ram['machine_available'])} free now"
         )
-        self.fit_shrink.set_fit(ram["shrink"], ram["machine_available"])
-        self.fit_original.set_fit(ram["run_original"], ram["machine_available"])
-        self.fit_int4.set_fit(ram["run_int4"], ram["machine_available"])
-        has_gpu = ram["gpu_free"] is not None
-        self.form.setRowVisible(self.gpu_row, has_gpu)
-        if has_gpu:  # the INT4 weights and buffers live in GPU memory when CUDA runs them
-            self.fit_gpu.set_fit(ram["run_int4"], ram["gpu_free"])
         self.facts_box.show()

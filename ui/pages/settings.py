@@ -34,6 +34,8 @@ from workbench.errors import WorkbenchError
 from workbench.quantization.sizes import int4_bytes
 from workbench.quantization.methods import METHODS
 from workbench.settings import MAX_SENSITIVE_8BIT_PCT, PRESETS, Preset, QuantSettings, preset_settings
+from workbench.durations import rough_duration
+from workbench.run.pipeline import plan_run
 from workbench.run.tune import CANDIDATES
 from workbench.units import format_size
 
@@ -333,7 +335,11 @@ class SettingsPage(Page):
             )
             return
         size = int4_bytes(model.info, self.session.settings)
+        plan = plan_run(model, self.session.settings, self.session.calibration)
         self.estimate.setText(
             f"After INT4: about <b>{format_size(size)}</b>, {facts.original_bytes / size:.1f}x smaller than the "
-            f"{format_size(facts.original_bytes)} now ({8 * size / model.info.parameters:.1f} bits per weight)."
+            f"{format_size(facts.original_bytes)} now ({8 * size / model.info.parameters:.1f} bits per weight).<br>"
+            f"Shrinking it here takes <b>{rough_duration(plan.time.seconds)}</b> and about "
+            f"<b>{format_size(plan.shrink_ram)}</b> of memory ({plan.fit(plan.shrink_ram)}); the INT4 model then runs "
+            f"in about {format_size(plan.run_int4_ram)} ({plan.fit(plan.run_int4_ram)})."
         )

@@ -33,10 +33,19 @@ FITS, TIGHT, NO_FIT = "fits comfortably", "tight", "will not fit"
 # largest decoder layer, not with the model.
 STREAMED_BASE_BYTES = 736 * MIB
 STREAMED_LAYER_SHARE = 0.14
-# Streamed GPTQ holds one decoder layer in float with a Hessian per linear, the calibration
-# activations in and out of it, and works on one weight at a time (a float copy, its rounding and
-# its error: about three times the weight), the lm_head included (workbench.quantization.streamed).
-GPTQ_WEIGHT_COPIES = 3
+# Streamed GPTQ (workbench.quantization.streamed, .gptq) holds, at its peak in a decoder layer, the layer's
+# weights in fp32 twice (the originals and the dequantized results swapped in to compute the next layer's
+# inputs), the widest input's Hessian with the two matrices its factorization makes next to it, the calibration
+# activations into and out of the layer, and the MLP's intermediate tensors (gate, up, their product) for one
+# chunk of tokens; at the lm_head its fp32 weight, its codes, scales and zero points. Beyond that, freed memory
+# glibc keeps: before the heap was trimmed after each layer the peak rose by 0.64-0.78 x the activations with
+# every layer done (demo, 360M and 1B shapes; docs/scale.md); with the trim, not at all on the 360M shape
+# (0.87-0.97 GiB over 32 layers) and by about 0.2 x on a small wide model (13 MiB a layer); with large blocks
+# mapped apart as well, flat on that model. 0.25 x stays until a full run at 1B or 8B shows the rise gone.
+HESSIANS_AT_ONCE = 3
+MLP_TENSORS = 3
+GPTQ_GROWTH_PER_LAYER = 0.25
+FLOAT_CACHE_COPIES = 1.5  # the float writer's PyTorch cache, grown by concatenation (demo: 1.60 GiB measured)
 # Data-free calibration text on the streamed path (workbench.run.streamed.calibration_samples) is written by
 # the float model in PyTorch up to this fp32 size where it fits comfortably: one measurement on the off-grid
 # reference did not show a copy's text as good (docs/quality.md), and a model this small costs no more RAM in
@@ -55,7 +64,7 @@ EXPORT_RAM_FACTOR_CALIBRATED = 2.9
 # A session holds its weights as ONNX Runtime prepacks them (the INT4 ones into a larger layout at
 # accuracy level 4) plus its own buffers; the mapped weights file is paged out while it loads.
 RUN_RAM_FACTOR = 1.2
-RUNTIME_OVERHEAD_BYTES = 300 * 2**20
+RUNTIME_OVERHEAD_BYTES = 160 * MIB  # beyond 1.2x the weights: 0.08-0.15 GiB measured, demo to 1B
 # Disk: the export path holds the fp32 export, the INT4 copy and the intermediate files at once
 # (1.65-1.94x the fp32 size measured); the streamed path writes the INT4 graph, and for GPTQ its
 # spilled results and, without a calibration file, an RTN copy that writes the calibration text.
@@ -95,26 +104,64 @@ def ram_estimates(info: ModelInfo, settings: QuantSettings, streamed: bool) -> d
     }
 
 
-def shrink_ram(info: ModelInfo, settings: QuantSettings, streamed: bool) -> int:
-    """Peak RAM of `quantize` up to the INT4 model written (measuring each side runs it: run_*_ram)."""
+def shrink_ram(info: ModelInfo, settings: QuantSettings, streamed: bool, available: int | None = None) -> int:
+    """Peak RAM of `quantize` up to the INT4 model written (measuring each side runs it: run_*_ram), for
+    data-free calibration; `available`: the free RAM, which decides what writes the calibration text (now's
+    unless given)."""
     if not streamed:
         factor = EXPORT_RAM_FACTOR.get(settings.method, EXPORT_RAM_FACTOR_CALIBRATED)
         return int(EXPORT_BASE_BYTES + factor * info.fp32_bytes)
     peak = STREAMED_BASE_BYTES + STREAMED_LAYER_SHARE * layer_bytes(info)
     if settings.method == "gptq":
-        writer = calibration_writer(info, settings, psutil.virtual_memory().available)
-        writer_ram = run_original_ram(info) if writer is None else run_int4_ram(info, writer)
-        peak = STREAMED_BASE_BYTES + max(streamed_gptq_ram(info, settings), writer_ram)
+        if available is None:
+            available = psutil.virtual_memory().available
+        writer = calibration_writer_ram(info, settings, calibration_writer(info, settings, available))
+        peak = STREAMED_BASE_BYTES + max(streamed_gptq_ram(info, settings), writer)
     return int(peak)
 
 
 def streamed_gptq_ram(info: ModelInfo, settings: QuantSettings) -> int:
-    """RAM of streamed GPTQ beyond the base: one decoder layer, its Hessians, the calibration activations and
-    the copies of the weight being solved."""
-    largest_weight = max(w.rows * w.cols * 4 for w in info.weights)
-    activations = 2 * settings.calibration_samples * settings.calibration_tokens * info.hidden_size * 4
-    hessians = sum(w.cols * w.cols * 4 for w in info.weights if w.role == "layers") // max(info.layers, 1)
-    return layer_bytes(info) + hessians + activations + GPTQ_WEIGHT_COPIES * largest_weight
+    """RAM of streamed GPTQ beyond the base: capturing the first layer's inputs (the embeddings in fp32), a
+    decoder layer or the lm_head, whichever needs most, with what the layers before left behind (see
+    GPTQ_GROWTH_PER_LAYER)."""
+    from workbench.quantization.gptq import ROW_CHUNK
+    from workbench.quantization.layerwise import CHUNK_TOKENS
+
+    length = settings.calibration_tokens
+    activations = settings.calibration_samples * length * info.hidden_size * 4
+    chunk = min(settings.calibration_samples, max(CHUNK_TOKENS // length, 1)) * length  # tokens a forward takes
+    layer = layer_bytes(info)
+    widest = max((w.cols for w in info.weights if w.role == "layers"), default=info.hidden_size)
+    in_layer = 2 * layer + HESSIANS_AT_ONCE * widest**2 * 4 + 2 * activations + MLP_TENSORS * chunk * widest * 4
+    grown = GPTQ_GROWTH_PER_LAYER * activations * info.layers
+    embeddings = next(w for w in info.weights if w.role == "embeddings")
+    rows, cols = embeddings.rows, embeddings.cols  # the lm_head's shape, tied or not
+    capture = rows * cols * 4 + activations
+    head = 0
+    if settings.quantize_lm_head:
+        codes = rows * cols + rows * -(-cols // settings.block_size) * 5  # uint8 codes, fp32 scales, uint8 zeros
+        head = rows * cols * 4 + codes + HESSIANS_AT_ONCE * cols**2 * 4 + 2 * activations + 3 * ROW_CHUNK * cols * 4
+    return int(max(capture, in_layer + grown, head + grown))
+
+
+def calibration_writer_ram(info: ModelInfo, settings: QuantSettings, writer: QuantSettings | None) -> int:
+    """RAM beyond the base (which holds ONNX Runtime already) of writing data-free calibration text with `writer`
+    (calibration_writer's answer: None for the float model), with the keys and values of all samples at once;
+    PyTorch's cache grows by concatenation, a layer at a time copied (measured: demo 1.60 GiB, float model; 360M
+    1.52-1.56 and 1B 2.62, 8-bit copy)."""
+    cache = kv_cache_bytes(info, settings.calibration_samples, settings.calibration_tokens)
+    if writer is None:
+        return int(info.fp32_bytes + FLOAT_CACHE_COPIES * cache)
+    return int(int4_bytes(info, writer) * RUN_RAM_FACTOR + cache)
+
+
+def kv_cache_bytes(info: ModelInfo, samples: int, tokens: int) -> int:
+    """fp32 keys and values of `samples` sequences of `tokens` in every layer, their width read from the key and
+    value projections (a packed qkv projection holds the queries' hidden_size rows besides them)."""
+    layers = [w for w in info.weights if w.role == "layers"]
+    width = sum(w.rows for w in layers if w.name.endswith(("k_proj", "v_proj")))
+    width = width or sum(w.rows - info.hidden_size for w in layers if w.name.endswith("qkv_proj"))
+    return samples * tokens * (width or 2 * info.hidden_size * info.layers) * 4
 
 
 def calibration_writer(info: ModelInfo, settings: QuantSettings, available: int) -> QuantSettings | None:

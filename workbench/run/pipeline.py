@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from exporters.onnx_export import export_onnx
 from workbench.jobs import (
@@ -28,7 +29,18 @@ from workbench.jobs import (
     no_progress,
     sub_progress,
 )
-from workbench.run.memory import graph_sizes, measure_session_memory, ram_components, run_disk_bytes
+from workbench.run.memory import (
+    calibration_writer,
+    fit_verdict,
+    graph_sizes,
+    measure_session_memory,
+    quantize_peak_ram,
+    ram_components,
+    run_disk_bytes,
+    run_int4_ram,
+    run_original_ram,
+    shrink_ram,
+)
 from workbench.quantization.int4_graph import QuantizeResult, layer_plan, quantize_onnx, written_op_counts
 from workbench.run.rates import Estimate, RunShape, estimate, remember
 from workbench.run.report import write_report
@@ -130,8 +142,8 @@ def quantize_run(
     timings = {name: seconds for name, seconds in record.timings_s.items()
                if not (name == "model" and converted_since(model, opened))}
     remember(timings, record.model.parameters,
-             RunShape(settings, reads, source.built, original=source.original_skipped is None,
-                      opens_model=not isinstance(spec, ResolvedModel)),
+             RunShape(settings, reads, source.built, copy_writes=copy_writes(model, settings, reads, source.built),
+                      original=source.original_skipped is None, opens_model=not isinstance(spec, ResolvedModel)),
              rest_s=time.time() - (started or opened) - sum(record.timings_s.values()))
     return record
 
@@ -171,9 +183,62 @@ def estimate_run(model: ResolvedModel, settings: QuantSettings, calibration: Pat
     only when `opens_model` (the CLI opens it; the app's Quantize step has it open already)."""
     reads = calibration if settings.needs_calibration else None
     built = builder_reason(model, settings) is None
-    shape = RunShape(settings, reads, built, original=not built or (original and original_fits(model.info)),
-                     opens_model=opens_model)
+    shape = RunShape(settings, reads, built, copy_writes=copy_writes(model, settings, reads, built),
+                     original=not built or (original and original_fits(model.info)), opens_model=opens_model)
     return estimate(model.info.parameters, shape, stage_names(settings, built=built, opens_model=opens_model))
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run with these settings will cost on this machine, before it starts: the one source of `info`'s
+    estimates and the app's fit verdicts and times (RAM from workbench.run.memory, time from the rates)."""
+
+    time: Estimate
+    streamed: bool  # the graph builder's path (else the optimum export)
+    shrink_ram: int  # peak RAM through the INT4 model written
+    run_int4_ram: int
+    run_original_ram: int
+    original_skipped: bool  # a streamed run will not write the original: it would not run in the free RAM
+    peak_ram: int  # the whole `quantize`, measuring each side included
+    available: int  # free RAM now, which the verdicts are of
+
+    def fit(self, needed: int) -> str:
+        return fit_verdict(needed, self.available)
+
+    def to_dict(self) -> dict:
+        """`info --json`'s `estimates` entry of a preset."""
+        return {
+            "seconds": round(self.time.seconds), "estimate": self.time.basis, "peak_ram_bytes": self.peak_ram,
+            "shrink_ram_bytes": self.shrink_ram, "run_int4_ram_bytes": self.run_int4_ram,
+            "run_original_ram_bytes": self.run_original_ram, "original_skipped": self.original_skipped,
+            "path": "streamed" if self.streamed else "export",
+            "fit": {"shrink": self.fit(self.shrink_ram), "run_int4": self.fit(self.run_int4_ram),
+                    "run_original": self.fit(self.run_original_ram)},
+        }
+
+
+def plan_run(model: ResolvedModel, settings: QuantSettings, calibration: Path | None = None, *,
+             opens_model: bool = False) -> RunPlan:
+    """What `quantize_run` of `model` with these settings needs here, in time and RAM."""
+    streamed = builder_reason(model, settings) is None
+    info = model.info
+    return RunPlan(
+        time=estimate_run(model, settings, calibration, opens_model=opens_model),
+        streamed=streamed,
+        shrink_ram=shrink_ram(info, settings, streamed),
+        run_int4_ram=run_int4_ram(info, settings),
+        run_original_ram=run_original_ram(info),
+        original_skipped=streamed and not original_fits(info),
+        peak_ram=quantize_peak_ram(info, settings, streamed),
+        available=psutil.virtual_memory().available,
+    )
+
+
+def copy_writes(model: ResolvedModel, settings: QuantSettings, reads: Path | None, built: bool) -> bool:
+    """Whether a round-to-nearest copy on ONNX Runtime writes this run's calibration text (the streamed path, no
+    calibration file, a model calibration_writer gives to a copy): the rates time that apart."""
+    return built and reads is None and settings.needs_calibration and \
+        calibration_writer(model.info, settings, psutil.virtual_memory().available) is not None
 
 
 def method_stages(settings: QuantSettings) -> list[tuple[Stage, float]]:

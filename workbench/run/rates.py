@@ -38,6 +38,9 @@ DEFAULT_RATES = {
     "export": 600.0,  # the PyTorch (optimum) export
     "export:built": 6.8,  # the graph builder writes the fp32 original from the safetensors
     "calibration:written": 387.5,  # the model writes its own example text
+    # ... a round-to-nearest copy on ONNX Runtime writes it (larger models): the Llama-3.2-1B shape's 8-bit copy,
+    # 126 s for 1.24 B parameters (docs/scale.md, load 1.6-3.2)
+    "calibration:copy": 102.0,
     "calibration:file": 40.0,
     "sensitivity": 1500.0,
     "gptq": 2500.0,  # on the whole PyTorch model
@@ -72,6 +75,7 @@ class RunShape:
     settings: QuantSettings
     calibration: Path | None = None  # a calibration file read (None: the model writes its own, or none is used)
     built: bool = True  # the graph builder writes the graphs (workbench.run.streamed)
+    copy_writes: bool = False  # a round-to-nearest copy writes the calibration text (memory.calibration_writer)
     original: bool = True  # the fp32 original is written and measured (skipped when too large to run here)
     opens_model: bool = False  # the run opens the model itself: a command, which also starts Python first
 
@@ -86,7 +90,9 @@ class RunShape:
         if stage == "export" and self.built and not self.original:
             return None
         if stage == "calibration":
-            return "calibration:file" if self.calibration is not None else "calibration:written"
+            if self.calibration is not None:
+                return "calibration:file"
+            return "calibration:copy" if self.copy_writes else "calibration:written"
         if stage == "measure" and not self.original:
             return "measure:int4"
         return f"{stage}:built" if self.built and stage in BUILT_STAGES else stage
