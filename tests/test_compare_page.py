@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from PySide6.QtCore import QPoint, QRect, Qt
 
 from ui.pages.compare import ComparePage
 from conftest import ask_on_compare, open_run_on, wait_for_jobs as wait
@@ -56,6 +57,10 @@ def test_a_conversation_streams_both_models_at_once_and_comes_back_with_the_run(
     assert first.id in listed and page.conversation.id == first.id
     assert "Count to three." in page.columns["int4"].text.toPlainText()
     assert page.judgement.text() and page.columns["int4"].metrics["tokens"].text().startswith("8 tokens")
+    for key, column in page.columns.items():  # an answer stopped by the token limit says so where it stops
+        cut = page.conversation.turns[-1][key]["finish_reason"] == "length"
+        assert column.text.toPlainText().endswith("(cut off here: the longest answer allowed was reached "
+                                                  "(Generation settings))") == cut
     page.show_conversation(None)
     assert page.columns["int4"].text.toPlainText() == "" and page.conversations.currentIndex() == 0
     page.conversations.setCurrentIndex(listed.index(first.id))
@@ -73,4 +78,22 @@ def test_markdown_is_rendered_and_marks_become_highlights(qtbot, tiny_run):
     text = column.text.toPlainText()
     assert "**" not in text and "`" not in text and "blue because" in text
     assert column.highlighted() == ["blue"] and "\ue000" not in text and "\ue001" not in text
+    window.close()
+
+
+def test_while_both_write_the_progress_and_cancel_are_in_sight_under_the_answers(qtbot, tiny_run):
+    window, page = open_compare(qtbot, tiny_run)
+    assert all(column.text.placeholderText() for column in page.columns.values())  # empty panes say what they are for
+    page.show_conversation(None)  # a new one: the tiny model's short context holds no earlier turns
+    page.max_tokens.setValue(100)
+    page.ask("Tell me a long story.")
+    assert page.panel.isVisible() and page.panel.cancel_button.isEnabled()
+    viewport = window.stack.currentWidget().viewport()
+    cancel = page.panel.cancel_button
+    assert viewport.rect().contains(QRect(cancel.mapTo(viewport, QPoint(0, 0)), cancel.size()))  # no scrolling needed
+    below_answers = max(c.geometry().bottom() for c in page.columns.values())
+    assert below_answers < page.panel.geometry().top() < page.prompt.geometry().top()
+    qtbot.mouseClick(cancel, Qt.MouseButton.LeftButton)
+    wait(qtbot)
+    assert not page.panel.isVisible() and "not kept" in page.problem.text()
     window.close()

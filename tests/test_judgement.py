@@ -66,7 +66,8 @@ def test_rating_equals_a_direct_computation(tiny_run):
 
 def test_sentences_are_plain():
     assert sentence(True, 10, 0) == "Both models wrote exactly the same answer."
-    assert sentence(False, 10, 0).startswith("Nearly the same answer")
+    # Plausible word by word is not "the same answer": two answers can differ in length and facts.
+    assert sentence(False, 10, 0) == "The original model would readily have written every word of the 4-bit answer."
     assert sentence(False, 10, 1) == "The 4-bit model chose words the original would rarely choose at 1 place."
     assert sentence(False, 10, 3) == "The 4-bit model chose words the original would rarely choose at 3 places."
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -10,12 +11,13 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import Qt, QTimer
-from PySide6.QtWidgets import QMessageBox
+from PySide6.QtCore import QRect, Qt, QTimer
+from PySide6.QtWidgets import QMessageBox, QStyle
 
 from conftest import JOB_TIMEOUT_MS, open_model, open_run_on, prose_text, wait_for_jobs
 from ui import jobs
 from ui.glossary import tip
+from ui.theme import RUN_ITEM_PADDING_X
 from ui.jobs import Job
 from ui.main_window import STEP_PAGES, MainWindow
 from ui.pages.calibration import CalibrationPage
@@ -210,6 +212,12 @@ def test_the_whole_wizard_from_model_to_report(window, qtbot, tiny_llama, prose,
     assert str(run_dir) in export.folder.text()
     assert all(label.text() != "missing" for label in export.sizes.values())
     assert export.sizes["tune.png"].isHidden()  # only tuned runs have the auto-tune chart
+    assert not export.sizes["conversations"].isHidden()  # the Compare step's conversation is kept there
+    # The folder holds the tokenizer too; the model's own size beside it is the Report's figure.
+    record = window.session.record
+    assert report.figures["disk"][1].text() == format_size(record.int4.bytes)
+    assert f"({format_size(record.int4.bytes)} of it)" in export.content_rows["int4"][2].text()
+    assert f"({format_size(record.original.bytes)} of it)" in export.content_rows["original"][2].text()
 
 
 class ResponsivenessProbe:
@@ -272,8 +280,12 @@ def test_cancel_a_running_quantize_leaves_nothing(window, qtbot, tiny_llama, run
     use_rtn(window)
     window.go(STEP_PAGES.index(QuantizePage))
     quantize = window.page(QuantizePage)
+    # The status bar's percentage is the progress bar's, read at the same moment (not a second rounding).
+    shown = []
+    quantize.status.connect(lambda message: shown.append((message, quantize.overall.text())))
     job = quantize.start()
     qtbot.waitUntil(lambda: "export" in quantize.rows, timeout=JOB_TIMEOUT_MS)
+    assert shown and all(message.startswith(f"Quantizing: {bar}.") for message, bar in shown if "%" in message)
     with qtbot.waitSignal(job.signals.cancelled, timeout=JOB_TIMEOUT_MS):
         qtbot.mouseClick(quantize.cancel_button, Qt.MouseButton.LeftButton)
     wait_for_jobs(qtbot)
@@ -424,6 +436,31 @@ def test_work_in_progress_is_not_listed(tmp_path):
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "run.json").write_text("{}")
     assert list_runs(tmp_path) == [tmp_path / "done"]
+
+
+def test_the_runs_list_shows_each_title_whole(qtbot, finished_run, tmp_path):
+    """Each earlier run's lines wrap where they are painted (inside the style's padding): none is cut to "…"."""
+    window = MainWindow(tmp_path / "none-yet")
+    qtbot.addWidget(window)
+    window.show()
+    qtbot.waitExposed(window)
+    view = window.runs
+    text_margin = view.style().pixelMetric(QStyle.PixelMetric.PM_FocusFrameHMargin, None, view) + 1
+    room = view.viewport().width() - 2 * RUN_ITEM_PADDING_X - 2 * text_margin  # where the text is painted
+    # A name just too wide for that room but not for the whole row: the case that was cut.
+    name = "x"
+    while view.fontMetrics().horizontalAdvance(name) <= room:
+        name += " x"
+    assert view.fontMetrics().horizontalAdvance(name) < room + 2 * RUN_ITEM_PADDING_X
+    (tmp_path / "runs" / name).mkdir(parents=True)
+    shutil.copy(finished_run / "run.json", tmp_path / "runs" / name / "run.json")
+    window.session.set_runs_dir(tmp_path / "runs")
+    qtbot.waitUntil(lambda: view.count() == 1 and view.item(0).text().startswith(name))
+    item = view.item(0)
+    shown = view.visualItemRect(item).intersected(view.viewport().rect())
+    lines = view.fontMetrics().boundingRect(QRect(0, 0, room, 10**5), Qt.TextFlag.TextWordWrap, item.text())
+    assert shown.height() >= lines.height(), (item.text(), shown, lines)
+    window.close()
 
 
 def counting(n, *, progress, cancelled):

@@ -32,7 +32,7 @@ from ui.pages.quantize import QuantizePage
 from ui.pages.report import ReportPage
 from ui.pages.settings import SettingsPage
 from ui.session import Session
-from ui.widgets import show_error
+from ui.widgets import PaddedWrapDelegate, show_error
 from workbench.errors import WorkbenchError
 from workbench.partial import clean_up_stopped
 from workbench.run.folders import list_runs, load_run
@@ -83,6 +83,7 @@ class MainWindow(QMainWindow):
         self.runs.setObjectName("runs")
         self.runs.setToolTip("Runs made earlier; double-click one to see its report again.")
         self.runs.setWordWrap(True)  # the whole name, with its preset and date below it
+        self.runs.setItemDelegate(PaddedWrapDelegate(self.runs))
         self.runs.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.open_run_button = QPushButton("Open run")
         side = QVBoxLayout()

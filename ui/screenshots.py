@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ESSAYS = ROOT / "benchmarks" / "data" / "sqlite_essays.txt"
 WINDOW_SIZE = (1200, 860)
 FOLLOW_UP = "And why are sunsets red?"
-FOLLOW_UP_TOKENS = 48
+FOLLOW_UP_TOKENS = 96  # enough for the demo's answers to end by themselves: a picture of a cut answer misleads
 STEP_FILES = ("1-model", "2-settings", "3-calibration", "4-quantize", "5-compare", "6-report", "7-export")
 
 
@@ -75,11 +75,16 @@ def take(window, folder: Path, step: int, whole_page: bool = False) -> Path:
     return path
 
 
+def ask(compare, prompt: str) -> None:
+    if compare.ask(prompt) is None:
+        raise RuntimeError(f"Compare did not start: {compare.problem.text()}")
+
+
 def make_screenshots(folder: Path, runs_dir: Path, reuse_run: Path | None) -> None:
     from ui.app import create_app
     from ui.main_window import MainWindow
     from ui.pages.calibration import CalibrationPage
-    from ui.pages.compare import ComparePage
+    from ui.pages.compare import DEFAULT_PROMPT, ComparePage
     from ui.pages.quantize import QuantizePage
     from ui.pages.report import ReportPage
     from ui.pages.settings import SettingsPage
@@ -121,10 +126,11 @@ def make_screenshots(folder: Path, runs_dir: Path, reuse_run: Path | None) -> No
 
     compare = window.page(ComparePage)
     window.go(4)
-    compare.ask(compare.prompt.toPlainText())
+    compare.show_conversation(None)  # a reused run opens at its latest conversation; the picture starts a new one
+    ask(compare, DEFAULT_PROMPT)
     wait_until(idle, 600, "both answers")
     compare.max_tokens.setValue(FOLLOW_UP_TOKENS)
-    compare.ask(FOLLOW_UP)  # a conversation: each model reads its own first answer
+    ask(compare, FOLLOW_UP)  # a conversation: each model reads its own first answer
     wait_until(idle, 600, "both answers to the follow-up")
     take(window, folder, 4, whole_page=True)
 

@@ -6,13 +6,14 @@ from PySide6.QtWidgets import QApplication
 
 BASE_POINT_SIZE = 10.5
 ACCENT = "#2f6fdb"
+RUN_ITEM_PADDING_X = 14  # px either side of an earlier run's lines (ui.widgets.PaddedWrapDelegate sizes by it)
 STYLESHEET = f"""
 #sidebar {{ background: #eef1f5; border-right: 1px solid #d9dee6; }}
 #steps, #runs {{ background: transparent; border: none; outline: none; }}
 #steps::item {{ padding: 9px 14px; border-radius: 6px; margin: 1px 8px; }}
 #steps::item:selected {{ background: {ACCENT}; color: white; }}
 #steps::item:disabled {{ color: #9aa3ae; }}
-#runs::item {{ padding: 6px 14px; }}
+#runs::item {{ padding: 6px {RUN_ITEM_PADDING_X}px; }}
 #runs::item:selected {{ background: #d6e3f8; color: black; }}
 #sideTitle {{ font-weight: 600; color: #4a5563; padding: 10px 14px 0 22px; }}
 #pageTitle {{ font-size: 18pt; font-weight: 600; }}

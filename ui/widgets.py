@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import QElapsedTimer, Qt, QUrl, Signal
+from PySide6.QtCore import QElapsedTimer, QSize, Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QPixmap
 from PySide6.QtWidgets import (
     QHBoxLayout,
@@ -15,12 +15,15 @@ from PySide6.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSizePolicy,
+    QStyledItemDelegate,
+    QStyleOptionViewItem,
     QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
 from ui.glossary import tip
+from ui.theme import RUN_ITEM_PADDING_X
 from ui.jobs import Job
 from workbench.jobs import ProgressEvent
 from workbench.durations import human_duration  # noqa: F401 (the pages take it from here)
@@ -67,6 +70,17 @@ def show_error(parent: QWidget, title: str, message: str, details: str = "") -> 
 def open_path(path: Path) -> bool:
     """Show `path` with the desktop's program for it; False where none could be started."""
     return QDesktopServices.openUrl(QUrl.fromLocalFile(str(path)))
+
+
+class PaddedWrapDelegate(QStyledItemDelegate):
+    """Wraps an item's lines at the width they are painted in: without it Qt wraps them at the whole
+    row's width, and the style sheet's padding then leaves too little room, so the end is cut to "…"."""
+
+    def sizeHint(self, option: QStyleOptionViewItem, index) -> QSize:  # noqa: N802 (Qt's name)
+        narrowed = QStyleOptionViewItem(option)
+        if option.rect.isValid():
+            narrowed.rect = option.rect.adjusted(0, 0, -2 * RUN_ITEM_PADDING_X, 0)
+        return super().sizeHint(narrowed, index)
 
 
 class InlineMessage(QLabel):

@@ -54,6 +54,11 @@ from workbench.layout import INT4, ORIGINAL
 from workbench.units import format_size
 
 COLUMN_TITLES = {ORIGINAL: "Original (32-bit)", INT4: "4-bit (INT4)"}
+EMPTY_COLUMNS = {  # what an empty pane is for, until the first answer
+    ORIGINAL: "The original model's answers appear here as it writes them.",
+    INT4: "The 4-bit model's answers appear here at the same time; words the original would rarely have "
+          "chosen are highlighted.",
+}
 UNLIKELY_COLOUR = "#ffe08a"
 # Private-use characters around the words to highlight: they pass through Markdown rendering as text.
 MARK_START, MARK_END = "\ue000", "\ue001"
@@ -70,6 +75,19 @@ FINISH_REASONS = {
     "context": "stopped: the model's context is full",
     "cancelled": "stopped",
 }
+
+
+# After an answer that did not end by itself, so that a cut sentence is not read as the model's own ending.
+CUT_NOTES = {
+    "length": "cut off here: the longest answer allowed was reached (Generation settings)",
+    "context": "cut off here: the model's context is full",
+}
+
+
+def shown_answer(entry: dict) -> str:
+    """A saved answer as its column shows it: the text, and a note where it was cut off."""
+    note = CUT_NOTES.get(entry["finish_reason"])
+    return f"{entry['text']} …\n\n*({note})*" if note else entry["text"]
 
 
 def check_cuda(*, progress, cancelled) -> tuple[bool, str]:
@@ -107,6 +125,7 @@ class AnswerColumn(QGroupBox):
         self.text = QTextBrowser()
         self.text.setOpenExternalLinks(True)
         self.text.setMinimumHeight(300)
+        self.text.setPlaceholderText(EMPTY_COLUMNS[key])
         self.turns: list[tuple[str, str, list[tuple[int, int]]]] = []  # (prompt, answer, highlighted spans)
         self.prompt = ""  # the prompt being answered now
         self.pieces: list[str] = []  # of the answer being written, one per token
@@ -270,6 +289,10 @@ class ComparePage(Page):
         self._memory_timer.timeout.connect(self._show_memory_now)
         self.body.addWidget(self.memory_now)
         self.memory_now.hide()  # until both models write in this window
+        # What the job does (loading, writing, rating, measuring memory) and its Cancel, right under the
+        # answers the user is watching: below the settings it was out of sight while the models worked.
+        self.panel = JobPanel()
+        self.body.addWidget(self.panel)
 
         self.judgement = QLabel()
         self.judgement.setObjectName("verdict")
@@ -317,15 +340,13 @@ class ComparePage(Page):
         actions.addWidget(self.provider)
         actions.addStretch(1)
         self.body.addLayout(actions)
-        self.body.addWidget(self.provider_note)
-
-        self.body.addWidget(Collapsible("Generation settings", self._settings_form()))
-        self.problem = InlineMessage()
-        self.panel = JobPanel()
+        self.problem = InlineMessage()  # under the prompt and its button, which it is mostly about
         self.jobs = PageJob(self, panel=self.panel, failure_title="The comparison stopped", problem=self._failed,
                             ended=self._ended)
         self.body.addWidget(self.problem)
-        self.body.addWidget(self.panel)
+        self.body.addWidget(self.provider_note)
+
+        self.body.addWidget(Collapsible("Generation settings", self._settings_form()))
 
         self.suite = QGroupBox("Prompt file")
         self.table = QTableWidget(0, len(TABLE_COLUMNS))
@@ -538,7 +559,7 @@ class ComparePage(Page):
         self.conversation = conversation
         turns = list(conversation.turns) if conversation else []
         for key, column in self.answering().items():
-            column.show_turns([(t["prompt"], t[key]["text"], _marks(t, key)) for t in turns])
+            column.show_turns([(t["prompt"], shown_answer(t[key]), _marks(t, key)) for t in turns])
         self._clear_judgement()
         suite = conversation is not None and conversation.kind == SUITE
         self._result = as_result(conversation) if suite else None

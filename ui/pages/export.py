@@ -27,6 +27,7 @@ from exporters.serving import LocalServer, start_server
 from ui.jobs import Job
 from ui.pages import Page
 from ui.widgets import InlineMessage, JobPanel, PageJob, open_path, with_tip
+from workbench.generation.compare import CONVERSATIONS
 from workbench.layout import CHART_FILE, INT4, ORIGINAL, REPORT_FILE, RUN_FILE, TUNE_CHART_FILE, folder_bytes
 from workbench.units import format_size
 
@@ -34,10 +35,12 @@ TARGETS = (
     ("runner", "Runs with “python run.py”"),
     ("triton", "Triton Inference Server repository"),
 )
-OPTIONAL_CONTENTS = {TUNE_CHART_FILE}  # only tuned runs have it; its row hides otherwise
+OPTIONAL_CONTENTS = {TUNE_CHART_FILE, CONVERSATIONS}  # only some runs have them; their rows hide otherwise
+# {model}: the model's own files, the size the Report gives (the folder also holds the tokenizer and settings).
 CONTENTS = (
-    (INT4, "The INT4 model and its tokenizer: the part to deploy. It runs with ONNX Runtime."),
-    (ORIGINAL, "The original model as 32-bit ONNX, for comparisons."),
+    (INT4, "The INT4 model ({model} of it) and its tokenizer: the part to deploy. It runs with ONNX Runtime."),
+    (ORIGINAL, "The original model as 32-bit ONNX ({model} of it), for comparisons."),
+    (CONVERSATIONS, "Your conversations from the Compare step, one file each; they come back when the run is opened."),
     (REPORT_FILE, "The report: what was saved and what it cost, in plain words."),
     (CHART_FILE, "The memory chart."),
     (TUNE_CHART_FILE, "The auto-tune chart: size against quality of every candidate tried."),
@@ -182,7 +185,7 @@ class ExportPage(Page):
             grid.addWidget(title, row_index, 0)
             self.sizes[name] = QLabel()
             grid.addWidget(self.sizes[name], row_index, 1, alignment=Qt.AlignmentFlag.AlignRight)
-            description = QLabel(meaning)
+            description = QLabel(meaning.format(model="…"))
             description.setWordWrap(True)
             if name == INT4:
                 with_tip(description, "ONNX")
@@ -309,6 +312,10 @@ class ExportPage(Page):
         if run_dir is None:
             return
         self.folder.setText(f"This run is saved in <b>{run_dir}</b>")
+        model_bytes = {INT4: self.session.record.int4.bytes, ORIGINAL: self.session.record.original.bytes}
+        for name, meaning in CONTENTS:
+            if name in model_bytes:
+                self.content_rows[name][2].setText(meaning.format(model=format_size(model_bytes[name])))
         for name, label in self.sizes.items():
             path = run_dir / name
             shown = name not in OPTIONAL_CONTENTS or path.exists()

@@ -290,9 +290,10 @@ class QuantizePage(Page):
         self.settings_label.setToolTip(
             "\n\n".join(tip(term) for term in (METHODS[settings.method].term, "block size", "symmetric"))
         )
+        # Plain words first (the method's own title names it); the terms are in the tooltip.
         self.settings_label.setText(
-            f"{PRESETS[session.preset].title}{changed}: {settings.method.upper()}, blocks of {settings.block_size}, "
-            f"{'symmetric' if settings.symmetric else 'asymmetric'}{eight_bit}"
+            f"{PRESETS[session.preset].title}{changed}: {METHODS[settings.method].title}; one scale per "
+            f"{settings.block_size} weights{', symmetric' if settings.symmetric else ''}{eight_bit}"
         )
 
     def _name_typed(self) -> None:
@@ -379,7 +380,7 @@ class QuantizePage(Page):
                 row.bar.setValue(round(done * 1000))
         self._fraction = event.fraction
         self.overall.setValue(round(event.fraction * 1000))
-        self.status.emit(f"Quantizing: {event.fraction:.0%}. {stage.title}")
+        self.status.emit(f"Quantizing: {self.overall.text()}. {stage.title}")  # the bar's own figure, not a second rounding
         self._log(f"{stage.title}: {event.message}")
 
     def _finish_row(self, row: StageRow) -> None:

@@ -113,7 +113,9 @@ class ReportPage(Page):
         self.chart.setToolTip("Disk and RAM of each part of the model, original (left bar) and INT4 (right bar).")
         memory_layout.addWidget(self.chart)
         figures, self.figures = figure_grid(
-            (("disk", "Model on disk", None), ("ram", "Peak RAM, measured", "peak memory"),
+            # Two peaks are measured (here: loading and a short answer; under Speed: a longer test), so
+            # each row says which one it is.
+            (("disk", "Model on disk", None), ("ram", "Peak RAM: loading, a short answer", "peak memory"),
              ("bits", "Average bits per number stored", "bits per weight"))
         )
         memory_layout.addLayout(figures)
@@ -158,7 +160,7 @@ class ReportPage(Page):
         )
         speed_grid, self.speed_figures = figure_grid(
             (("tokens_per_s", "Writing speed", "tok/s"), ("ttft_s", "First token after", "TTFT"),
-             ("peak_rss_bytes", "Peak RAM", "peak memory"))
+             ("peak_rss_bytes", "Peak RAM during this test", "peak memory"))
         )
         self.speed_table = QWidget()
         self.speed_table.setLayout(speed_grid)

@@ -87,7 +87,7 @@ def sentence(identical: bool, tokens: int, unlikely: int) -> str:
         return "Both models wrote exactly the same answer."
     if tokens == 0:
         return "The 4-bit model wrote nothing."
-    if unlikely == 0:
-        return "Nearly the same answer: the original model would readily have written every word of it."
+    if unlikely == 0:  # every word plausible to the original; the answer may still be another one (shorter, other facts)
+        return "The original model would readily have written every word of the 4-bit answer."
     places = "1 place" if unlikely == 1 else f"{unlikely} places"
     return f"The 4-bit model chose words the original would rarely choose at {places}."

@@ -293,8 +293,8 @@ def self_written_samples(
             tokens[:, position] = _sample_top_p(logits, generator)
             inputs = tokens[:, position : position + 1].to(device)
             check(cancelled)
-            progress((position + 1) / seq_len, f"model writing calibration text: token {position + 1} of {seq_len}")
-    progress(1.0, f"model wrote {n_samples} samples of {seq_len} tokens")
+            progress((position + 1) / seq_len, f"the model writes its example text: token {position + 1} of {seq_len}")
+    progress(1.0, f"the model wrote {n_samples} samples of {seq_len} tokens")
     return tokens.numpy()
 
 
