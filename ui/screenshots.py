@@ -97,7 +97,7 @@ def make_screenshots(folder: Path, runs_dir: Path, reuse_run: Path | None) -> No
     take(window, folder, 0)
 
     window.page(SettingsPage).advanced.set_open(True)
-    take(window, folder, 1)
+    take(window, folder, 1, whole_page=True)  # the Advanced choices whole, not cut at the window's edge
 
     calibration = window.page(CalibrationPage)
     calibration.use_file(ESSAYS)
