@@ -177,10 +177,14 @@ def calibration_writer(info: ModelInfo, settings: QuantSettings, available: int)
 def quantize_peak_ram(info: ModelInfo, settings: QuantSettings, streamed: bool) -> int:
     """Peak RAM of the whole `quantize`: shrinking, then running each side to measure it (the streamed path
     skips an original that will not fit in the free RAM)."""
-    original = run_original_ram(info)
-    if streamed and fit_verdict(original, psutil.virtual_memory().available) == NO_FIT:
-        original = 0
+    original = run_original_ram(info) if not streamed or original_fits(info) else 0
     return max(shrink_ram(info, settings, streamed), run_int4_ram(info, settings), original)
+
+
+def original_fits(info: ModelInfo) -> bool:
+    """Whether the fp32 original would run in this machine's free memory (the streamed path does not write it
+    otherwise)."""
+    return fit_verdict(run_original_ram(info), psutil.virtual_memory().available) != NO_FIT
 
 
 def run_original_ram(info: ModelInfo) -> int:

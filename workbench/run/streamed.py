@@ -28,10 +28,9 @@ from workbench.quantization.streamed import (
     whole_model,
 )
 from workbench.run.memory import (
-    NO_FIT,
     WRITER_8BIT,
     calibration_writer,
-    fit_verdict,
+    original_fits,
     original_sizes,
     run_disk_bytes,
     run_original_ram,
@@ -55,11 +54,6 @@ def builder_reason(model: ResolvedModel, settings: QuantSettings) -> str | None:
         return f"{settings.method}{' with sensitive 8-bit layers' if settings.sensitive_8bit_pct else ''} runs on " \
                "the whole PyTorch model"
     return supports(model.path, model.info.model_type)
-
-
-def original_fits(info: ModelInfo) -> bool:
-    """Whether the fp32 original would run in this machine's free memory (else it is not written)."""
-    return fit_verdict(run_original_ram(info), psutil.virtual_memory().available) != NO_FIT
 
 
 def original_skip_reason(info: ModelInfo, dest: Path, settings: QuantSettings) -> str | None:
