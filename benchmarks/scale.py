@@ -44,7 +44,7 @@ SHAPES = {
     "135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                  intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, head_dim=64,
                  rope_theta=100000.0, max_position_embeddings=8192),
-    # SmolLM2-360M's shape: an fp32 size above FLOAT_WRITER_MAX_BYTES, so data-free text comes from the ONNX copy.
+    # SmolLM2-360M's shape.
     "360m": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
                  intermediate_size=2560, vocab_size=49152, tie_word_embeddings=True, head_dim=64,
                  rope_theta=100000.0, max_position_embeddings=8192),

@@ -296,25 +296,19 @@ def test_streamed_gptq_on_the_other_families(family, tmp_path):
     _streamed_gptq_equals_gptq(model, QuantSettings(method="gptq", symmetric=False, act_order=True), tmp_path / "spill")
 
 
-@pytest.mark.parametrize("writer", ["float model", "INT4 copy"])
-def test_data_free_gptq_run_is_streamed(tiny_llama, tmp_path, monkeypatch, caplog, writer):
-    """The balanced preset's method, data-free: calibration text from the float model (a small model) or from
-    a round-to-nearest copy on ONNX Runtime (a larger one: here the size limit is lowered), GPTQ layer by layer,
-    written by the builder; the engine decodes the result and the copy leaves nothing behind. A tiny model's
-    8-bit copy would take more RAM than its GPTQ (ONNX Runtime's own overhead alone does), so the rule picks
-    the INT4 copy, as for an 8B model."""
-    import workbench.run.memory
-    from workbench.run.memory import WRITER_INT4, calibration_writer
+def test_data_free_gptq_run_is_streamed(tiny_llama, tmp_path, caplog):
+    """The balanced preset's method, data-free: calibration text from a round-to-nearest copy on ONNX Runtime (the
+    8-bit one, which costs a tiny model little more RAM than GPTQ), GPTQ layer by layer, written by the builder;
+    the engine decodes the result and the copy leaves nothing behind."""
+    from workbench.run.memory import WRITER_8BIT, calibration_writer
     from workbench.run.pipeline import quantize_run
 
     settings = QuantSettings(method="gptq", symmetric=False, act_order=True, calibration_samples=4,
                              calibration_tokens=32)
-    if writer == "INT4 copy":
-        monkeypatch.setattr(workbench.run.memory, "FLOAT_WRITER_MAX_BYTES", 0)
-        assert calibration_writer(inspect_folder(tiny_llama), settings, 2**40) == WRITER_INT4
+    assert calibration_writer(inspect_folder(tiny_llama), settings) == WRITER_8BIT
     with caplog.at_level("INFO", logger="workbench.run.streamed"):
         record = quantize_run(str(tiny_llama), tmp_path / "run", settings)
-    assert ("calibration text written by an INT4 copy" in caplog.text) == (writer == "INT4 copy")
+    assert "calibration text written by an 8-bit copy" in caplog.text
     assert "built" in record.graph and record.calibration == "self-written (data-free)"
     assert {"export", "calibration", "gptq", "int4", "measure"} <= set(record.timings_s)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["int4", "memory.png", "original", "report.md",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workbench.cli import _settings_from, build_parser
+from workbench.cli import PROGRESS_WIDTH, _settings_from, build_parser, shorten
 from workbench.settings import PRESETS
 
 
@@ -22,3 +22,10 @@ def test_options_override_the_preset():
     assert (settings.method, settings.block_size, settings.symmetric) == ("awq", 64, True)
     assert settings.eight_bit == ("lm_head",)
     assert settings_for("--preset", "smallest", "--act-order").act_order
+
+
+def test_a_long_progress_message_keeps_its_stage_and_its_count():
+    message = "calibration: 8-bit copy: the model writes its example text: token 147 of 256"
+    line = shorten(message)
+    assert len(line) == PROGRESS_WIDTH and line.startswith("calibration") and line.endswith("token 147 of 256")
+    assert shorten("gptq: layer 3 of 30") == "gptq: layer 3 of 30"

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from workbench.generation.compare import (
+    ANSWER_END,
     CompareOptions,
     agreement,
     compare,
@@ -48,12 +49,18 @@ def test_one_prompt_side_by_side(tiny_run):
     streamed = {"original": [], "int4": []}
     result = compare(
         tiny_run, PROMPTS[:1], CompareOptions(config=GenerationConfig(max_new_tokens=12), provider="cpu"),
-        on_token=lambda model, index, token, piece: streamed[model].append(piece),
+        on_token=lambda model, index, token, piece: streamed[model].append((token, piece)),
     )
     row = result.to_dict()["prompts"][0]
     for key in ("original", "int4"):
         entry = row[key]
-        assert entry["text"] == "".join(streamed[key]) and entry["tokens"] == len(entry["token_ids"])
+        *tokens, last = streamed[key]
+        assert last == (ANSWER_END, "")  # the model has finished: its figures are final while the other writes
+        assert entry["text"] == "".join(piece for _, piece in tokens) and entry["tokens"] == len(entry["token_ids"])
+        # One call per token of the answer; the end token only where it releases held-back text.
+        assert [token for token, _ in tokens][:entry["tokens"]] == entry["token_ids"]
+        extra = len(tokens) - entry["tokens"]
+        assert extra == 0 or (extra == 1 and entry["finish_reason"] == "eos" and tokens[-1][1])
         assert entry["ttft_s"] > 0 and entry["tokens_per_s"] > 0 and entry["total_s"] >= entry["ttft_s"]
         assert entry["peak_rss_bytes"] > 50 * 2**20  # python + onnxruntime + the model, in its own process
     assert set(row["agreement"]) == {"first_divergence", "token_agreement", "similarity"}

@@ -11,6 +11,7 @@ from PySide6.QtCore import QPoint, QRect, Qt
 from ui.pages.compare import ComparePage
 from conftest import ask_on_compare, open_run_on, wait_for_jobs as wait
 from workbench.generation.chat import folder, list_conversations
+from workbench.generation.compare import ANSWER_END
 
 
 def open_compare(qtbot, tiny_run):
@@ -96,4 +97,18 @@ def test_while_both_write_the_progress_and_cancel_are_in_sight_under_the_answers
     qtbot.mouseClick(cancel, Qt.MouseButton.LeftButton)
     wait(qtbot)
     assert not page.panel.isVisible() and "not kept" in page.problem.text()
+    window.close()
+
+
+def test_a_finished_answer_shows_final_figures_while_the_other_still_writes(qtbot, tiny_run):
+    window, page = open_compare(qtbot, tiny_run)
+    column = page.columns["int4"]
+    column.begin("Hello")
+    for piece in ("One", " two", " three"):
+        qtbot.wait(5)  # the speed needs time between tokens
+        column.add(piece)
+    assert column.metrics["tokens"].text() == "3 tokens so far" and "so far" in column.metrics["speed"].text()
+    page._token(("int4", 0, ANSWER_END, ""))  # as the stream ends this model's answer
+    assert column.metrics["tokens"].text() == "3 tokens" and column.metrics["speed"].text().endswith("tokens per second")
+    assert "One two three" in column.text.toPlainText()
     window.close()

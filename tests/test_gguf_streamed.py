@@ -97,17 +97,6 @@ def test_streamed_gptq_from_the_gguf_equals_gptq_from_the_conversion(gguf_source
             np.testing.assert_array_equal(getattr(ours[name], field), getattr(theirs[name], field), err_msg=name)
 
 
-def test_the_whole_model_from_the_gguf_is_transformers_own(gguf_source):
-    """What writes data-free calibration text when the model fits: transformers' GGUF loader's model."""
-    from workbench.quantization.streamed import whole_model
-
-    source, _, gguf_path = gguf_source
-    reference = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    ids = torch.as_tensor(PROMPT)
-    with torch.no_grad():
-        np.testing.assert_array_equal(whole_model(source)(ids).logits.numpy(), reference.eval()(ids).logits.numpy())
-
-
 def test_an_rtn_run_from_a_gguf_is_streamed_without_a_conversion(tiny_qwen, tmp_path):
     from workbench.run.pipeline import quantize_run
 
@@ -185,10 +174,9 @@ def tiny_llama3(tmp_path_factory) -> Path:
 
 
 def test_a_llama3_gguf_keeps_its_rope_scaling_in_every_path(tiny_llama3, tmp_path):
-    """llama.cpp writes Llama 3's rope scaling as the rope_freqs tensor: the builder's graph, the PyTorch model
-    filled from the reader and transformers' fp32 conversion all give the original model's logits."""
-    from workbench.quantization.streamed import whole_model
-
+    """llama.cpp writes Llama 3's rope scaling as the rope_freqs tensor: the builder's graph and transformers'
+    fp32 conversion give the original model's logits, and the source folder's config (which streamed GPTQ's
+    PyTorch layers read) has the scaling."""
     path = write_llama_gguf(tiny_llama3, tmp_path / "llama3.gguf")
     source = resolve(str(path)).path
     assert AutoConfig.from_pretrained(source).rope_scaling == LLAMA3_ROPE_SCALING
@@ -198,14 +186,12 @@ def test_a_llama3_gguf_keeps_its_rope_scaling_in_every_path(tiny_llama3, tmp_pat
         # The same model with plain rotary frequencies, as every path read the GGUF before.
         plain = AutoModelForCausalLM.from_pretrained(tiny_llama3, dtype=torch.float32, rope_scaling=None).eval()
         plain = plain(ids).logits.numpy()
-        filled = whole_model(source)(ids).logits.numpy()
         converted = AutoModelForCausalLM.from_pretrained(weights_folder(source), dtype=torch.float32).eval()
         converted = converted(ids).logits.numpy()
     build_decoder(source, tmp_path / "built", inspect_folder(source), None)
     built = CausalLM(str(tmp_path / "built" / "model.onnx"), context_length=LONG_PROMPT.shape[1]).forward(LONG_PROMPT)[0]
     assert np.abs(plain - reference).max() > 100 * LOGITS_ATOL  # the scaling shows in these logits
     np.testing.assert_allclose(built, reference, atol=LOGITS_ATOL, rtol=0)
-    np.testing.assert_allclose(filled, reference, atol=LOGITS_ATOL, rtol=0)
     np.testing.assert_allclose(converted, reference, atol=LOGITS_ATOL, rtol=0)
 
 

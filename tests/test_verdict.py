@@ -10,7 +10,7 @@ from ui.pages.report import ReportPage
 from conftest import open_run_on
 from workbench.quality.verdict import SCALE, band, scale_words
 from workbench.run.folders import load_run, save_run
-from workbench.run.record import QualityResult, RunRecord
+from workbench.run.record import QualityResult, RunRecord, RunSource
 from workbench.run.wording import render_report, verdict
 from workbench.settings import PRESETS
 
@@ -36,6 +36,11 @@ def test_a_rise_larger_than_the_benchmark_is_said_plainly(tiny_run):
     text = verdict(measured(record, 29.1, "balanced"))
     assert "noticeably less well" in text and "+29.1\u00a0%" in text and "normal" not in text
     assert "more than this preset's benchmark (+10.8\u00a0%" in text and "SmolLM2-135M" in text
+    assert "another model and text" in text and "rounded to 4 bits" not in text
+    # The demo is the benchmark's model with its weights rounded to 4 bits in its file: that is why, not the text.
+    demo = verdict(measured(record.replace(source=RunSource("demo", "demo", "SmolLM2-135M-Instruct", "x")), 20.3,
+                            "balanced"))
+    assert "already rounded to 4 bits" in demo and "another model" not in demo
     # Its own settings (RTN) are not the preset's: no benchmark to compare with.
     assert "benchmark" not in verdict(measured(record, 29.1))
     assert "almost like the original" in verdict(measured(record, 4.0, "balanced"))

@@ -22,6 +22,7 @@ from workbench.units import format_size
 from workbench.settings import DEFAULT_PRESET, METHODS, PRESETS, preset_settings
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")  # workbench.generation.runtime.choose_provider's; importing it loads onnxruntime
+PROGRESS_WIDTH = 60  # characters of the stage's message beside the bar, which fits an 80-column terminal
 
 
 @contextlib.contextmanager
@@ -35,13 +36,22 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
     )
 
     def report(fraction: float, message: str) -> None:
-        bar.set_description_str(message[:60], refresh=False)
+        bar.set_description_str(shorten(message), refresh=False)
         bar.update(int(max(0.0, min(fraction, 1.0)) * 1000) - bar.n)  # update() rate-limits redraws
 
     try:
         yield report
     finally:
         bar.close()
+
+
+def shorten(message: str, width: int = PROGRESS_WIDTH) -> str:
+    """`message` in at most `width` characters for the progress line, keeping its start (the stage) and its end
+    (the count: "token 147 of 256")."""
+    if len(message) <= width:
+        return message
+    head = width // 3
+    return f"{message[:head]}…{message[len(message) - (width - head - 1):]}"
 
 
 def emit(args: argparse.Namespace, data: dict, human: str) -> None:

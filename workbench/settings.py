@@ -128,7 +128,8 @@ class Preset:
 # Chosen on a development text (the last 80 kB of tinyshakespeare): balanced and smallest with the
 # off-grid reference; quality's sensitive layers beat fixed 8-bit down projections there in the demo
 # model's tune run. Measured on held-out texts by `make bench` (docs/quality.md).
-BENCHMARK_MODEL = "SmolLM2-135M"
+# The off-grid reference (docs/quality.md): the demo model's function, its weights not on a 4-bit grid.
+BENCHMARK_MODEL = "SmolLM2-135M with weights not rounded before"
 BENCHMARK_TEXT = "held-out Shakespeare"  # docs/quality.md: the figures are the tinyshakespeare column
 PRESETS: dict[str, Preset] = {
     preset.name: preset

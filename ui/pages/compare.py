@@ -40,6 +40,7 @@ from workbench.errors import WorkbenchError
 from workbench.generation import chat
 from workbench.generation.chat import CHAT, SUITE, Conversation, as_result, list_conversations
 from workbench.generation.compare import (
+    ANSWER_END,
     MODELS,
     TABLE_COLUMNS,
     CompareOptions,
@@ -171,6 +172,11 @@ class AnswerColumn(QGroupBox):
             self.metrics["speed"].setText(f"{speed:.1f} tokens per second so far")
         self.metrics["tokens"].setText(f"{len(self.pieces)} tokens so far")
         self._render()
+
+    def answered(self) -> None:
+        """The answer is complete (the other model may still be writing): its live figures are final."""
+        for name in ("speed", "tokens"):
+            self.metrics[name].setText(self.metrics[name].text().replace(" so far", ""))
 
     def show_entry(self, entry: dict) -> None:
         """The measured figures of the latest answer."""
@@ -518,13 +524,16 @@ class ComparePage(Page):
         return self.jobs.start(job, f"Loading {loading}{many}…", done=self._finished, cancelled=self._stopped)
 
     def _token(self, values: tuple) -> None:
-        model, index, _token, piece = values
+        model, index, token, piece = values
         if index != self._prompt_index:  # the next prompt of a file: the last answers join the transcript
             self._prompt_index = index
             for column in self.answering().values():
                 column.turns.append((column.prompt, "".join(column.pieces), []))
                 column.begin(self._prompts[index])
-        self.columns[model].add(piece)
+        if token == ANSWER_END:
+            self.columns[model].answered()
+        else:
+            self.columns[model].add(piece)
 
     def _finished(self, outcome) -> None:
         conversation = outcome[1] if isinstance(outcome, tuple) else outcome

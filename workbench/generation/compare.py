@@ -37,6 +37,9 @@ CONVERSATIONS = "conversations"  # in a run folder: saved conversations and the 
 MEMORY_FILE = "memory.json"
 # (model key, prompt index, token id, text piece) for live display
 StreamCallback = Callable[[str, int, int, str], None]
+# The token id of a stream's last call for one answer (its piece is ""): that model has finished it, though the
+# other may still be writing.
+ANSWER_END = -1
 
 
 @dataclass(frozen=True)
@@ -280,13 +283,16 @@ def _both_at_once(models, encoded, options: CompareOptions, on_token, progress, 
                     on_token(key, index, token, piece)
 
             try:
-                return models[key].generate(
+                result = models[key].generate(
                     encoded[key][index], options.config, on_token=stream, cancelled=stop,
                     json_schema=options.json_schema, truncate=options.truncate,
                 )
             except BaseException:
                 failed.set()
                 raise
+            if on_token is not None:
+                on_token(key, index, ANSWER_END, "")
+            return result
 
         with ThreadPoolExecutor(len(keys), thread_name_prefix="compare") as pool:
             running = {key: pool.submit(answer, key) for key in keys}

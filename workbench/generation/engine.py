@@ -691,7 +691,8 @@ class Answer:
         if self._stream.stopped:
             self.finish, done = "stop", True
         self.pieces.append(piece)
-        if self._on_token is not None:
+        # The end token is not part of the answer: streamed only for the text it releases (held back for a stop).
+        if self._on_token is not None and (not ended or piece):
             self._on_token(token, piece)
         return done
 

@@ -44,18 +44,22 @@ def scale_words() -> str:
     return "How the perplexity rise reads: " + "; ".join(parts) + "."
 
 
-def quality_sentence(increase_pct: float, text: str, agreement_pct: float, benchmark: PresetBenchmark | None = None) -> str:
+def quality_sentence(increase_pct: float, text: str, agreement_pct: float, benchmark: PresetBenchmark | None = None,
+                     *, rounded_before: bool = False) -> str:
     """The verdict on one measurement: the band in words with the number beside it, and, where the
-    user's text fares worse than the preset's benchmark, that said plainly."""
+    run fares worse than the preset's benchmark, that said plainly, with why where it is known:
+    `rounded_before`, the demo, whose file holds the benchmark model's weights rounded to 4 bits already
+    (balanced lost +19-21 % on the essays there, +9-11 % on the benchmark's model: docs/quality.md)."""
     measured = band(increase_pct)
     sentence = (
         f"it {measured.words} (perplexity +{increase_pct:.1f}\u00a0% on {text}, same next word "
         f"{agreement_pct:.0f}\u00a0% of the time)"
     )
     if benchmark is not None and measured.most_pct > band(benchmark.increase_pct).most_pct:
-        sentence += (
-            f". That is more than this preset's benchmark ({benchmark.words()}): your kind of text loses more "
-            "than the benchmark text did"
+        sentence += f". That is more than this preset's benchmark ({benchmark.words()}): " + (
+            "this model's file holds the same weights already rounded to 4 bits, and rounding them again loses more"
+            if rounded_before else
+            "it was measured on another model and text, and this model or your kind of text loses more"
         )
     if measured.advice:
         sentence += f"; {measured.advice}"

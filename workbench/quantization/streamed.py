@@ -8,10 +8,10 @@ first layer's inputs are captured, the lm_head only while it is quantized. GPTQ'
 files as they are made, for the graph builder to write. Peak memory: one decoder layer in float,
 its Hessians and the calibration activations, whatever the model's size.
 
-Data-free calibration text of a larger model is written by a round-to-nearest copy on ONNX Runtime
-(8-bit or INT4, workbench.run.memory.calibration_writer) instead of the float model in PyTorch: the
-same sampling (workbench.quantization.calibration.self_written_samples), a model a quarter of the
-size or less, and a faster decoder.
+Data-free calibration text is written by a round-to-nearest copy on ONNX Runtime (8-bit or INT4,
+workbench.run.memory.calibration_writer) instead of the float model in PyTorch: the same sampling
+(workbench.quantization.calibration.self_written_samples), a model a quarter of the size or less, and a
+faster decoder.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from exporters.builder.tensors import open_weights
-from workbench.errors import WorkbenchError
 from workbench.generation.engine import map_large_blocks, trim_heap
 from workbench.quantization.blockquant import QuantizedWeight
 
@@ -69,23 +68,6 @@ class SpilledWeights(MutableMapping):
 
     def __len__(self) -> int:
         return len(self.names)
-
-
-def whole_model(model_dir: Path) -> nn.Module:
-    """The float32 PyTorch model of `model_dir` in eval mode, its weights read as the builder reads them
-    (from safetensors, or from a GGUF source's file without transformers' fp32 conversion)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_utils import no_init_weights
-
-    weights = open_weights(model_dir)
-    with no_init_weights():  # as from_pretrained: the weights are about to be replaced
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
-    state = {name: torch.from_numpy(weights.read(name)) for name in weights.shapes}
-    missing = set(model.load_state_dict(state, strict=False, assign=True).missing_keys)
-    model.tie_weights()  # `assign` replaced the embeddings the lm_head shared
-    if missing - {"lm_head.weight" if model.config.tie_word_embeddings else ""}:
-        raise WorkbenchError(f"The weights of {model_dir} lack {', '.join(sorted(missing))}.")
-    return model.eval()
 
 
 class LazyModel:

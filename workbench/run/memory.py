@@ -45,15 +45,15 @@ STREAMED_LAYER_SHARE = 0.14
 HESSIANS_AT_ONCE = 3
 MLP_TENSORS = 3
 GPTQ_GROWTH_PER_LAYER = 0.25
-FLOAT_CACHE_COPIES = 1.5  # the float writer's PyTorch cache, grown by concatenation (demo: 1.60 GiB measured)
-# Data-free calibration text on the streamed path (workbench.run.streamed.calibration_samples) is written by
-# the float model in PyTorch up to this fp32 size where it fits comfortably: one measurement on the off-grid
-# reference did not show a copy's text as good (docs/quality.md), and a model this small costs no more RAM in
-# PyTorch than the GPTQ stage after it. Larger models: a round-to-nearest copy on ONNX Runtime, 8-bit where it
-# takes no more RAM than the GPTQ stage (8-bit rounding is close to the float model, and with blocks of 128
-# ONNX Runtime decodes the 32-sample batch faster than an INT4 copy with blocks of 32: docs/scale.md), INT4
-# otherwise (an 8B model's 8-bit copy would take about 9.5 GiB, its INT4 copy with blocks of 128 about 5).
-FLOAT_WRITER_MAX_BYTES = 2**30
+# Data-free calibration text on the streamed path (workbench.run.streamed.calibration_samples) is written by a
+# round-to-nearest copy on ONNX Runtime, not by the float model in PyTorch: on the demo it wrote the text 1.5x
+# faster on a quiet machine and 3.4x on a busy one (PyTorch's two threads slow down most when other work holds
+# the cores), with the same quality over four seeds (docs/quality.md), and it needs no fp32 model in RAM. 8-bit
+# where it adds at most WRITER_8BIT_EXTRA_BYTES to what the run needs anyway (8-bit rounding is close to the
+# float model, and with blocks of 128 ONNX Runtime decodes the 32-sample batch faster than an INT4 copy with
+# blocks of 32: docs/scale.md), INT4 otherwise (an 8B model's 8-bit copy would take about 11 GiB, its INT4
+# copy with blocks of 128 under 7, its GPTQ stage about 5.5).
+WRITER_8BIT_EXTRA_BYTES = 512 * MIB
 WRITER_8BIT = QuantSettings(method="rtn", block_size=128, eight_bit=("*",))
 WRITER_INT4 = QuantSettings(method="rtn", block_size=128)
 # The optimum export path (issue 14, demo to 1.1B): the PyTorch model, its trace and a reloaded ONNX
@@ -104,18 +104,15 @@ def ram_estimates(info: ModelInfo, settings: QuantSettings, streamed: bool) -> d
     }
 
 
-def shrink_ram(info: ModelInfo, settings: QuantSettings, streamed: bool, available: int | None = None) -> int:
+def shrink_ram(info: ModelInfo, settings: QuantSettings, streamed: bool) -> int:
     """Peak RAM of `quantize` up to the INT4 model written (measuring each side runs it: run_*_ram), for
-    data-free calibration; `available`: the free RAM, which decides what writes the calibration text (now's
-    unless given)."""
+    data-free calibration."""
     if not streamed:
         factor = EXPORT_RAM_FACTOR.get(settings.method, EXPORT_RAM_FACTOR_CALIBRATED)
         return int(EXPORT_BASE_BYTES + factor * info.fp32_bytes)
     peak = STREAMED_BASE_BYTES + STREAMED_LAYER_SHARE * layer_bytes(info)
     if settings.method == "gptq":
-        if available is None:
-            available = psutil.virtual_memory().available
-        writer = calibration_writer_ram(info, settings, calibration_writer(info, settings, available))
+        writer = calibration_writer_ram(info, settings, calibration_writer(info, settings))
         peak = STREAMED_BASE_BYTES + max(streamed_gptq_ram(info, settings), writer)
     return int(peak)
 
@@ -144,14 +141,11 @@ def streamed_gptq_ram(info: ModelInfo, settings: QuantSettings) -> int:
     return int(max(capture, in_layer + grown, head + grown))
 
 
-def calibration_writer_ram(info: ModelInfo, settings: QuantSettings, writer: QuantSettings | None) -> int:
-    """RAM beyond the base (which holds ONNX Runtime already) of writing data-free calibration text with `writer`
-    (calibration_writer's answer: None for the float model), with the keys and values of all samples at once;
-    PyTorch's cache grows by concatenation, a layer at a time copied (measured: demo 1.60 GiB, float model; 360M
-    1.52-1.56 and 1B 2.62, 8-bit copy)."""
+def calibration_writer_ram(info: ModelInfo, settings: QuantSettings, writer: QuantSettings) -> int:
+    """RAM beyond the base (which holds ONNX Runtime already) of writing data-free calibration text with the copy
+    `writer` (calibration_writer's answer), with the keys and values of all samples at once (measured, 8-bit copy,
+    with the base: demo 1.08 GiB, 360M 1.52-1.56, 1B 2.62)."""
     cache = kv_cache_bytes(info, settings.calibration_samples, settings.calibration_tokens)
-    if writer is None:
-        return int(info.fp32_bytes + FLOAT_CACHE_COPIES * cache)
     return int(int4_bytes(info, writer) * RUN_RAM_FACTOR + cache)
 
 
@@ -164,12 +158,11 @@ def kv_cache_bytes(info: ModelInfo, samples: int, tokens: int) -> int:
     return samples * tokens * (width or 2 * info.hidden_size * info.layers) * 4
 
 
-def calibration_writer(info: ModelInfo, settings: QuantSettings, available: int) -> QuantSettings | None:
-    """What writes a streamed GPTQ run's data-free calibration text: None for the float model in PyTorch, else
-    the settings of the round-to-nearest copy on ONNX Runtime (FLOAT_WRITER_MAX_BYTES says why)."""
-    if info.fp32_bytes <= FLOAT_WRITER_MAX_BYTES and fit_verdict(run_original_ram(info), available) == FITS:
-        return None
-    if run_int4_ram(info, WRITER_8BIT) <= streamed_gptq_ram(info, settings):
+def calibration_writer(info: ModelInfo, settings: QuantSettings) -> QuantSettings:
+    """The settings of the round-to-nearest copy on ONNX Runtime that writes a streamed GPTQ run's data-free
+    calibration text (WRITER_8BIT_EXTRA_BYTES's comment says why)."""
+    anyway = max(streamed_gptq_ram(info, settings), calibration_writer_ram(info, settings, WRITER_INT4))
+    if calibration_writer_ram(info, settings, WRITER_8BIT) <= anyway + WRITER_8BIT_EXTRA_BYTES:
         return WRITER_8BIT
     return WRITER_INT4
 
@@ -204,8 +197,7 @@ def run_disk_bytes(info: ModelInfo, settings: QuantSettings, streamed: bool) -> 
         return int(info.fp32_bytes * EXPORT_DISK_FACTOR)
     int4 = int4_bytes(info, settings)
     if settings.method == "gptq":  # the spilled GPTQ results, and the copy writing calibration text
-        writer = calibration_writer(info, settings, psutil.virtual_memory().available)
-        int4 += int4_bytes(info, settings) + (int4_bytes(info, writer) if writer else 0)
+        int4 += int4_bytes(info, settings) + int4_bytes(info, calibration_writer(info, settings))
     return int(int4 * STREAMED_DISK_MARGIN) + RUN_FILES_BYTES
 
 

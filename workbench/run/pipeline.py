@@ -30,7 +30,6 @@ from workbench.jobs import (
     sub_progress,
 )
 from workbench.run.memory import (
-    calibration_writer,
     fit_verdict,
     graph_sizes,
     measure_session_memory,
@@ -142,8 +141,7 @@ def quantize_run(
     timings = {name: seconds for name, seconds in record.timings_s.items()
                if not (name == "model" and converted_since(model, opened))}
     remember(timings, record.model.parameters,
-             RunShape(settings, reads, source.built, copy_writes=copy_writes(model, settings, reads, source.built),
-                      original=source.original_skipped is None, opens_model=not isinstance(spec, ResolvedModel)),
+             RunShape(settings, reads, source.built, original=source.original_skipped is None, opens_model=not isinstance(spec, ResolvedModel)),
              rest_s=time.time() - (started or opened) - sum(record.timings_s.values()))
     return record
 
@@ -183,8 +181,7 @@ def estimate_run(model: ResolvedModel, settings: QuantSettings, calibration: Pat
     only when `opens_model` (the CLI opens it; the app's Quantize step has it open already)."""
     reads = calibration if settings.needs_calibration else None
     built = builder_reason(model, settings) is None
-    shape = RunShape(settings, reads, built, copy_writes=copy_writes(model, settings, reads, built),
-                     original=not built or (original and original_fits(model.info)), opens_model=opens_model)
+    shape = RunShape(settings, reads, built, original=not built or (original and original_fits(model.info)), opens_model=opens_model)
     return estimate(model.info.parameters, shape, stage_names(settings, built=built, opens_model=opens_model))
 
 
@@ -232,13 +229,6 @@ def plan_run(model: ResolvedModel, settings: QuantSettings, calibration: Path | 
         peak_ram=quantize_peak_ram(info, settings, streamed),
         available=psutil.virtual_memory().available,
     )
-
-
-def copy_writes(model: ResolvedModel, settings: QuantSettings, reads: Path | None, built: bool) -> bool:
-    """Whether a round-to-nearest copy on ONNX Runtime writes this run's calibration text (the streamed path, no
-    calibration file, a model calibration_writer gives to a copy): the rates time that apart."""
-    return built and reads is None and settings.needs_calibration and \
-        calibration_writer(model.info, settings, psutil.virtual_memory().available) is not None
 
 
 def method_stages(settings: QuantSettings) -> list[tuple[Stage, float]]:

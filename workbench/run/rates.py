@@ -75,7 +75,6 @@ class RunShape:
     settings: QuantSettings
     calibration: Path | None = None  # a calibration file read (None: the model writes its own, or none is used)
     built: bool = True  # the graph builder writes the graphs (workbench.run.streamed)
-    copy_writes: bool = False  # a round-to-nearest copy writes the calibration text (memory.calibration_writer)
     original: bool = True  # the fp32 original is written and measured (skipped when too large to run here)
     opens_model: bool = False  # the run opens the model itself: a command, which also starts Python first
 
@@ -92,7 +91,8 @@ class RunShape:
         if stage == "calibration":
             if self.calibration is not None:
                 return "calibration:file"
-            return "calibration:copy" if self.copy_writes else "calibration:written"
+            # The builder's path has a round-to-nearest copy on ONNX Runtime write the text (memory.calibration_writer).
+            return "calibration:copy" if self.built else "calibration:written"
         if stage == "measure" and not self.original:
             return "measure:int4"
         return f"{stage}:built" if self.built and stage in BUILT_STAGES else stage

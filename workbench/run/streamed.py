@@ -2,7 +2,7 @@
 
 On an architecture the builder knows, RTN, HQQ and GPTQ need no fp32 copy of the model: the INT4
 graph is written tensor by tensor, GPTQ holds one decoder layer at a time
-(workbench.quantization.streamed), and data-free calibration text of a larger model comes from a
+(workbench.quantization.streamed), and data-free calibration text comes from a
 round-to-nearest copy on ONNX Runtime (8-bit, or INT4 where the 8-bit copy would take more RAM than
 GPTQ). The fp32 original is written too, the same way, when this machine could run it for the
 comparison; otherwise it is skipped and the run says why (ONNX Runtime's CPU kernels have no bf16
@@ -25,7 +25,6 @@ from workbench.quantization.streamed import (
     SpilledWeights,
     onnx_written_samples,
     streamed_gptq,
-    whole_model,
 )
 from workbench.run.memory import (
     WRITER_8BIT,
@@ -86,10 +85,8 @@ def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSetting
                         progress: Progress, cancelled: Cancelled) -> np.ndarray:
     """Token samples from the calibration file, or written by the model itself (data-free).
 
-    Data-free text is written by the float model in PyTorch where the model is small and fits comfortably in
-    the free RAM (then the run equals the export path's: streamed GPTQ is bit-exact), otherwise by a
-    round-to-nearest copy on ONNX Runtime: 8-bit where that takes no more RAM than the GPTQ stage, INT4 where it
-    would (workbench.run.memory.calibration_writer).
+    Data-free text is written by a round-to-nearest copy on ONNX Runtime: 8-bit where that takes no more RAM
+    than the GPTQ stage, INT4 where it would (workbench.run.memory.calibration_writer).
     """
     from transformers import AutoTokenizer
 
@@ -99,11 +96,7 @@ def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSetting
     if calibration is not None:
         return file_samples(calibration, tokenizer, settings, progress)
     n, length = settings.calibration_samples, settings.calibration_tokens
-    writer_settings = calibration_writer(model.info, settings, psutil.virtual_memory().available)
-    if writer_settings is None:
-        from workbench.quantization.calibration import self_written_samples
-
-        return self_written_samples(whole_model(model.path), tokenizer, n, length, progress=progress, cancelled=cancelled)
+    writer_settings = calibration_writer(model.info, settings)
     copy = "8-bit copy" if writer_settings == WRITER_8BIT else "INT4 copy"
     log.info("calibration text written by an %s (round to nearest, blocks of %d) on ONNX Runtime", copy,
              writer_settings.block_size)

@@ -10,6 +10,7 @@ from workbench.layout import CHART_FILE, TUNE_CHART_FILE
 from workbench.quality.verdict import quality_sentence, scale_words
 from workbench.run.record import QualityResult, RunRecord, Speed
 from workbench.settings import PRESETS
+from workbench.sources import DEMO
 from workbench.units import format_size
 
 NOT_RUN = "not run"
@@ -37,7 +38,8 @@ def verdict(record: RunRecord) -> str:
     preset = PRESETS.get(record.preset or "")
     # The preset's benchmark speaks for this run only if the run kept the preset's settings.
     benchmark = preset.benchmark if preset and preset.settings == record.settings else None
-    cost = quality_sentence(quality.perplexity_increase_pct, quality.text, quality.top1_agreement * 100, benchmark)
+    cost = quality_sentence(quality.perplexity_increase_pct, quality.text, quality.top1_agreement * 100, benchmark,
+                            rounded_before=record.source.kind == DEMO)
     return f"{saved}; {cost}."
 
 
