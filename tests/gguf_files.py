@@ -35,11 +35,16 @@ def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
+# Architectures llama.cpp's converter writes with LlamaModel (GraniteModel and SmolLM3Model subclass it): q/k rows
+# interleaved for its rotary kernel.
+LLAMA_CONVERTED = ("llama", "granite", "smollm3")
+
+
 def write_llama_gguf(hf_dir: Path, path: Path, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
                      rope_freqs: np.ndarray | None = None) -> Path:
-    """A GGUF of a tiny Llama or Qwen2 HF folder (tokenizer included), as llama.cpp's converter writes it:
-    the matrices in `qtype`, the norms and biases in fp32, a Llama 3 rope scaling as the rope_freqs tensor
-    (or `rope_freqs` given)."""
+    """A GGUF of a tiny Llama, Qwen2, Granite or SmolLM3 HF folder (tokenizer included), as llama.cpp's converter
+    writes it: the matrices in `qtype`, the norms and biases in fp32, a Llama 3 rope scaling as the rope_freqs
+    tensor (or `rope_freqs` given), Granite's multipliers as its four scales (GraniteModel.set_gguf_parameters)."""
     config = json.loads((hf_dir / "config.json").read_text())
     tokenizer = json.loads((hf_dir / "tokenizer.json").read_text())
     weights = load_file(hf_dir / "model.safetensors")
@@ -55,6 +60,13 @@ def write_llama_gguf(hf_dir: Path, path: Path, qtype: gguf.GGMLQuantizationType 
     writer.add_rope_freq_base(config["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
+    if architecture == "granite":  # each only when set, as the converter does
+        for add, value in ((writer.add_attention_scale, config.get("attention_multiplier")),
+                           (writer.add_embedding_scale, config.get("embedding_multiplier")),
+                           (writer.add_residual_scale, config.get("residual_multiplier")),
+                           (writer.add_logit_scale, config.get("logits_scaling"))):
+            if value:
+                add(value)
     vocab = sorted(tokenizer["model"]["vocab"].items(), key=lambda item: item[1])
     specials = {t["content"] for t in tokenizer["added_tokens"]}
     writer.add_tokenizer_model("gpt2")
@@ -75,9 +87,9 @@ def write_llama_gguf(hf_dir: Path, path: Path, qtype: gguf.GGMLQuantizationType 
             tensor = weights.get(f"model.layers.{layer}.{hf_name}")
             if tensor is None:
                 continue
-            if architecture == "llama" and gguf_name == "attn_q.weight":
+            if architecture in LLAMA_CONVERTED and gguf_name == "attn_q.weight":
                 tensor = _permute(tensor, config["num_attention_heads"])
-            elif architecture == "llama" and gguf_name == "attn_k.weight":
+            elif architecture in LLAMA_CONVERTED and gguf_name == "attn_k.weight":
                 tensor = _permute(tensor, config["num_key_value_heads"])
             _add(writer, f"blk.{layer}.{gguf_name}", tensor, qtype)
     _add(writer, "output_norm.weight", weights["model.norm.weight"], qtype)

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    GraniteConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    SmolLM3Config,
+)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -73,6 +80,11 @@ def build_model(path: Path, architecture: str = "llama", seed: int = 0) -> Path:
                              rope_theta=500000.0, rope_scaling=LLAMA3_ROPE_SCALING)
     elif architecture == "qwen2":
         config = Qwen2Config(tie_word_embeddings=False, **common)
+    elif architecture == "granite":  # multipliers far from 1, so each shows in the logits
+        config = GraniteConfig(tie_word_embeddings=False, embedding_multiplier=4.0, residual_multiplier=0.5,
+                               attention_multiplier=0.1, logits_scaling=2.0, **common)
+    elif architecture == "smollm3":  # SmolLM3's layers without rotary, every fourth: four layers for one of them
+        config = SmolLM3Config(tie_word_embeddings=True, **common | {"num_hidden_layers": 4})
     else:
         raise ValueError(architecture)
     torch.manual_seed(seed)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 from safetensors.numpy import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from exporters.builder import build_decoder
 from exporters.builder.tensors import open_weights
@@ -19,7 +19,7 @@ from gguf_files import converter_rope_freqs, write_llama_gguf
 from models import LLAMA3_ROPE_SCALING, build_model
 from workbench.errors import WorkbenchError
 from workbench.gguf_rope import llama3_divisors, llama3_rope_scaling
-from workbench.generation.engine import CausalLM
+from workbench.generation.engine import CausalLM, GenerationConfig, generate
 from workbench.settings import QuantSettings
 from workbench.sources import GGUF_SOURCE, cache_dir, inspect_folder, resolve, weights_folder
 
@@ -200,3 +200,73 @@ def test_a_rope_freqs_tensor_that_is_no_llama3_scaling_is_refused(tiny_llama3, t
     path = write_llama_gguf(tiny_llama3, tmp_path / "odd.gguf", rope_freqs=np.linspace(1.0, 3.0, head_dim // 2))
     with pytest.raises(WorkbenchError, match="odd.gguf holds a rope_freqs tensor .* not those of Llama 3"):
         resolve(str(path))
+
+
+# What llama.cpp keeps of each family's config: Granite's multipliers (float32 in the file), SmolLM3's layers
+# without rotary (every fourth, fixed in llama.cpp), and what every Llama has.
+KEPT = {"granite": ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"),
+        "smollm3": ("no_rope_layers",)}
+LLAMA_KEPT = ("model_type", "rope_theta", "tie_word_embeddings", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "hidden_size", "intermediate_size", "rms_norm_eps", "vocab_size",
+              "bos_token_id", "eos_token_id", "pad_token_id")
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module", params=["granite", "smollm3"])
+def llama_like(request, tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Granite or SmolLM3 (HF folder) and its fp32 GGUF, as llama.cpp's converter writes them."""
+    hf_dir = build_model(tmp_path_factory.mktemp(request.param) / "model", request.param)
+    return hf_dir, write_llama_gguf(hf_dir, hf_dir.parent / f"{request.param}.gguf")
+
+
+def test_a_granite_or_smollm3_gguf_reads_as_its_original(llama_like, tmp_path):
+    """Config, tokenizer and tensors from the GGUF are the original's; the builder's graph gives transformers'
+    logits on the original, and its greedy tokens."""
+    hf_dir, path = llama_like
+    source = resolve(str(path)).path
+    config, original = AutoConfig.from_pretrained(source), AutoConfig.from_pretrained(hf_dir)
+    for key in LLAMA_KEPT + KEPT[original.model_type]:
+        assert getattr(config, key) == pytest.approx(getattr(original, key)), key
+    text = "The quick brown fox jumps over 36 lazy dogs."
+    assert AutoTokenizer.from_pretrained(source)(text).input_ids == AutoTokenizer.from_pretrained(hf_dir)(text).input_ids
+    weights, expected = open_weights(source), load_file(hf_dir / "model.safetensors")
+    assert set(weights.shapes) == set(expected)
+    for name, tensor in expected.items():  # llama.cpp's interleaved q/k rows put back
+        np.testing.assert_array_equal(weights.read(name), tensor, err_msg=name)
+
+    build_decoder(source, tmp_path / "built", inspect_folder(source), None)
+    model = CausalLM(str(tmp_path / "built" / "model.onnx"), context_length=64)
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.as_tensor(PROMPT)
+    with torch.no_grad():
+        reference_logits = reference(ids).logits.numpy()
+        reference_tokens = reference.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                              do_sample=False, eos_token_id=None, pad_token_id=0)[0, PROMPT.shape[1]:]
+    np.testing.assert_allclose(model.forward(PROMPT)[0], reference_logits, atol=LOGITS_ATOL, rtol=0)
+    tokens = generate(model, PROMPT[0].tolist(), GenerationConfig(max_new_tokens=NEW_TOKENS)).tokens
+    assert tokens == reference_tokens.tolist()
+
+
+def test_an_rtn_run_from_a_granite_or_smollm3_gguf_is_streamed(llama_like, tmp_path):
+    from workbench.run.pipeline import quantize_run
+
+    hf_dir, path = llama_like
+    record = quantize_run(str(path), tmp_path / "run", QuantSettings(method="rtn"))
+    assert record.model.kind == "gguf" and "built" in record.graph and record.original.skipped is None
+    assert not any(name.startswith(f"{path.stem}-") for name in _names(cache_dir() / "gguf"))  # no fp32 copy made
+    layers = AutoConfig.from_pretrained(hf_dir).num_hidden_layers
+    assert record.ops["MatMulNBits"] >= 7 * layers and record.ops["GroupQueryAttention"] == layers
+
+
+def test_the_fp32_conversion_of_a_granite_or_smollm3_gguf_is_its_original(llama_like, tmp_path):
+    """What the methods on the whole PyTorch model read (transformers' loader refuses both architectures)."""
+    import shutil
+
+    hf_dir, path = llama_like
+    copy = shutil.copy(path, tmp_path / "whole.gguf")  # its own source: the run test above makes no conversion
+    ids = torch.as_tensor(PROMPT)
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()(ids).logits.numpy()
+        converted = AutoModelForCausalLM.from_pretrained(weights_folder(resolve(str(copy)).path),
+                                                         dtype=torch.float32).eval()(ids).logits.numpy()
+    np.testing.assert_array_equal(converted, reference)

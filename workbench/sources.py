@@ -44,8 +44,9 @@ GGUF_SOURCE = "gguf-source.json"  # in a GGUF source's folder: the GGUF its weig
 # config.json. A folder (and fp32 conversion) of an older version is made again.
 GGUF_SOURCE_VERSION = 2
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's divisors of the rotary frequencies (workbench.gguf_rope)
-# The families whose GGUF files the workbench reads: transformers' GGUF loader reads their config and tokenizer.
-GGUF_FAMILIES = "Llama (3.x too), Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3"
+# The families whose GGUF files the workbench reads: transformers' GGUF loader reads their config and tokenizer,
+# workbench.gguf_llama_like those of Granite and SmolLM3.
+GGUF_FAMILIES = "Llama (3.x too), Mistral, Qwen2, Qwen3, Granite, SmolLM3, Phi-3, Gemma 2 and Gemma 3"
 
 
 def cache_dir() -> Path:
@@ -304,18 +305,17 @@ def _cached(folder: Path, make, *, progress: Progress, cancelled: Cancelled) -> 
 
 
 def _refuse_unknown_architecture(path: Path, architecture: str) -> None:
-    """A GGUF whose architecture transformers' GGUF loader does not know (granite and smollm3 in 4.57, though the
-    graph builder knows both) has no config or tokenizer to read: say so before trying."""
-    import transformers
+    """A GGUF of an architecture whose config and tokenizer nothing here reads: say so before trying."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+    from workbench.gguf_llama_like import LLAMA_LIKE
+
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES and architecture not in LLAMA_LIKE:
         raise WorkbenchError(
             f"{path.name} is a GGUF file of architecture {architecture!r}, whose config and tokenizer cannot be read "
-            f"from a GGUF file (transformers {transformers.__version__}, which reads them, does not know "
-            f"{architecture!r}). The workbench reads GGUF files of {GGUF_FAMILIES}. Open the model's Hugging Face "
-            "folder (config.json, the tokenizer and the *.safetensors weights) instead: Granite and SmolLM3, for "
-            "example, are quantized from there."
+            f"from a GGUF file. The workbench reads GGUF files of {GGUF_FAMILIES}. Open the model's Hugging Face "
+            "folder (config.json, the tokenizer and the *.safetensors weights) instead: the workbench quantizes "
+            "more architectures from there."
         )
 
 
@@ -332,11 +332,16 @@ def describe_gguf(gguf: Path, dest: Path, source: dict, progress: Progress = no_
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from workbench.gguf_llama_like import LLAMA_LIKE, read_llama_like
+
     try:
-        progress(0.1, "reading the GGUF's config")
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        progress(0.3, "reading the GGUF's tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        progress(0.1, "reading the GGUF's config and tokenizer")
+        if source["architecture"] in LLAMA_LIKE:
+            config, tokenizer = read_llama_like(gguf, source["architecture"], source["tensors"])
+        else:
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            progress(0.3, "reading the GGUF's tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ValueError, KeyError, RuntimeError, OSError) as error:
         raise _gguf_error(gguf, error) from error
     if ROPE_FREQS in source["tensors"]:  # a Llama 3.x GGUF: its rope scaling is a tensor, not metadata
@@ -378,13 +383,19 @@ def convert_gguf(gguf: str, dest: str, config: str, progress: Progress = no_prog
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from workbench.gguf_llama_like import LLAMA_LIKE, load_llama_like
+
     path = Path(gguf)
+    architecture = read_gguf_source(Path(config))["architecture"]
+    llama_like = architecture in LLAMA_LIKE  # transformers' loader refuses them: their tokenizer is the folder's
     try:
         progress(0.05, "reading tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(config) if llama_like else AutoTokenizer.from_pretrained(
+            path.parent, gguf_file=path.name)
         progress(0.2, "dequantizing weights")
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                     config=AutoConfig.from_pretrained(config))
+        model = load_llama_like(path, architecture, AutoConfig.from_pretrained(config)) if llama_like else \
+            AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                 config=AutoConfig.from_pretrained(config))
     except (ValueError, KeyError, RuntimeError, OSError) as error:
         raise _gguf_error(path, error) from error
     progress(0.8, "saving fp32 folder")

@@ -5,8 +5,8 @@ sources.check_gguf), and kept there. Each read takes only the bytes of the rows 
 plain file read (rows are contiguous in GGUF, and every quantized block lies within one row), so
 neither a mapping of the whole file nor any other tensor counts as this process's memory. Names
 and layouts are transformers': its GGUF loader's name map and tensor processors (llama's q/k rows,
-which llama.cpp interleaves for its rotary kernel, put back; Gemma's norms less one), so each
-tensor equals that of transformers' fp32 conversion of the same file.
+which llama.cpp interleaves for its rotary kernel, put back, Granite's and SmolLM3's too; Gemma's
+norms less one), so each tensor equals that of transformers' fp32 conversion of the same file.
 """
 
 from __future__ import annotations
@@ -41,12 +41,9 @@ class GgufWeights(TensorSource):
     def __init__(self, path: Path, folder: Path):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-        )
+        from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
+        from workbench.gguf_llama_like import tensor_processor
         from workbench.sources import read_gguf_source
 
         self.path = Path(path)
@@ -67,7 +64,7 @@ class GgufWeights(TensorSource):
             raise WorkbenchError(f"{self.path.name}: the tensors of GGUF architecture {architecture!r} cannot be "
                                  f"named ({error}).") from error
         self.config = config.to_dict()
-        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=self.config)
+        self.processor = tensor_processor(architecture)(config=self.config)
         self.names = names
         self.shapes = {}
         self.stored: dict[str, Stored] = {}
