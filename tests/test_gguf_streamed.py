@@ -21,7 +21,7 @@ from workbench.errors import WorkbenchError
 from workbench.gguf_rope import llama3_divisors, llama3_rope_scaling
 from workbench.generation.engine import CausalLM, GenerationConfig, generate
 from workbench.settings import QuantSettings
-from workbench.sources import GGUF_SOURCE, cache_dir, inspect_folder, resolve, weights_folder
+from workbench.sources import GGUF_SOURCE, cache_dir, inspect_folder, read_gguf_source, resolve, weights_folder
 
 PROMPT = np.asarray([[5, 17, 42, 8, 99, 120, 33, 64, 7, 250, 31]], np.int64)
 # Long enough for the low rotary frequencies Llama 3's scaling divides to turn noticeably.
@@ -30,11 +30,19 @@ LOGITS_ATOL = 1e-4  # an fp32 graph against PyTorch in fp32: as tests/test_build
 Q8_0, Q4_1 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1
 
 
-@pytest.fixture(scope="module", params=[("llama", Q4_1), ("qwen2", Q8_0)], ids=["llama-q4_1", "qwen2-q8_0"])
-def gguf_source(request, tiny_llama, tiny_qwen, tmp_path_factory) -> tuple[Path, Path, Path]:
-    """A tiny model's GGUF opened as a source (its folder), transformers' fp32 conversion of it, the file."""
+@pytest.fixture(scope="module")
+def tiny_llama_like(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Granite and SmolLM3 (HF folders), which llama.cpp writes as Llama."""
+    return {name: build_model(tmp_path_factory.mktemp(f"tiny-{name}") / "model", name) for name in ("granite", "smollm3")}
+
+
+@pytest.fixture(scope="module", params=[("llama", Q4_1), ("qwen2", Q8_0), ("granite", Q4_1), ("smollm3", Q8_0)],
+                ids=["llama-q4_1", "qwen2-q8_0", "granite-q4_1", "smollm3-q8_0"])
+def gguf_source(request, tiny_llama, tiny_qwen, tiny_llama_like, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny model's GGUF opened as a source (its folder), its fp32 conversion (transformers', or for granite and
+    smollm3, which transformers' loader refuses, one filled the way it fills llama's), the file."""
     architecture, qtype = request.param
-    hf_dir = {"llama": tiny_llama, "qwen2": tiny_qwen}[architecture]
+    hf_dir = ({"llama": tiny_llama, "qwen2": tiny_qwen} | tiny_llama_like)[architecture]
     path = write_llama_gguf(hf_dir, tmp_path_factory.mktemp("gguf") / f"{architecture}.gguf", qtype)
     source = resolve(str(path)).path
     return source, weights_folder(source), path
@@ -213,10 +221,10 @@ NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module", params=["granite", "smollm3"])
-def llama_like(request, tmp_path_factory) -> tuple[Path, Path]:
+def llama_like(request, tiny_llama_like, tmp_path_factory) -> tuple[Path, Path]:
     """A tiny Granite or SmolLM3 (HF folder) and its fp32 GGUF, as llama.cpp's converter writes them."""
-    hf_dir = build_model(tmp_path_factory.mktemp(request.param) / "model", request.param)
-    return hf_dir, write_llama_gguf(hf_dir, hf_dir.parent / f"{request.param}.gguf")
+    hf_dir = tiny_llama_like[request.param]
+    return hf_dir, write_llama_gguf(hf_dir, tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf")
 
 
 def test_a_granite_or_smollm3_gguf_reads_as_its_original(llama_like, tmp_path):
@@ -253,7 +261,7 @@ def test_an_rtn_run_from_a_granite_or_smollm3_gguf_is_streamed(llama_like, tmp_p
     hf_dir, path = llama_like
     record = quantize_run(str(path), tmp_path / "run", QuantSettings(method="rtn"))
     assert record.model.kind == "gguf" and "built" in record.graph and record.original.skipped is None
-    assert not any(name.startswith(f"{path.stem}-") for name in _names(cache_dir() / "gguf"))  # no fp32 copy made
+    assert not Path(read_gguf_source(Path(record.model.path))["fp32"]).exists()  # no fp32 copy made
     layers = AutoConfig.from_pretrained(hf_dir).num_hidden_layers
     assert record.ops["MatMulNBits"] >= 7 * layers and record.ops["GroupQueryAttention"] == layers
 
