@@ -41,10 +41,11 @@ LLAMA_CONVERTED = ("llama", "granite", "smollm3")
 
 
 def write_llama_gguf(hf_dir: Path, path: Path, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
-                     rope_freqs: np.ndarray | None = None) -> Path:
+                     rope_freqs: np.ndarray | None = None, add_bos_token: bool | None = None) -> Path:
     """A GGUF of a tiny Llama, Qwen2, Granite or SmolLM3 HF folder (tokenizer included), as llama.cpp's converter
     writes it: the matrices in `qtype`, the norms and biases in fp32, a Llama 3 rope scaling as the rope_freqs
-    tensor (or `rope_freqs` given), Granite's multipliers as its four scales (GraniteModel.set_gguf_parameters)."""
+    tensor (or `rope_freqs` given), Granite's multipliers as its four scales (GraniteModel.set_gguf_parameters),
+    `add_bos_token` when given (the converter writes it when the model's tokenizer says)."""
     config = json.loads((hf_dir / "config.json").read_text())
     tokenizer = json.loads((hf_dir / "tokenizer.json").read_text())
     weights = load_file(hf_dir / "model.safetensors")
@@ -77,6 +78,8 @@ def write_llama_gguf(hf_dir: Path, path: Path, qtype: gguf.GGMLQuantizationType 
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
     writer.add_pad_token_id(config["pad_token_id"])
+    if add_bos_token is not None:
+        writer.add_add_bos_token(add_bos_token)
     if rope_freqs is None and (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
         rope_freqs = converter_rope_freqs(config)
     if rope_freqs is not None:

@@ -236,7 +236,10 @@ def test_a_granite_or_smollm3_gguf_reads_as_its_original(llama_like, tmp_path):
     for key in LLAMA_KEPT + KEPT[original.model_type]:
         assert getattr(config, key) == pytest.approx(getattr(original, key)), key
     text = "The quick brown fox jumps over 36 lazy dogs."
-    assert AutoTokenizer.from_pretrained(source)(text).input_ids == AutoTokenizer.from_pretrained(hf_dir)(text).input_ids
+    tokenizer, original_tokenizer = AutoTokenizer.from_pretrained(source), AutoTokenizer.from_pretrained(hf_dir)
+    assert tokenizer(text).input_ids == original_tokenizer(text).input_ids
+    assert [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token] == [
+        original_tokenizer.bos_token, original_tokenizer.eos_token, original_tokenizer.pad_token]
     weights, expected = open_weights(source), load_file(hf_dir / "model.safetensors")
     assert set(weights.shapes) == set(expected)
     for name, tensor in expected.items():  # llama.cpp's interleaved q/k rows put back
@@ -253,6 +256,13 @@ def test_a_granite_or_smollm3_gguf_reads_as_its_original(llama_like, tmp_path):
     np.testing.assert_allclose(model.forward(PROMPT)[0], reference_logits, atol=LOGITS_ATOL, rtol=0)
     tokens = generate(model, PROMPT[0].tolist(), GenerationConfig(max_new_tokens=NEW_TOKENS)).tokens
     assert tokens == reference_tokens.tolist()
+
+
+def test_a_granite_gguf_whose_tokenizer_adds_bos_adds_it(tiny_llama_like, tmp_path):
+    """llama.cpp writes tokenizer.ggml.add_bos_token when the model's tokenizer says; without it, no BOS (above)."""
+    path = write_llama_gguf(tiny_llama_like["granite"], tmp_path / "bos.gguf", add_bos_token=True)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(str(path)).path)
+    assert tokenizer("The fox").input_ids[0] == tokenizer.bos_token_id
 
 
 def test_an_rtn_run_from_a_granite_or_smollm3_gguf_is_streamed(llama_like, tmp_path):

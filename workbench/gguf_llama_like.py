@@ -62,6 +62,9 @@ def read_llama_like(path: Path, architecture: str, tensors: dict):
     config = AutoConfig.for_model(architecture, **values)
 
     backend, extra = convert_gguf_tokenizer(READ_AS, tokenizer_values)
+    # Its special tokens by the file's ids: transformers' llama converter (4.57) names BOS as the end token too.
+    extra |= {f"{name}_token": tokenizer_values["tokens"][tokenizer_values[f"{name}_token_id"]]
+              for name in ("bos", "eos", "unk", "pad") if f"{name}_token_id" in tokenizer_values}
     # Whether a text starts with BOS: as llama.cpp decides it, from the key its converter writes when the model's
     # tokenizer says, else none for a BPE vocabulary (both families'); transformers' llama reading always adds one.
     extra["add_bos_token"] = metadata.get("tokenizer.ggml.add_bos_token", False)
