@@ -51,13 +51,11 @@ def read_llama_like(path: Path, architecture: str, tensors: dict):
     def renamed(prefix: str, names: dict) -> dict:
         return {ours: metadata[f"{prefix}.{key}"] for key, ours in names.items() if f"{prefix}.{key}" in metadata}
 
-    values = renamed(architecture, GGUF_CONFIG_MAPPING[READ_AS])
+    values = renamed(architecture, GGUF_CONFIG_MAPPING[READ_AS]) | renamed("tokenizer", GGUF_CONFIG_MAPPING["tokenizer"])
     tokenizer_values = renamed("tokenizer", GGUF_TOKENIZER_MAPPING["tokenizer"])
     values.setdefault("vocab_size", len(tokenizer_values["tokens"]))
     # As transformers' loader decides it for llama: a model without an output matrix ties it to the embeddings.
     values["tie_word_embeddings"] = "output.weight" not in tensors
-    values |= {name: tokenizer_values[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if name in tokenizer_values}
     values |= LLAMA_LIKE[architecture](metadata, values)
     config = AutoConfig.for_model(architecture, **values)
 
