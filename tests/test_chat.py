@@ -9,7 +9,7 @@ import pytest
 
 from workbench.errors import JobCancelled, WorkbenchError
 from workbench.generation import chat
-from workbench.generation.compare import CompareOptions, compare
+from workbench.generation.compare import ANSWER_END, CompareOptions, compare
 from workbench.generation.engine import GenerationConfig
 from workbench.generation.runtime import ChatModel
 
@@ -18,14 +18,19 @@ OPTIONS = CompareOptions(config=GenerationConfig(max_new_tokens=16), provider="c
 
 
 def test_both_models_stream_at_the_same_time(tiny_run):
-    arrivals = []
+    arrivals, ended = [], {}
 
     def on_token(model, index, token, piece):
+        if token == ANSWER_END:  # that model has finished; nothing of its answer may follow
+            ended[model] = len(arrivals)
+            return
+        assert model not in ended
         arrivals.append(model)
         time.sleep(0.005)  # a slow reader, as a screen is: the other model must keep writing meanwhile
 
     row = compare(tiny_run, ["Hello, who are you?"], OPTIONS, on_token=on_token).rows[0]
     assert arrivals.count("original") == row["original"]["tokens"] and arrivals.count("int4") == row["int4"]["tokens"]
+    assert set(ended) == {"original", "int4"}
     # Interleaved: each model's first token came before the other model's last one.
     for first, other in (("original", "int4"), ("int4", "original")):
         assert arrivals.index(first) < len(arrivals) - 1 - arrivals[::-1].index(other)
