@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -500,6 +502,35 @@ def test_the_job_runner_reports_every_outcome(qtbot):
         job.start()
         job.cancel()
     qtbot.waitUntil(lambda: not jobs.running())
+
+
+def test_garbage_is_collected_in_the_gui_thread_while_jobs_run(qtbot):
+    """A collection started by a worker thread could free Qt objects outside the GUI thread, which crashes Qt:
+    while a job runs, every collection happens in the GUI thread, and afterwards collection is automatic again."""
+    collected_in = []
+
+    def record(phase, info):
+        if phase == "start":
+            collected_in.append(threading.current_thread())
+
+    def make_cycles(*, progress, cancelled):
+        for _ in range(5 * gc.get_threshold()[0]):  # enough for several automatic collections
+            cycle = []
+            cycle.append(cycle)
+        time.sleep(3 * jobs.COLLECT_INTERVAL_MS / 1000)  # the GUI thread's timer comes round meanwhile
+
+    assert gc.isenabled()
+    gc.callbacks.append(record)
+    try:
+        job = Job(make_cycles)
+        with qtbot.waitSignal(job.signals.finished, timeout=10_000):
+            job.start()
+            assert not gc.isenabled()
+        qtbot.waitUntil(lambda: not jobs.running())
+    finally:
+        gc.callbacks.remove(record)
+    assert collected_in and set(collected_in) == {threading.main_thread()}
+    assert gc.isenabled()
 
 
 def test_an_unexpected_error_hides_its_traceback_behind_details(window, qtbot, tiny_llama, monkeypatch):

@@ -7,12 +7,13 @@ Cancel sets a flag the step reads through `cancelled()` and stops at its next ch
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import traceback
 from collections.abc import Callable
 
-from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+from PySide6.QtCore import QObject, QRunnable, QThreadPool, QTimer, Signal
 
 from workbench.errors import JobCancelled, WorkbenchError
 from workbench.jobs import ProgressEvent
@@ -24,6 +25,55 @@ PROGRESS_INTERVAL_S = 0.05
 # Jobs stay referenced until their last signal was delivered: a QRunnable is deleted by the
 # pool when it returns, and its Python side (the signals object) must outlive pending signals.
 _running: set[Job] = set()
+# While jobs run, Python's automatic garbage collection is off and the GUI thread collects on a timer instead:
+# a collection that starts in a worker thread may free Qt objects held in reference cycles (a closed window's
+# widgets) outside the GUI thread, which crashes Qt (seen: a segfault while a job built a PyTorch model).
+COLLECT_INTERVAL_MS = 500
+
+
+class _GuiThreadCollector:
+    """Python's generational collection, run by the GUI thread while jobs run (as gc itself would run it)."""
+
+    def __init__(self):
+        self.timer = QTimer()
+        self.timer.setInterval(COLLECT_INTERVAL_MS)
+        self.timer.timeout.connect(self.collect)
+        self.restore = False
+
+    def jobs_started(self) -> None:
+        self.restore = gc.isenabled()
+        gc.disable()
+        self.timer.start()
+
+    def jobs_ended(self) -> None:
+        self.timer.stop()
+        if self.restore:
+            gc.enable()
+        self.collect()
+
+    @staticmethod
+    def collect() -> None:
+        counts, thresholds = gc.get_count(), gc.get_threshold()
+        generation = next((g for g in (2, 1, 0) if counts[g] > thresholds[g]), None)
+        if generation is not None:
+            gc.collect(generation)
+
+
+_collector: _GuiThreadCollector | None = None
+
+
+def _job_started(job: Job) -> None:
+    global _collector
+    if not _running:
+        _collector = _collector or _GuiThreadCollector()  # made in the GUI thread, where jobs start
+        _collector.jobs_started()
+    _running.add(job)
+
+
+def _job_ended(job: Job) -> None:
+    _running.discard(job)
+    if not _running and _collector is not None:
+        _collector.jobs_ended()
 
 
 class JobSignals(QObject):
@@ -51,10 +101,10 @@ class Job(QRunnable):
         self._cancel = threading.Event()
         self._last_report = (0.0, None)
         self._progress = _ProgressSink(self._report)
-        self.signals.ended.connect(lambda: _running.discard(self))
+        self.signals.ended.connect(lambda: _job_ended(self))
 
     def start(self) -> Job:
-        _running.add(self)
+        _job_started(self)
         QThreadPool.globalInstance().start(self)
         return self
 
