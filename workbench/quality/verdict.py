@@ -49,7 +49,7 @@ def quality_sentence(increase_pct: float, text: str, agreement_pct: float, bench
     """The verdict on one measurement: the band in words with the number beside it, and, where the
     run fares worse than the preset's benchmark, that said plainly, with why where it is known:
     `rounded_before`, the demo, whose file holds the benchmark model's weights rounded to 4 bits already
-    (balanced lost +19-21 % on the essays there, +9-11 % on the benchmark's model: docs/quality.md)."""
+    (balanced lost +18-21 % on the essays there, +9-11 % on the benchmark's model: docs/quality.md)."""
     measured = band(increase_pct)
     sentence = (
         f"it {measured.words} (perplexity +{increase_pct:.1f}\u00a0% on {text}, same next word "

@@ -141,7 +141,8 @@ def quantize_run(
     timings = {name: seconds for name, seconds in record.timings_s.items()
                if not (name == "model" and converted_since(model, opened))}
     remember(timings, record.model.parameters,
-             RunShape(settings, reads, source.built, original=source.original_skipped is None, opens_model=not isinstance(spec, ResolvedModel)),
+             RunShape(settings, reads, source.built, original=source.original_skipped is None,
+                      opens_model=not isinstance(spec, ResolvedModel)),
              rest_s=time.time() - (started or opened) - sum(record.timings_s.values()))
     return record
 
@@ -181,7 +182,8 @@ def estimate_run(model: ResolvedModel, settings: QuantSettings, calibration: Pat
     only when `opens_model` (the CLI opens it; the app's Quantize step has it open already)."""
     reads = calibration if settings.needs_calibration else None
     built = builder_reason(model, settings) is None
-    shape = RunShape(settings, reads, built, original=not built or (original and original_fits(model.info)), opens_model=opens_model)
+    shape = RunShape(settings, reads, built, original=not built or (original and original_fits(model.info)),
+                     opens_model=opens_model)
     return estimate(model.info.parameters, shape, stage_names(settings, built=built, opens_model=opens_model))
 
 

@@ -2,11 +2,11 @@
 
 On an architecture the builder knows, RTN, HQQ and GPTQ need no fp32 copy of the model: the INT4
 graph is written tensor by tensor, GPTQ holds one decoder layer at a time
-(workbench.quantization.streamed), and data-free calibration text comes from a
-round-to-nearest copy on ONNX Runtime (8-bit, or INT4 where the 8-bit copy would take more RAM than
-GPTQ). The fp32 original is written too, the same way, when this machine could run it for the
-comparison; otherwise it is skipped and the run says why (ONNX Runtime's CPU kernels have no bf16
-MatMul, so a bf16 original cannot stand in).
+(workbench.quantization.streamed), and data-free calibration text comes from a round-to-nearest copy
+on ONNX Runtime (8-bit, or INT4 where the 8-bit copy would add much to the run's RAM:
+workbench.run.memory.calibration_writer). The fp32 original is written too, the same way, when this
+machine could run it for the comparison; otherwise it is skipped and the run says why (ONNX Runtime's
+CPU kernels have no bf16 MatMul, so a bf16 original cannot stand in).
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSetting
                         progress: Progress, cancelled: Cancelled) -> np.ndarray:
     """Token samples from the calibration file, or written by the model itself (data-free).
 
-    Data-free text is written by a round-to-nearest copy on ONNX Runtime: 8-bit where that takes no more RAM
-    than the GPTQ stage, INT4 where it would (workbench.run.memory.calibration_writer).
+    Data-free text is written by a round-to-nearest copy on ONNX Runtime, 8-bit or INT4 as
+    workbench.run.memory.calibration_writer chooses by the RAM each adds to the run.
     """
     from transformers import AutoTokenizer
 
