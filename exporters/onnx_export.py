@@ -49,7 +49,10 @@ def export_onnx(
 
 
 def export_in_process(model_dir: str, dest: str, trust_remote_code: bool, progress: Progress = no_progress) -> None:
+    import gc
+
     from optimum.exporters.onnx import main_export
+    from transformers import AutoConfig
 
     progress(0.05, "tracing the model")
     try:
@@ -61,6 +64,9 @@ def export_in_process(model_dir: str, dest: str, trust_remote_code: bool, progre
             dtype="fp32",
             do_validation=False,
             trust_remote_code=trust_remote_code,
+            # optimum's post-processing only ties a tied lm_head to the embeddings, and fails on a graph over
+            # 2 GB (it sizes the whole graph as one protobuf message): tie_lm_head below does it instead.
+            no_post_process=True,
         )
     except (ValueError, OSError, RuntimeError) as error:
         if write_errno(error):
@@ -72,5 +78,38 @@ def export_in_process(model_dir: str, dest: str, trust_remote_code: bool, progre
             shutil.copy2(source, target)
     if not (Path(dest) / MODEL_FILE).is_file():
         raise WorkbenchError(f"The ONNX export produced no {MODEL_FILE}; see the log for optimum's messages.")
+    gc.collect()  # the PyTorch model sits in reference cycles: free it before the graph is loaded
     progress(0.9, "moving the weights to model.onnx.data")
-    save_model(onnx.load(str(Path(dest) / MODEL_FILE)), Path(dest))
+    model = onnx.load(str(Path(dest) / MODEL_FILE))
+    if getattr(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code), "tie_word_embeddings", False):
+        tie_lm_head(model)
+    save_model(model, Path(dest))
+
+
+def tie_lm_head(model: onnx.ModelProto) -> None:
+    """Have a tied lm_head read the embeddings through a Transpose instead of its own transposed copy.
+
+    The exporter writes the copy as one more initializer, (hidden, vocabulary) where the embeddings
+    are (vocabulary, hidden); the INT4 pass quantizes a weight read through a Transpose once for both
+    (workbench.quantization.int4_graph.find_targets)."""
+    from onnx import helper
+
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    embeddings = [initializers[n.input[0]] for n in graph.node if n.op_type == "Gather" and n.input[0] in initializers
+                  and len(initializers[n.input[0]].dims) == 2]
+    if len(embeddings) != 1:
+        return
+    embedding = embeddings[0]
+    heads = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in initializers
+             and list(initializers[n.input[1]].dims) == list(reversed(embedding.dims))]
+    if len(heads) != 1:  # no copy (or more than one matrix of that shape): nothing to tie for sure
+        return
+    head = heads[0]
+    copy = initializers[head.input[1]]
+    transposed = f"{embedding.name}/transposed"
+    graph.node.insert(list(graph.node).index(head), helper.make_node(
+        "Transpose", [embedding.name], [transposed], name=f"{head.name}/tied_weight", perm=[1, 0]))
+    head.input[1] = transposed
+    if not any(copy.name in n.input for n in graph.node):
+        del graph.initializer[list(initializers).index(copy.name)]
