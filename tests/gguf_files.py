@@ -116,7 +116,8 @@ SENTENCEPIECE = ("phi3", "gemma2", "gemma3")  # written with SentencePiece's tok
 
 def write_gguf(hf_dir: Path, path: Path, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32) -> Path:
     """A GGUF of a tiny Phi-3, Qwen2, Qwen3, Gemma 2, Gemma 3 or Mistral HF folder as llama.cpp's converter
-    (convert_hf_to_gguf.py) writes it: each family's metadata as its model class writes it, tensor names from
+    (convert_hf_to_gguf.py) writes it: each family's metadata as its model class writes it (a rotary scaling of
+    another type than linear or yarn as only the type), tensor names from
     gguf-py's TensorNameMap, Llama's q/k rows interleaved (Mistral), Gemma's norms stored as 1 + w, Gemma 2's
     lm_head left out, Phi-3's LongRoPE factors as tensors."""
     config = json.loads((hf_dir / "config.json").read_text())
@@ -162,11 +163,14 @@ def _text_parameters(writer: gguf.GGUFWriter, config: dict) -> None:
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
+    elif kind in ("su", "longrope"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
     elif kind == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(scaling["factor"])
         writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
-        for key, add in (("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+        for key, add in (("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
+                         ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
                          ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
                          ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
             if scaling.get(key) is not None:

@@ -12,11 +12,21 @@ import torch
 from gguf_files import write_gguf
 from models import build_extra_model
 from safetensors.numpy import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Phi3Config, Qwen3Config
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen3Config,
+)
 
 from exporters.builder import build_decoder
 from exporters.builder.tensors import open_weights
+from workbench.errors import WorkbenchError
 from workbench.generation.engine import CausalLM, GenerationConfig, generate
+from workbench.gguf_config import gguf_config
 from workbench.sources import inspect_folder, resolve, weights_folder
 
 # Past each model's original length (32 or 64), where LongRoPE takes its long factors and YaRN's and linear
@@ -58,6 +68,8 @@ FAMILIES = {
     "gemma3": (lambda p: build_extra_model(p, Gemma3TextConfig, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
                                            num_hidden_layers=6, rope_scaling={"rope_type": "linear", "factor": 8.0}),
                ("rope_scaling", "query_pre_attn_scalar", "rope_local_base_freq", "sliding_window")),
+    # Written as Llama, read as Llama: nothing dropped (llama.cpp has no sliding window for it either).
+    "mistral": (lambda p: build_extra_model(p, MistralConfig, tie_word_embeddings=False, sliding_window=None), ()),
 }
 
 
@@ -106,8 +118,9 @@ def test_a_gguf_of_each_family_reads_as_its_original(family, tmp_path):
 
     reference, reference_tokens = _reference(hf_dir)
     alone = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    dropped, _ = _reference(hf_dir, **{key: getattr(alone, key, None) for key in kept if key != "head_dim"})
-    assert np.abs(dropped - reference).max() > 100 * LOGITS_ATOL  # what the reader drops shows in the logits
+    if kept:
+        dropped, _ = _reference(hf_dir, **{key: getattr(alone, key, None) for key in kept if key != "head_dim"})
+        assert np.abs(dropped - reference).max() > 100 * LOGITS_ATOL  # what the reader drops shows in the logits
 
     build_decoder(source, tmp_path / "built", inspect_folder(source), None)
     model = CausalLM(str(tmp_path / "built" / "model.onnx"), context_length=PROMPT.shape[1] + NEW_TOKENS)
@@ -124,3 +137,33 @@ def test_the_fp32_conversion_of_each_family_is_its_original(family):
         converted = AutoModelForCausalLM.from_pretrained(weights_folder(resolve(str(path)).path), dtype=torch.float32,
                                                          attn_implementation="eager").eval()(ids).logits.numpy()
     np.testing.assert_allclose(converted, _reference(hf_dir)[0], atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("scaling, refused", [
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "extrapolation_factor": 0.5},
+     "YaRN extrapolation factor is 0.5"),
+    ({"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0] * 16, "long_factor": [2.0] * 16},
+     "rotary scaling is 'longrope'"),
+], ids=["yarn-extrapolation", "longrope-without-factors"])
+def test_a_rotary_scaling_the_workbench_cannot_reproduce_is_refused(scaling, refused, tmp_path):
+    """A scaling llama.cpp's converter writes that no config here reproduces: refused, never dropped."""
+    hf_dir = build_extra_model(tmp_path / "model", Qwen3Config, head_dim=32, rope_scaling=scaling)
+    path = write_gguf(hf_dir, tmp_path / "refused.gguf")
+    with pytest.raises(WorkbenchError, match=f"refused.gguf describes .* {refused}.* Hugging Face folder"):
+        resolve(str(path))
+
+
+# Gemma 2 2B, 9B, 27B and Gemma 3 1B, 27B: (GGUF architecture, layers, hidden size, heads, head size) and the
+# query_pre_attn_scalar of their config.json, which no GGUF key holds.
+GEMMAS = [(("gemma2", 26, 2304, 8, 256), 256), (("gemma2", 42, 3584, 16, 256), 256),
+          (("gemma2", 46, 4608, 32, 128), 144), (("gemma3", 26, 1152, 4, 256), 256),
+          (("gemma3", 62, 5376, 32, 128), 168)]
+
+
+@pytest.mark.parametrize("shape, scalar", GEMMAS)
+def test_gemmas_query_scale_is_llama_cpps(shape, scalar):
+    architecture, layers, hidden, heads, head_dim = shape
+    config = (Gemma2Config if architecture == "gemma2" else Gemma3TextConfig)(
+        num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, head_dim=head_dim)
+    updates = gguf_config(architecture, {"attention.key_length": head_dim}, lambda name: None, config)
+    assert updates["query_pre_attn_scalar"] == scalar

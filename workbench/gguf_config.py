@@ -50,12 +50,14 @@ def gguf_config(architecture: str, metadata: dict, tensor: Callable[[str], list[
                                             if config.num_hidden_layers == GEMMA_27B_LAYERS[architecture] else head_dim)
     if "rope.freq_base_swa" in metadata:
         updates["rope_local_base_freq"] = _decimal(metadata["rope.freq_base_swa"])
+    scaling = _rope_scaling(metadata)
+    if scaling is not None:
+        updates["rope_scaling"] = scaling
     if architecture == "phi3":
-        updates |= _phi3(metadata, tensor, config)
-    else:
-        scaling = _rope_scaling(metadata)
-        if scaling is not None:
-            updates["rope_scaling"] = scaling
+        phi3 = _phi3(metadata, tensor, config)
+        if "rope_scaling" in phi3 and scaling is not None:
+            raise ValueError(f"it has both LongRoPE's factor tensors and a {scaling['rope_type']} rotary scaling")
+        updates |= phi3
     return updates
 
 
