@@ -97,3 +97,22 @@ def build_model(path: Path, architecture: str = "llama", seed: int = 0) -> Path:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_extra_model(path: Path, config_class, **extra) -> Path:
+    """A tiny random model of an architecture `build_model` does not build: `config_class` with `extra`."""
+    path.mkdir(parents=True)
+    tokenizer = build_tokenizer(path)
+    config = config_class(**{
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, **extra,
+    })
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.15) if parameter.dim() == 2 else parameter.uniform_(0.5, 1.5)
+    model.save_pretrained(path, safe_serialization=True)
+    return path

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 from conftest import cli
-from models import build_tokenizer
+from models import build_extra_model
 from onnx import numpy_helper
 from transformers import (
     AutoConfig,
@@ -38,36 +38,17 @@ NEW_TOKENS = 12
 LOGITS_ATOL = 1e-4
 
 
-def _extra_model(path: Path, config_class, **extra) -> Path:
-    """A tiny random model of an architecture tests/models.py does not build."""
-    path.mkdir(parents=True)
-    tokenizer = build_tokenizer(path)
-    config = config_class(**{
-        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id, **extra,
-    })
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.15) if parameter.dim() == 2 else parameter.uniform_(0.5, 1.5)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
 def _smollm3(path: Path) -> Path:
     from transformers import SmolLM3Config
 
-    return _extra_model(path, SmolLM3Config, no_rope_layers=[1, 0], tie_word_embeddings=True)
+    return build_extra_model(path, SmolLM3Config, no_rope_layers=[1, 0], tie_word_embeddings=True)
 
 
 LONGROPE_ORIGINAL = 24
 
 
 def _phi3_longrope(path: Path) -> Path:
-    return _extra_model(
+    return build_extra_model(
         path, Phi3Config, tie_word_embeddings=True, num_attention_heads=2, num_key_value_heads=1,
         partial_rotary_factor=0.5, sliding_window=None, original_max_position_embeddings=LONGROPE_ORIGINAL,
         rope_scaling={"type": "su", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
@@ -75,25 +56,25 @@ def _phi3_longrope(path: Path) -> Path:
 
 
 EXTRA = {
-    "llama3-rope": lambda p: _extra_model(p, __import__("transformers").LlamaConfig, tie_word_embeddings=True, rope_scaling={
+    "llama3-rope": lambda p: build_extra_model(p, __import__("transformers").LlamaConfig, tie_word_embeddings=True, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32}),
-    "mistral": lambda p: _extra_model(p, MistralConfig, tie_word_embeddings=False, sliding_window=None),
+    "mistral": lambda p: build_extra_model(p, MistralConfig, tie_word_embeddings=False, sliding_window=None),
     # A window shorter than the prompt, so the masking is exercised.
-    "mistral-window": lambda p: _extra_model(p, MistralConfig, tie_word_embeddings=False, sliding_window=5),
-    "qwen3": lambda p: _extra_model(p, Qwen3Config, head_dim=32, tie_word_embeddings=True),
-    "granite": lambda p: _extra_model(p, GraniteConfig, tie_word_embeddings=True, embedding_multiplier=4.0,
+    "mistral-window": lambda p: build_extra_model(p, MistralConfig, tie_word_embeddings=False, sliding_window=5),
+    "qwen3": lambda p: build_extra_model(p, Qwen3Config, head_dim=32, tie_word_embeddings=True),
+    "granite": lambda p: build_extra_model(p, GraniteConfig, tie_word_embeddings=True, embedding_multiplier=4.0,
                                       residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.0),
     "smollm3": _smollm3,
     # Phi-3-mini-4k has a sliding window (2047) too: one shorter than the prompt here.
-    "phi3": lambda p: _extra_model(p, Phi3Config, tie_word_embeddings=False, sliding_window=5),
+    "phi3": lambda p: build_extra_model(p, Phi3Config, tie_word_embeddings=False, sliding_window=5),
     # Phi-4-mini's shape of rotary (half of each 32-wide head) with LongRoPE; the 23 tokens here stay within the
     # original length (the short factors), test_longrope_past_the_original_length goes beyond it.
     "phi3-longrope-partial": lambda p: _phi3_longrope(p),
     # Soft caps small enough to bite on these weights; a window shorter than the prompt on layer 0.
-    "gemma2": lambda p: _extra_model(p, Gemma2Config, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+    "gemma2": lambda p: build_extra_model(p, Gemma2Config, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
                                      attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
-    "gemma3": lambda p: _extra_model(
+    "gemma3": lambda p: build_extra_model(
         p, Gemma3TextConfig, head_dim=16, query_pre_attn_scalar=24, sliding_window=5, rope_local_base_freq=100.0,
         layer_types=["sliding_attention", "full_attention"], rope_scaling={"rope_type": "linear", "factor": 2.0}),
 }

@@ -24,6 +24,7 @@ from pathlib import Path
 import platformdirs
 
 from workbench.errors import WorkbenchError
+from workbench.gguf_config import ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT
 from workbench.jobs import Cancelled, Progress, never_cancelled, no_progress
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,14 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 GGUF_SOURCE = "gguf-source.json"  # in a GGUF source's folder: the GGUF its weights are read from
 # What a GGUF source's folder holds, by version: 2 has the rope scaling of llama.cpp's rope_freqs tensor in
-# config.json. A folder (and fp32 conversion) of an older version is made again.
-GGUF_SOURCE_VERSION = 2
+# config.json; 3 also what else transformers' config reader drops (workbench.gguf_config: rope scaling keys,
+# LongRoPE's factor tensors, partial rotary, Phi-3's sliding window, head size, Gemma's soft caps and query
+# scale), from the metadata the source's record keeps. A folder (and fp32 conversion) of an older version is
+# made again.
+GGUF_SOURCE_VERSION = 3
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's divisors of the rotary frequencies (workbench.gguf_rope)
+# Tensors llama.cpp writes for the rotary embedding: read into config.json, no weight of the model.
+CONFIG_TENSORS = (ROPE_FREQS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT)
 # The families whose GGUF files the workbench reads: transformers' GGUF loader reads their config and tokenizer,
 # workbench.gguf_llama_like those of Granite and SmolLM3.
 GGUF_FAMILIES = "Llama (3.x too), Mistral, Qwen2, Qwen3, Granite, SmolLM3, Phi-3, Gemma 2 and Gemma 3"
@@ -201,7 +207,8 @@ def _gguf_source(gguf: Path, name: str, fp32: Path, *, progress: Progress, cance
 
 def read_gguf_source(folder: Path) -> dict | None:
     """A GGUF source folder's record of its file: path, size, mtime_ns, fp32 (its conversion's folder),
-    version, architecture, tensors (GGUF name -> [type, offset, bytes, dims]); None for an ordinary folder."""
+    version, architecture, metadata (the `{architecture}.` keys, without the prefix), tensors (GGUF name ->
+    [type, offset, bytes, dims]); None for an ordinary folder."""
     marker = Path(folder) / GGUF_SOURCE
     return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
 
@@ -244,7 +251,8 @@ def weights_folder(folder: Path, *, progress: Progress = no_progress,
 
 def check_gguf(path: Path) -> dict:
     """Refuse a GGUF file cut short: its tensor table says where the last tensor ends (as llama.cpp checks).
-    Returns its architecture and tensor table, for the reader (exporters.builder.gguf_weights)."""
+    Returns its architecture, its model's metadata (workbench.gguf_config) and its tensor table, for the reader
+    (exporters.builder.gguf_weights)."""
     import gguf
     import numpy as np
 
@@ -278,7 +286,10 @@ def check_gguf(path: Path) -> dict:
             f"{path.name} is incomplete: its tensor table needs {reader.end:,} bytes, the file has {size:,}. "
             "The download or copy was cut short; download or copy it again."
         )
-    return {"architecture": architecture, "tensors": reader.table}
+    prefix = f"{architecture}."
+    metadata = {key.removeprefix(prefix): field.contents() for key, field in reader.fields.items()
+                if key.startswith(prefix)}
+    return {"architecture": architecture, "metadata": metadata, "tensors": reader.table}
 
 
 def _cached(folder: Path, make, *, progress: Progress, cancelled: Cancelled) -> Path:
@@ -344,6 +355,7 @@ def describe_gguf(gguf: Path, dest: Path, source: dict, progress: Progress = no_
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ValueError, KeyError, RuntimeError, OSError) as error:
         raise _gguf_error(gguf, error) from error
+    config = _with_dropped_keys(gguf, source, config)
     if ROPE_FREQS in source["tensors"]:  # a Llama 3.x GGUF: its rope scaling is a tensor, not metadata
         config.rope_scaling = _rope_scaling(gguf, source["tensors"][ROPE_FREQS], config)
     # What transformers' loader writes when it converts the GGUF: a float32 causal LM.
@@ -355,17 +367,41 @@ def describe_gguf(gguf: Path, dest: Path, source: dict, progress: Progress = no_
     (dest / GGUF_SOURCE).write_text(json.dumps(source, indent=1), encoding="utf-8")
 
 
-def _rope_scaling(path: Path, stored: list, config) -> dict | None:
-    """The rope scaling whose divisors the file's rope_freqs tensor holds (stored: its tensor table entry)."""
+def _with_dropped_keys(path: Path, source: dict, config):
+    """transformers' config of the file with what its reader drops (workbench.gguf_config) set, checked by its
+    config class as config.json will be."""
+    from workbench.gguf_config import gguf_config
+
+    def tensor(name: str) -> list[float] | None:
+        stored = source["tensors"].get(name)
+        return None if stored is None else _small_tensor(path, stored).reshape(-1).tolist()
+
+    try:
+        updates = gguf_config(source["architecture"], source["metadata"], tensor, config)
+        return type(config).from_dict(config.to_dict() | updates)
+    except (ValueError, KeyError) as error:
+        raise WorkbenchError(
+            f"{path.name} describes its model with settings the workbench cannot reproduce: {error}. Without them "
+            "the model's outputs would be wrong; use the model's Hugging Face folder instead."
+        ) from error
+
+
+def _small_tensor(path: Path, stored: list):
+    """A tensor the config is made of, read whole and dequantized (stored: its tensor table entry)."""
     import gguf
     import numpy as np
-
-    from workbench.gguf_rope import llama3_rope_scaling
 
     qtype, offset, size, dims = stored
     qtype = gguf.GGMLQuantizationType(qtype)
     raw = np.fromfile(path, np.uint8, count=size, offset=offset)
-    divisors = gguf.dequantize(raw.reshape(gguf.quant_shape_to_byte_shape(tuple(reversed(dims)), qtype)), qtype)
+    return gguf.dequantize(raw.reshape(gguf.quant_shape_to_byte_shape(tuple(reversed(dims)), qtype)), qtype)
+
+
+def _rope_scaling(path: Path, stored: list, config) -> dict | None:
+    """The rope scaling whose divisors the file's rope_freqs tensor holds (stored: its tensor table entry)."""
+    from workbench.gguf_rope import llama3_rope_scaling
+
+    divisors = _small_tensor(path, stored)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     try:
         return llama3_rope_scaling(divisors, config.rope_theta, head_dim)
@@ -379,7 +415,8 @@ def _rope_scaling(path: Path, stored: list, config) -> dict | None:
 
 def convert_gguf(gguf: str, dest: str, config: str, progress: Progress = no_progress) -> None:
     """Dequantize a GGUF into an fp32 HF folder (runs in a subprocess: it cannot be interrupted), with the
-    config of its source's folder `config` (transformers' own lacks the rope scaling of a rope_freqs tensor)."""
+    config of its source's folder `config` (transformers' own lacks what its reader drops: the rope scaling of a
+    rope_freqs tensor, workbench.gguf_config's keys)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -44,7 +44,7 @@ class GgufWeights(TensorSource):
         from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
         from workbench.gguf_llama_like import tensor_processor
-        from workbench.sources import read_gguf_source
+        from workbench.sources import CONFIG_TENSORS, read_gguf_source
 
         self.path = Path(path)
         source = read_gguf_source(folder)  # the tensor table, read once when the folder was made
@@ -69,9 +69,12 @@ class GgufWeights(TensorSource):
         self.shapes = {}
         self.stored: dict[str, Stored] = {}
         for gguf_name, (qtype, offset, size, dims) in source["tensors"].items():
-            name = names.get(gguf_name)
-            if name is None:  # llama.cpp's rope_freqs: the source's config.json has their rope scaling
+            if gguf_name in CONFIG_TENSORS:  # the source's config.json has their rotary scaling
                 continue
+            name = names.get(gguf_name)
+            if name is None:
+                raise WorkbenchError(f"{self.path.name}: tensor {gguf_name} is no weight of a {architecture} model; "
+                                     "the file does not match its own metadata.")
             shape = tuple(reversed(dims))
             if expected.get(name, shape) != shape:
                 raise WorkbenchError(f"{self.path.name}: tensor {gguf_name} has shape {shape}, but the model's "
