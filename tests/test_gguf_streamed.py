@@ -265,6 +265,18 @@ def test_a_granite_gguf_whose_tokenizer_adds_bos_adds_it(tiny_llama_like, tmp_pa
     assert tokenizer("The fox").input_ids[0] == tokenizer.bos_token_id
 
 
+@pytest.mark.parametrize("add_bos_token", [False, True])
+def test_a_llama_ggufs_tokenizer_has_the_files_special_tokens(tiny_llama, tmp_path, add_bos_token):
+    """transformers' llama converter names BOS the end token as well and always puts BOS before a text; the source
+    folder's tokenizer ends and starts as the file (and the original) says."""
+    path = write_llama_gguf(tiny_llama, tmp_path / "llama.gguf", add_bos_token=add_bos_token)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(str(path)).path)
+    original = AutoTokenizer.from_pretrained(tiny_llama)
+    assert (tokenizer.bos_token, tokenizer.eos_token) == (original.bos_token, original.eos_token)
+    assert tokenizer.eos_token_id != tokenizer.bos_token_id
+    assert (tokenizer("The fox").input_ids[0] == tokenizer.bos_token_id) == add_bos_token
+
+
 def test_an_rtn_run_from_a_granite_or_smollm3_gguf_is_streamed(llama_like, tmp_path):
     from workbench.run.pipeline import quantize_run
 

@@ -65,7 +65,7 @@ def read_llama_like(path: Path, architecture: str, tensors: dict):
               for name in ("bos", "eos", "unk", "pad") if f"{name}_token_id" in tokenizer_values}
     # Whether a text starts with BOS: as llama.cpp decides it, from the key its converter writes when the model's
     # tokenizer says, else none for a BPE vocabulary (both families'); transformers' llama reading always adds one.
-    extra["add_bos_token"] = metadata.get("tokenizer.ggml.add_bos_token", False)
+    extra["add_bos_token"] = metadata.get(gguf.Keys.Tokenizer.ADD_BOS, False)
     tokenizer = LlamaTokenizerFast(tokenizer_object=backend,
                                    **renamed("tokenizer", GGUF_TOKENIZER_MAPPING["tokenizer_config"]), **extra)
     return config, tokenizer

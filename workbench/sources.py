@@ -44,8 +44,8 @@ GGUF_SOURCE = "gguf-source.json"  # in a GGUF source's folder: the GGUF its weig
 # What a GGUF source's folder holds, by version: 2 has the rope scaling of llama.cpp's rope_freqs tensor in
 # config.json; 3 also what else transformers' config reader drops (workbench.gguf_config: rope scaling keys,
 # LongRoPE's factor tensors, partial rotary, Phi-3's sliding window, head size, Gemma's soft caps and query
-# scale), from the metadata the source's record keeps. A folder (and fp32 conversion) of an older version is
-# made again.
+# scale), from the metadata the source's record keeps, and the tokenizer's special tokens by the file's ids.
+# A folder (and fp32 conversion) of an older version is made again.
 GGUF_SOURCE_VERSION = 3
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's divisors of the rotary frequencies (workbench.gguf_rope)
 # Tensors llama.cpp writes for the rotary embedding: read into config.json, no weight of the model.
@@ -289,7 +289,9 @@ def check_gguf(path: Path) -> dict:
     prefix = f"{architecture}."
     metadata = {key.removeprefix(prefix): field.contents() for key, field in reader.fields.items()
                 if key.startswith(prefix)}
-    return {"architecture": architecture, "metadata": metadata, "tensors": reader.table}
+    add_bos_token = reader.fields.get(gguf.Keys.Tokenizer.ADD_BOS)
+    return {"architecture": architecture, "metadata": metadata, "tensors": reader.table,
+            "add_bos_token": None if add_bos_token is None else bool(add_bos_token.contents())}
 
 
 def _cached(folder: Path, make, *, progress: Progress, cancelled: Cancelled) -> Path:
@@ -353,6 +355,7 @@ def describe_gguf(gguf: Path, dest: Path, source: dict, progress: Progress = no_
             config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
             progress(0.3, "reading the GGUF's tokenizer")
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            _special_tokens_by_id(tokenizer, config, source["add_bos_token"])
     except (ValueError, KeyError, RuntimeError, OSError) as error:
         raise _gguf_error(gguf, error) from error
     config = _with_dropped_keys(gguf, source, config)
@@ -365,6 +368,18 @@ def describe_gguf(gguf: Path, dest: Path, source: dict, progress: Progress = no_
     GenerationConfig.from_model_config(config).save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     (dest / GGUF_SOURCE).write_text(json.dumps(source, indent=1), encoding="utf-8")
+
+
+def _special_tokens_by_id(tokenizer, config, add_bos_token: bool | None) -> None:
+    """The tokenizer's special tokens as the file's ids name them (transformers' llama converter, 4.57, names BOS
+    the end token too: the demo's said <|im_start|>), and BOS put before a text where the file says so
+    (`tokenizer.ggml.add_bos_token`; transformers' llama reading always puts it)."""
+    for name in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(config, f"{name}_token_id", None)
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
+    if add_bos_token is not None and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = add_bos_token
 
 
 def _with_dropped_keys(path: Path, source: dict, config):
