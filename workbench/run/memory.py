@@ -16,7 +16,7 @@ from workbench.layout import MODEL_FILE
 from workbench.jobs import Cancelled, Progress, never_cancelled, no_progress
 from workbench.quantization.int4_graph import module_name
 from workbench.quantization.sizes import COMPONENTS, int4_bytes
-from workbench.units import MIB, format_size
+from workbench.units import GIB, MIB, format_size
 from workbench.settings import PRESETS, QuantSettings
 from workbench.sources import ModelInfo
 
@@ -56,11 +56,14 @@ GPTQ_GROWTH_PER_LAYER = 0.25
 WRITER_8BIT_EXTRA_BYTES = 512 * MIB
 WRITER_8BIT = QuantSettings(method="rtn", block_size=128, eight_bit=("*",))
 WRITER_INT4 = QuantSettings(method="rtn", block_size=128)
-# The optimum export path (issue 14, demo to 1.1B): the PyTorch model, its trace and a reloaded ONNX
-# copy at once; GPTQ keeps the PyTorch model through calibration as well.
-EXPORT_BASE_BYTES = 800 * MIB
-EXPORT_RAM_FACTOR = {"rtn": 2.1, "hqq": 2.1}
-EXPORT_RAM_FACTOR_CALIBRATED = 2.9
+# The optimum export path: its peak is the export itself (the PyTorch model and its trace at once), above
+# what each method after it needs on the whole PyTorch model, for every method (Quality preset, sensitivity
+# search and GPTQ: demo 3.1 GiB, 360M shape 6.8, Llama-3.2-1B shape 12.0, measured 2026-12-02, docs/scale.md).
+# Below protobuf's 2 GiB the exporter holds the whole graph in memory as well, inline; above, it writes the
+# weights out as it goes: a steeper line for small models than for large ones.
+PROTOBUF_LIMIT_BYTES = 2 * GIB
+EXPORT_INLINE_RULE = (1.1 * GIB, 4.3)  # base, times the fp32 size
+EXPORT_EXTERNAL_RULE = (3.0 * GIB, 2.0)
 # A session holds its weights as ONNX Runtime prepacks them (the INT4 ones into a larger layout at
 # accuracy level 4) plus its own buffers; the mapped weights file is paged out while it loads.
 RUN_RAM_FACTOR = 1.2
@@ -108,8 +111,8 @@ def shrink_ram(info: ModelInfo, settings: QuantSettings, streamed: bool) -> int:
     """Peak RAM of `quantize` up to the INT4 model written (measuring each side runs it: run_*_ram), for
     data-free calibration."""
     if not streamed:
-        factor = EXPORT_RAM_FACTOR.get(settings.method, EXPORT_RAM_FACTOR_CALIBRATED)
-        return int(EXPORT_BASE_BYTES + factor * info.fp32_bytes)
+        base, factor = EXPORT_INLINE_RULE if info.fp32_bytes < PROTOBUF_LIMIT_BYTES else EXPORT_EXTERNAL_RULE
+        return int(base + factor * info.fp32_bytes)
     peak = STREAMED_BASE_BYTES + STREAMED_LAYER_SHARE * layer_bytes(info)
     if settings.method == "gptq":
         writer = calibration_writer_ram(info, settings, calibration_writer(info, settings))
