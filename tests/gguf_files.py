@@ -50,12 +50,7 @@ def write_llama_gguf(hf_dir: Path, path: Path, qtype: gguf.GGMLQuantizationType 
     weights = load_file(hf_dir / "model.safetensors")
     architecture = config["model_type"]
     writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
+    _add_shape(writer, config)
     writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
     writer.add_rope_freq_base(config["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
@@ -150,14 +145,19 @@ def write_gguf(hf_dir: Path, path: Path, qtype: gguf.GGMLQuantizationType = gguf
     return path
 
 
-def _text_parameters(writer: gguf.GGUFWriter, config: dict) -> None:
-    """TextModel.set_gguf_parameters (Qwen2Model's, Qwen3Model's; LlamaModel and Gemma3Model add to it)."""
-    writer.add_block_count(config["num_hidden_layers"])
+def _add_shape(writer: gguf.GGUFWriter, config: dict) -> None:
+    """The model's lengths and counts, which every converter class writes (the key order does not matter)."""
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config["num_key_value_heads"])
+
+
+def _text_parameters(writer: gguf.GGUFWriter, config: dict) -> None:
+    """TextModel.set_gguf_parameters (Qwen2Model's, Qwen3Model's; LlamaModel and Gemma3Model add to it)."""
+    _add_shape(writer, config)
     scaling = config.get("rope_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "linear":
@@ -184,12 +184,7 @@ def _text_parameters(writer: gguf.GGUFWriter, config: dict) -> None:
 
 def _gemma2_parameters(writer: gguf.GGUFWriter, config: dict) -> None:
     """Gemma2Model.set_gguf_parameters: no rotary key (llama.cpp's base of 10000 is Gemma 2's)."""
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
+    _add_shape(writer, config)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_key_length(config["head_dim"])
     writer.add_value_length(config["head_dim"])
@@ -207,13 +202,8 @@ def _phi3_rotary(config: dict) -> tuple[int, int, int]:
 def _phi3_parameters(writer: gguf.GGUFWriter, config: dict) -> None:
     """Phi3MiniModel.set_gguf_parameters (it does not call TextModel's)."""
     longest, original, rotary = _phi3_rotary(config)
-    writer.add_context_length(longest)
+    _add_shape(writer, config | {"max_position_embeddings": longest})
     writer.add_rope_scaling_orig_ctx_len(original)
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_dimension_count(rotary)
     writer.add_rope_freq_base(config["rope_theta"])
