@@ -29,8 +29,7 @@ RAY_CONFIG_FILE = "serve_config.yaml"  # the ray-serve target's Ray Serve config
 RAY_APP = "int4-workbench"  # the application's name in Ray Serve (ray_serve.APP_NAME)
 API_KEY_ENV = "INT4_SERVE_API_KEY"  # serve.py's name for it (the bundle cannot import the workbench)
 READY = "Serving "  # the line serve.py prints once it listens
-START_TIMEOUT_S = 120
-POLL_S = 0.2
+POLL_S = 0.2  # how often the wait for that line looks whether it was cancelled
 
 
 @dataclass
@@ -66,7 +65,12 @@ def is_bundle(path: Path) -> bool:
 def start_server(bundle: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                  parallel: int | None = None, provider: str = "cpu", progress: Progress = no_progress,
                  cancelled: Cancelled = never_cancelled) -> LocalServer:
-    """Start `run.py --serve` of `bundle` and wait until it listens (port 0: one the system picks)."""
+    """Start `run.py --serve` of `bundle` and wait until it listens (port 0: one the system picks).
+
+    No time limit: the server prints its line right after it listens, and exits with its reason when it cannot
+    start, so while it runs it is loading the model, which on a busy machine can take minutes for a large one.
+    Cancelling (the app's button, Ctrl-C on the command line) stops it.
+    """
     bundle = Path(bundle)
     progress(0.0, "starting the server")
     if not is_bundle(bundle):
@@ -82,12 +86,12 @@ def start_server(bundle: Path, *, host: str = "127.0.0.1", port: int = 8000, api
     process = subprocess.Popen(command, cwd=bundle, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: lines.put(process.stdout.readline()), daemon=True).start()
-    line, waited = "", 0.0
-    while not line and waited < START_TIMEOUT_S:
+    line = ""
+    while not line:
         try:
             line = lines.get(timeout=POLL_S) or "(it ended)"
         except queue.Empty:
-            waited += POLL_S
+            pass
         if cancelled():
             process.kill()
             process.wait()

@@ -137,7 +137,7 @@ class ExportPage(Page):
         self.open_bundle_button.setToolTip("Show the bundle in the file manager.")
         self.server: LocalServer | None = None
         self.server_jobs = PageJob(self, failure_title="The server could not start", problem=self.problem.problem,
-                                   ended=lambda: self.serve_button.setEnabled(True))
+                                   ended=self._server_start_ended)
         self.serve_button = QPushButton("Start server")
         self.serve_button.setToolTip("Serve the bundle here over the OpenAI HTTP API (python run.py --serve), "
                                      "for other programs on this computer.")
@@ -270,14 +270,23 @@ class ExportPage(Page):
         self._suggest_destination()  # a new name for the next bundle
 
     def _toggle_server(self) -> None:
-        """Start the bundle's OpenAI server in the background, or stop the running one."""
+        """Start the bundle's OpenAI server in the background, cancel its start, or stop the running one."""
         if self.server is not None:
             self._stop_server()
             return
-        if self.bundle is None or self.server_jobs.running:
+        if self.server_jobs.running:  # loading a large model on a busy machine can take minutes: the user decides
+            self.server_jobs.cancel()
+            self.serve_button.setEnabled(False)
             return
-        self.serve_button.setEnabled(False)
+        if self.bundle is None:
+            return
+        self.serve_button.setText("Cancel start")
         self.server_jobs.start(Job(start_server, self.bundle, port=0), done=self._serving)
+
+    def _server_start_ended(self) -> None:
+        self.serve_button.setEnabled(True)
+        if self.server is None:
+            self.serve_button.setText("Start server")
 
     def _serving(self, server: LocalServer) -> None:
         self.server = server
