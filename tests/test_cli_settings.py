@@ -24,6 +24,15 @@ def test_options_override_the_preset():
     assert settings_for("--preset", "smallest", "--act-order").act_order
 
 
+def test_a_small_model_writing_its_own_text_writes_more_samples():
+    balanced = PRESETS["balanced"].settings
+    sizes = (135_000_000, 360_000_000, 1_240_000_000, 8_000_000_000)
+    assert [balanced.for_model(size, data_free=True).calibration_samples for size in sizes] == [128, 64, 32, 32]
+    assert balanced.for_model(sizes[0], data_free=False).calibration_samples == 32  # a file's text is as long as it is
+    asked = settings_for("--calibration-samples", "16")
+    assert asked.calibration_samples == 16 and asked.for_model(sizes[0], data_free=True).calibration_samples == 16
+
+
 def test_a_long_progress_message_keeps_its_stage_and_its_count():
     message = "calibration: 8-bit copy: the model writes its example text: token 147 of 256"
     line = shorten(message)

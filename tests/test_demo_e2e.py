@@ -32,6 +32,7 @@ def test_demo_model_balanced_preset_end_to_end(demo_cache, tmp_path):
 
     run = cli("quantize", "demo", "-o", str(tmp_path / "demo"))
     assert run["settings"]["method"] == "gptq"
+    assert run["settings"]["calibration_samples"] == 128  # a model this small writes four times the text
     assert run["ops"]["MatMulNBits"] == 30 * 7 + 1  # every linear and the tied lm_head
     assert run["ops"]["GatherBlockQuantized"] == 1
     assert run["ops"]["GroupQueryAttention"] == 30  # the graph as written: attention fused, one per layer

@@ -68,6 +68,14 @@ def test_gptq_with_a_calibration_file_beats_rtn(tiny_llama, tmp_path, prose):
     assert kl["gptq"] < kl["rtn"], kl
 
 
+def test_a_data_free_run_records_the_samples_its_model_wrote(tiny_llama, tmp_path):
+    settings = QuantSettings(method="gptq", symmetric=False, calibration_tokens=16)
+    record = quantize_run(str(tiny_llama), tmp_path / "run", settings)
+    assert record.settings.calibration_samples == 128 and record.kept(settings)  # still the settings asked for
+    assert load_run(tmp_path / "run").settings == record.settings
+    assert not record.kept(settings.replace(calibration_samples=32)) and not record.kept(settings.replace(block_size=64))
+
+
 def test_existing_output_is_refused_and_kept(tiny_llama, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -95,7 +95,7 @@ def test_each_way_of_running_a_stage_is_timed_apart():
     # Data-free calibration and a calibration file are timed apart, per token of text.
     assert built.key("calibration") != RunShape(gptq, Path("text.txt")).key("calibration")
     longer = RunShape(QuantSettings(method="gptq", calibration_samples=64))
-    assert longer.work("calibration") == 2 * built.work("calibration") and longer.work("gptq") == 1.0
+    assert longer.work("calibration") == 2 * built.work("calibration") == longer.work("gptq") != longer.work("int4")
     # ... and text written by the float model (the export path) apart from text written by a round-to-nearest copy.
     assert built.key("calibration") != exported.key("calibration")
 
@@ -105,10 +105,12 @@ def test_the_estimate_times_the_writer_the_run_will_use(own_cache, tiny_llama):
     (memory.calibration_writer), 3.8x faster than the float model in PyTorch at 1B; the export path, for
     architectures the builder does not know, has the float model write it."""
     model, balanced = resolve(str(tiny_llama)), PRESETS["balanced"].settings
-    work = balanced.calibration_token_count / rates.CALIBRATION_TOKENS * model.info.parameters / 1e9
+    written = balanced.for_model(model.info.parameters, data_free=True)  # a tiny model writes 128 samples
+    assert written.calibration_samples == 128
+    work = written.calibration_token_count / rates.CALIBRATION_TOKENS * model.info.parameters / 1e9
     copied = estimate_run(model, balanced).stages["calibration"]
     assert copied == pytest.approx(rates.DEFAULT_RATES["calibration:copy"] * work)
-    exported = rates.estimate(model.info.parameters, RunShape(balanced, built=False), ["calibration"])
+    exported = rates.estimate(model.info.parameters, RunShape(written, built=False), ["calibration"])
     assert exported.stages["calibration"] == pytest.approx(rates.DEFAULT_RATES["calibration:written"] * work)
     assert copied < exported.stages["calibration"]
 

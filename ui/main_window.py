@@ -56,7 +56,7 @@ def run_title(run_dir: Path) -> str:
     if record.tune is not None:
         kind = "Auto-tuned"
     elif preset is not None:
-        kind = preset.title + ("" if preset.settings == record.settings else " (changed)")
+        kind = preset.title + ("" if record.kept(preset.settings) else " (changed)")
     else:
         kind = record.settings.method.upper()
     when = datetime.fromisoformat(record.created).astimezone().strftime("%d %b %Y, %H:%M")

@@ -209,7 +209,7 @@ def file_samples(path: Path, tokenizer: Any, settings: QuantSettings, progress: 
     """The token samples `settings` ask for, from a calibration file read only as far as they need."""
     progress(0.0, f"reading {Path(path).name}")
     texts = read_texts(Path(path), tokens=settings.calibration_token_count)
-    return token_samples(texts, tokenizer, settings.calibration_samples, settings.calibration_tokens)
+    return token_samples(texts, tokenizer, settings.samples, settings.calibration_tokens)
 
 
 def token_samples(texts: list[str], tokenizer: Any, n_samples: int, seq_len: int) -> np.ndarray:

@@ -128,8 +128,8 @@ def streamed_gptq_ram(info: ModelInfo, settings: QuantSettings) -> int:
     from workbench.quantization.layerwise import CHUNK_TOKENS
 
     length = settings.calibration_tokens
-    activations = settings.calibration_samples * length * info.hidden_size * 4
-    chunk = min(settings.calibration_samples, max(CHUNK_TOKENS // length, 1)) * length  # tokens a forward takes
+    activations = settings.samples * length * info.hidden_size * 4
+    chunk = min(settings.samples, max(CHUNK_TOKENS // length, 1)) * length  # tokens a forward takes
     layer = layer_bytes(info)
     widest = max((w.cols for w in info.weights if w.role == "layers"), default=info.hidden_size)
     in_layer = 2 * layer + HESSIANS_AT_ONCE * widest**2 * 4 + 2 * activations + MLP_TENSORS * chunk * widest * 4
@@ -148,7 +148,7 @@ def calibration_writer_ram(info: ModelInfo, settings: QuantSettings, writer: Qua
     """RAM beyond the base (which holds ONNX Runtime already) of writing data-free calibration text with the copy
     `writer` (calibration_writer's answer), with the keys and values of all samples at once (measured, 8-bit copy,
     with the base: demo 1.08 GiB, 360M 1.52-1.56, 1B 2.62)."""
-    cache = kv_cache_bytes(info, settings.calibration_samples, settings.calibration_tokens)
+    cache = kv_cache_bytes(info, settings.samples, settings.calibration_tokens)
     return int(int4_bytes(info, writer) * RUN_RAM_FACTOR + cache)
 
 

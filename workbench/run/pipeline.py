@@ -46,7 +46,7 @@ from workbench.run.rates import Estimate, RunShape, estimate, remember
 from workbench.run.report import write_report
 from workbench.layout import INT4, ORIGINAL, folder_model_bytes
 from workbench.run import stages as stage
-from workbench.run.record import ModelFigures, RunRecord, RunSource
+from workbench.run.record import DATA_FREE, ModelFigures, RunRecord, RunSource
 from workbench.run.streamed import (
     build_original,
     builder_reason,
@@ -122,6 +122,7 @@ def quantize_run(
     stages = Stages(progress, [(s, plan.stages.get(s.name, 0.0)) for s, _ in run_stages(settings)])
     opened = time.time()
     model = resolve_model(spec, run_dir, stages, trust_remote_code, cancelled, settings)
+    settings = settings.for_model(model.info.parameters, data_free=calibration is None)
     settings.check_patterns([w.name for w in model.info.weights])
     if calibration is not None and not calibrated:
         log.warning("%s does not use calibration data; %s is ignored", settings.method, calibration)
@@ -180,6 +181,7 @@ def estimate_run(model: ResolvedModel, settings: QuantSettings, calibration: Pat
     the stages it will go through: the graph builder's where it can write this model, no fp32
     original where it would not run here or is not asked for (`original`), and opening the model
     only when `opens_model` (the CLI opens it; the app's Quantize step has it open already)."""
+    settings = settings.for_model(model.info.parameters, data_free=calibration is None)
     reads = calibration if settings.needs_calibration else None
     built = builder_reason(model, settings) is None
     shape = RunShape(settings, reads, built, original=not built or (original and original_fits(model.info)),
@@ -219,6 +221,7 @@ class RunPlan:
 def plan_run(model: ResolvedModel, settings: QuantSettings, calibration: Path | None = None, *,
              opens_model: bool = False) -> RunPlan:
     """What `quantize_run` of `model` with these settings needs here, in time and RAM."""
+    settings = settings.for_model(model.info.parameters, data_free=calibration is None)
     streamed = builder_reason(model, settings) is None
     info = model.info
     return RunPlan(
@@ -291,7 +294,7 @@ def prepare(model: ResolvedModel, work: Path, stages: Stages, settings: QuantSet
 def _calibration_label(settings: QuantSettings, calibration: Path | None) -> str | None:
     if not settings.needs_calibration:
         return None
-    return str(calibration) if calibration else "self-written (data-free)"
+    return str(calibration) if calibration else DATA_FREE
 
 
 def quantize_int4(stages: Stages, source: Source, dest: Path, settings: QuantSettings, sensitivity: dict | None,
@@ -382,7 +385,7 @@ def _calibration_samples(path, model, tokenizer, settings: QuantSettings, progre
 
     if path is None:
         return self_written_samples(
-            model, tokenizer, settings.calibration_samples, settings.calibration_tokens,
+            model, tokenizer, settings.samples, settings.calibration_tokens,
             progress=progress, cancelled=cancelled,
         )
     return file_samples(path, tokenizer, settings, progress)

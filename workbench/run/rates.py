@@ -32,7 +32,7 @@ RATES_VERSION = 2  # 1 had no separate keys for the graph builder's stages: its 
 # Seconds per billion parameters on a two-core machine (x86-64, 24 GiB): the graph builder's stages
 # and "model", "calibration:written" and "measure" from the demo model (SmolLM2-135M), balanced
 # preset, on a quiet machine (2026-12-02); the PyTorch path's stages as measured earlier on a busy
-# one. Calibration rates are for CALIBRATION_TOKENS tokens of text.
+# one. The rates of TEXT_STAGES are for CALIBRATION_TOKENS tokens of calibration text.
 DEFAULT_RATES = {
     "model": 29.4,
     "export": 600.0,  # the PyTorch (optimum) export
@@ -57,9 +57,10 @@ DEFAULT_RATES = {
 # Defaults: the app's from a demo run on the busy machine, the command's from the quiet reference run.
 DEFAULT_REST_S = {"rest": 1.0, "rest:command": 5.6}
 BUILT_STAGES = ("export", "gptq", "int4")  # the stages the graph builder does its own way
-# The calibration rates are per this many tokens (the presets' 32 samples of 256 tokens): the
-# time to write or read the text grows with its length.
+# The rates of TEXT_STAGES are per this many tokens (32 samples of 256 tokens): their time grows with the
+# calibration text's length.
 CALIBRATION_TOKENS = 32 * 256
+TEXT_STAGES = ("calibration", "gptq")
 # A new timing within this factor of the remembered one is averaged with it (half each), so one
 # noisy run moves the estimate only half-way; further off, the machine or the workbench changed
 # (another load, a faster step in a new version) and the new timing replaces the old at once.
@@ -98,8 +99,9 @@ class RunShape:
         return f"{stage}:built" if self.built and stage in BUILT_STAGES else stage
 
     def work(self, stage: str) -> float:
-        """How much more work `stage` is than its rate stands for (the calibration text's length)."""
-        return self.settings.calibration_token_count / CALIBRATION_TOKENS if stage == "calibration" else 1.0
+        """How much more work `stage` is than its rate stands for: writing or reading the calibration text, and
+        GPTQ, which runs every layer over it, grow with its length (demo, 32 -> 128 samples: GPTQ 60 -> 210 s)."""
+        return self.settings.calibration_token_count / CALIBRATION_TOKENS if stage in TEXT_STAGES else 1.0
 
 
 def machine_id() -> str:

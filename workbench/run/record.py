@@ -130,6 +130,9 @@ class Speed:
         return cls(**data)
 
 
+DATA_FREE = "self-written (data-free)"  # `calibration` of a run whose model wrote its own calibration text
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """run.json. `sensitivity` and `tune` are the sections written by workbench.quantization.sensitivity
@@ -164,6 +167,11 @@ class RunRecord:
     def figures(self, key: str) -> ModelFigures:
         """The original's or the INT4 model's figures, by folder name."""
         return {ORIGINAL: self.original, INT4: self.int4}[key]
+
+    def kept(self, settings: QuantSettings) -> bool:
+        """Whether this run used `settings` (a preset's), its calibration samples counted for this model."""
+        data_free = self.calibration in (None, DATA_FREE)  # None: the method read no calibration text
+        return self.settings in (settings, settings.for_model(self.model.parameters, data_free=data_free))
 
     def replace(self, **changes) -> RunRecord:
         return dataclasses.replace(self, **changes)

@@ -95,7 +95,7 @@ def calibration_samples(model: ResolvedModel, work: Path, settings: QuantSetting
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     if calibration is not None:
         return file_samples(calibration, tokenizer, settings, progress)
-    n, length = settings.calibration_samples, settings.calibration_tokens
+    n, length = settings.samples, settings.calibration_tokens
     writer_settings = calibration_writer(model.info, settings)
     copy = "8-bit copy" if writer_settings == WRITER_8BIT else "INT4 copy"
     log.info("calibration text written by an %s (round to nearest, blocks of %d) on ONNX Runtime", copy,

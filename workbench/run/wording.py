@@ -37,7 +37,7 @@ def verdict(record: RunRecord) -> str:
     quality = record.quality[-1]
     preset = PRESETS.get(record.preset or "")
     # The preset's benchmark speaks for this run only if the run kept the preset's settings.
-    benchmark = preset.benchmark if preset and preset.settings == record.settings else None
+    benchmark = preset.benchmark if preset and record.kept(preset.settings) else None
     cost = quality_sentence(quality.perplexity_increase_pct, quality.text, quality.top1_agreement * 100, benchmark,
                             rounded_before=record.source.kind == DEMO)
     return f"{saved}; {cost}."
