@@ -148,8 +148,8 @@ class Preset:
 
 # Chosen on a development text (the last 80 kB of tinyshakespeare): balanced and smallest with the
 # off-grid reference; quality's sensitive layers beat fixed 8-bit down projections there in the demo
-# model's tune run. Measured on held-out texts by `make bench` (docs/quality.md); balanced's figure is the mean
-# of twelve calibration seeds with the 128 samples a model this small writes.
+# model's tune run. Measured on held-out texts by `make bench` (docs/quality.md); with the 128 samples a model this
+# small writes (2026-12-03): balanced's figure the mean of twelve calibration seeds, the others' one seed.
 # The off-grid reference (docs/quality.md): the demo model's function, its weights not on a 4-bit grid.
 BENCHMARK_MODEL = "SmolLM2-135M with weights not rounded before"
 BENCHMARK_TEXT = "held-out Shakespeare"  # docs/quality.md: the figures are the tinyshakespeare column
@@ -167,7 +167,7 @@ PRESETS: dict[str, Preset] = {
             "smallest",
             "Smallest",
             "About seven times smaller, for machines short of memory; answers drift the most.",
-            PresetBenchmark(14.3, BENCHMARK_MODEL, BENCHMARK_TEXT),
+            PresetBenchmark(10.6, BENCHMARK_MODEL, BENCHMARK_TEXT),
             QuantSettings(method="gptq", block_size=64, symmetric=False, act_order=True),
         ),
         Preset(
@@ -175,7 +175,7 @@ PRESETS: dict[str, Preset] = {
             "Best quality",
             "Keeps the layers most sensitive to rounding at 8 bits (found by measuring the model, for at "
             "most 13\u00a0% more size): closest to the original, about five times smaller.",
-            PresetBenchmark(6.0, BENCHMARK_MODEL, BENCHMARK_TEXT),
+            PresetBenchmark(5.2, BENCHMARK_MODEL, BENCHMARK_TEXT),
             QuantSettings(method="gptq", block_size=32, symmetric=False, act_order=True, sensitive_8bit_pct=13.0),
         ),
     )
