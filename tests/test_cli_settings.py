@@ -27,10 +27,12 @@ def test_options_override_the_preset():
 def test_a_small_model_writing_its_own_text_writes_more_samples():
     balanced = PRESETS["balanced"].settings
     sizes = (135_000_000, 360_000_000, 1_240_000_000, 8_000_000_000)
-    assert [balanced.for_model(size, data_free=True).calibration_samples for size in sizes] == [128, 64, 32, 32]
-    assert balanced.for_model(sizes[0], data_free=False).calibration_samples == 32  # a file's text is as long as it is
+    assert [balanced.for_model(size, reads_file=False).calibration_samples for size in sizes] == [128, 64, 32, 32]
+    assert balanced.for_model(sizes[0], reads_file=True).calibration_samples == 32  # a file's text is as long as it is
+    rtn = settings_for("--method", "rtn")  # reads no file, given or not
+    assert rtn.for_model(sizes[0], reads_file=True) == rtn.for_model(sizes[0], reads_file=False)
     asked = settings_for("--calibration-samples", "16")
-    assert asked.calibration_samples == 16 and asked.for_model(sizes[0], data_free=True).calibration_samples == 16
+    assert asked.calibration_samples == 16 and asked.for_model(sizes[0], reads_file=False).calibration_samples == 16
 
 
 def test_a_long_progress_message_keeps_its_stage_and_its_count():

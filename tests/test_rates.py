@@ -105,7 +105,7 @@ def test_the_estimate_times_the_writer_the_run_will_use(own_cache, tiny_llama):
     (memory.calibration_writer), 3.8x faster than the float model in PyTorch at 1B; the export path, for
     architectures the builder does not know, has the float model write it."""
     model, balanced = resolve(str(tiny_llama)), PRESETS["balanced"].settings
-    written = balanced.for_model(model.info.parameters, data_free=True)  # a tiny model writes 128 samples
+    written = balanced.for_model(model.info.parameters, reads_file=False)  # a tiny model writes 128 samples
     assert written.calibration_samples == 128
     work = written.calibration_token_count / rates.CALIBRATION_TOKENS * model.info.parameters / 1e9
     copied = estimate_run(model, balanced).stages["calibration"]

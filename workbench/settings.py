@@ -77,11 +77,13 @@ class QuantSettings:
         """Tokens of calibration text the samples take, all together."""
         return self.samples * self.calibration_tokens
 
-    def for_model(self, parameters: int, data_free: bool) -> QuantSettings:
+    def for_model(self, parameters: int, reads_file: bool) -> QuantSettings:
         """These settings for a model of `parameters`, with the calibration samples counted (see
-        CALIBRATION_WORK_PARAMETERS); settings that name their count are kept as they are."""
+        CALIBRATION_WORK_PARAMETERS); settings that name their count are kept as they are. `reads_file`: a
+        calibration file is given (a method that reads none ignores it)."""
         if self.calibration_samples is not None:
             return self
+        data_free = not (reads_file and self.needs_calibration)
         factor = 1
         while data_free and factor < MAX_SAMPLES_FACTOR and 2 * factor * parameters <= CALIBRATION_WORK_PARAMETERS:
             factor *= 2

@@ -122,7 +122,7 @@ def quantize_run(
     stages = Stages(progress, [(s, plan.stages.get(s.name, 0.0)) for s, _ in run_stages(settings)])
     opened = time.time()
     model = resolve_model(spec, run_dir, stages, trust_remote_code, cancelled, settings)
-    settings = settings.for_model(model.info.parameters, data_free=calibration is None)
+    settings = settings.for_model(model.info.parameters, reads_file=calibration is not None)
     settings.check_patterns([w.name for w in model.info.weights])
     if calibration is not None and not calibrated:
         log.warning("%s does not use calibration data; %s is ignored", settings.method, calibration)
@@ -181,7 +181,7 @@ def estimate_run(model: ResolvedModel, settings: QuantSettings, calibration: Pat
     the stages it will go through: the graph builder's where it can write this model, no fp32
     original where it would not run here or is not asked for (`original`), and opening the model
     only when `opens_model` (the CLI opens it; the app's Quantize step has it open already)."""
-    settings = settings.for_model(model.info.parameters, data_free=calibration is None)
+    settings = settings.for_model(model.info.parameters, reads_file=calibration is not None)
     reads = calibration if settings.needs_calibration else None
     built = builder_reason(model, settings) is None
     shape = RunShape(settings, reads, built, original=not built or (original and original_fits(model.info)),
@@ -221,7 +221,7 @@ class RunPlan:
 def plan_run(model: ResolvedModel, settings: QuantSettings, calibration: Path | None = None, *,
              opens_model: bool = False) -> RunPlan:
     """What `quantize_run` of `model` with these settings needs here, in time and RAM."""
-    settings = settings.for_model(model.info.parameters, data_free=calibration is None)
+    settings = settings.for_model(model.info.parameters, reads_file=calibration is not None)
     streamed = builder_reason(model, settings) is None
     info = model.info
     return RunPlan(

@@ -100,7 +100,7 @@ class RunShape:
 
     def work(self, stage: str) -> float:
         """How much more work `stage` is than its rate stands for: writing or reading the calibration text, and
-        GPTQ, which runs every layer over it, grow with its length (demo, 32 -> 128 samples: GPTQ 60 -> 210 s)."""
+        GPTQ, which runs every layer over it, grow with its length (demo, 32 -> 128 samples: GPTQ 27.5 -> 108 s)."""
         return self.settings.calibration_token_count / CALIBRATION_TOKENS if stage in TEXT_STAGES else 1.0
 
 

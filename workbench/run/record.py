@@ -170,8 +170,8 @@ class RunRecord:
 
     def kept(self, settings: QuantSettings) -> bool:
         """Whether this run used `settings` (a preset's), its calibration samples counted for this model."""
-        data_free = self.calibration in (None, DATA_FREE)  # None: the method read no calibration text
-        return self.settings in (settings, settings.for_model(self.model.parameters, data_free=data_free))
+        reads_file = self.calibration not in (None, DATA_FREE)  # None: the method read no calibration text
+        return self.settings in (settings, settings.for_model(self.model.parameters, reads_file=reads_file))
 
     def replace(self, **changes) -> RunRecord:
         return dataclasses.replace(self, **changes)
